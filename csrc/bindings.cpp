@@ -1,0 +1,390 @@
+// pybind11 bindings: argument checks (each error names the argument and what was expected) and dispatch on the
+// weight/state dtypes. No maths here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <string>
+#include <variant>
+
+#include "blas.h"
+#include "dense_tiles.h"
+#include "factored_step.h"
+#include "kernels.h"
+#include "losses.h"
+#include "stabilize.h"
+#include "state.h"
+
+namespace py = pybind11;
+using namespace sparsetarget;
+
+namespace {
+
+using AnyState = std::variant<FactoredState<float, float>, FactoredState<float, double>,
+                              FactoredState<double, float>, FactoredState<double, double>>;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+template <class T>
+py::array_t<T> checked(const py::handle& obj, const char* name, std::initializer_list<py::ssize_t> shape,
+                       bool writeable) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must have dtype " + py::str(py::dtype::of<T>()).cast<std::string>() +
+                         ", got " + dtype_name(a));
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
+    throw py::value_error(std::string(name) + " must have " + std::to_string(shape.size()) + " dimensions, got shape " +
+                          shape_str(a));
+  py::ssize_t i = 0;
+  for (py::ssize_t n : shape) {
+    if (n >= 0 && a.shape(i) != n)
+      throw py::value_error(std::string(name) + " has shape " + shape_str(a) + ", expected dimension " +
+                            std::to_string(i) + " to be " + std::to_string(n));
+    ++i;
+  }
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (writeable && !a.writeable()) throw py::value_error(std::string(name) + " must be writeable");
+  return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+struct TargetArrays {
+  py::array_t<std::int64_t> indptr, indices;
+  Targets view;
+};
+
+TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices, std::int64_t m, std::int64_t D) {
+  TargetArrays t;
+  t.indptr = checked<std::int64_t>(indptr, "targets indptr", {m + 1}, false);
+  t.indices = checked<std::int64_t>(indices, "targets indices", {-1}, false);
+  const std::int64_t* ip = t.indptr.data();
+  const std::int64_t nnz = t.indices.shape(0);
+  if (ip[0] != 0 || ip[m] != nnz)
+    throw py::value_error("targets indptr must start at 0 and end at nnz = " + std::to_string(nnz));
+  for (std::int64_t j = 0; j < m; ++j)
+    if (ip[j + 1] < ip[j]) throw py::value_error("targets indptr must be non-decreasing (row " + std::to_string(j) + ")");
+  const std::int64_t* idx = t.indices.data();
+  for (std::int64_t e = 0; e < nnz; ++e)
+    if (idx[e] < 0 || idx[e] >= D)
+      throw py::value_error("targets index " + std::to_string(idx[e]) + " is out of range [0, " + std::to_string(D) +
+                            ")");
+  t.view.m = m;
+  t.view.indptr = ip;
+  t.view.indices = idx;
+  return t;
+}
+
+void check_scalar(double x, const char* name, bool allow_zero = true) {
+  if (!std::isfinite(x) || x < 0 || (!allow_zero && x == 0))
+    throw py::value_error(std::string(name) + " must be finite and " + (allow_zero ? ">= 0" : "> 0") + ", got " +
+                          std::to_string(x));
+}
+
+class Core {
+ public:
+  Core(py::array V, py::array U, py::array U_inv, py::array Q, py::array omega, py::array w_bar, py::array probe_max,
+       py::array probe_min, py::array stats)
+      : arrays_{V, U, U_inv, Q, omega, w_bar, probe_max, probe_min, stats} {
+    const bool v32 = V.dtype().is(py::dtype::of<float>()), v64 = V.dtype().is(py::dtype::of<double>());
+    const bool s32 = U.dtype().is(py::dtype::of<float>()), s64 = U.dtype().is(py::dtype::of<double>());
+    if (!v32 && !v64) throw py::type_error("V must be float32 or float64, got " + dtype_name(V));
+    if (!s32 && !s64) throw py::type_error("U must be float32 or float64, got " + dtype_name(U));
+    if (v32 && s32) state_ = make<float, float>();
+    if (v32 && s64) state_ = make<float, double>();
+    if (v64 && s32) state_ = make<double, float>();
+    if (v64 && s64) state_ = make<double, double>();
+  }
+
+  std::int64_t D() const { return std::visit([](const auto& s) { return s.D; }, state_); }
+  int d() const { return std::visit([](const auto& s) { return s.d; }, state_); }
+
+  py::tuple forward(const py::handle& H, const py::handle& indptr, const py::handle& indices) {
+    return std::visit([&](auto& st) -> py::tuple {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto h = checked_H<TS>(H);
+      auto t = checked_targets(indptr, indices, h.shape(0), st.D);
+      py::array_t<TS> A(t.indices.shape(0)), q(h.shape(0)), s(h.shape(0));
+      {
+        py::gil_scoped_release release;
+        auto p = project(st, h.data(), static_cast<int>(h.shape(0)));
+        gather_outputs(st, p, t.view, A.mutable_data());
+        std::copy(p.q.begin(), p.q.end(), q.mutable_data());
+        std::copy(p.s.begin(), p.s.end(), s.mutable_data());
+      }
+      return py::make_tuple(A, q, s);
+    }, state_);
+  }
+
+  // Loss only (step=false) or loss + exact SGD step (step=true). Returns losses or (losses, grad_H).
+  py::object loss_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                       const py::handle& values, const py::handle& active, const LossSpec& spec, bool do_step,
+                       double lr, double weight_decay) {
+    if (do_step) check_step_scalars(lr, weight_decay);
+    return std::visit([&](auto& st) -> py::object {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto h = checked_H<TS>(H);
+      const auto m = h.shape(0);
+      auto t = checked_targets(indptr, indices, m, st.D);
+      auto vals = checked<double>(values, "targets values", {t.indices.shape(0)}, false);
+      if (!all_finite(vals.data(), static_cast<std::size_t>(vals.size())))
+        throw py::value_error("targets values contain NaN or inf");
+      t.view.values = vals.data();
+      py::array_t<std::uint8_t> act;
+      if (!active.is_none()) act = checked<std::uint8_t>(active, "active", {m}, false);
+      const std::uint8_t* act_ptr = active.is_none() ? nullptr : act.data();
+      py::array_t<double> losses(m);
+      py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
+      {
+        py::gil_scoped_release release;
+        auto p = project(st, h.data(), static_cast<int>(m));
+        std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
+        gather_outputs(st, p, t.view, A.data());
+        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q.data(), p.s.data(), losses.mutable_data(),
+                      dA.data(), dq.data(), ds.data());
+        if (do_step) {
+          backward_step(st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(), step_options(lr, weight_decay),
+                        grad_H.mutable_data());
+          after_step(st, stabilize_);
+        }
+      }
+      if (!do_step) return losses;
+      return py::make_tuple(losses, grad_H);
+    }, state_);
+  }
+
+  py::array backward_step_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                             const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
+                             double weight_decay) {
+    check_step_scalars(lr, weight_decay);
+    return std::visit([&](auto& st) -> py::array {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto h = checked_H<TS>(H);
+      const auto m = h.shape(0);
+      auto t = checked_targets(indptr, indices, m, st.D);
+      auto a = checked<TS>(dA, "dA", {t.indices.shape(0)}, false);
+      auto gq = checked<TS>(dq, "dq", {m}, false);
+      auto gs = checked<TS>(ds, "ds", {m}, false);
+      if (!all_finite(a.data(), a.size())) throw py::value_error("dA contains NaN or inf");
+      if (!all_finite(gq.data(), gq.size())) throw py::value_error("dq contains NaN or inf");
+      if (!all_finite(gs.data(), gs.size())) throw py::value_error("ds contains NaN or inf");
+      py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
+      {
+        py::gil_scoped_release release;
+        auto p = project(st, h.data(), static_cast<int>(m));
+        backward_step(st, h.data(), t.view, p, a.data(), gq.data(), gs.data(), step_options(lr, weight_decay),
+                      grad_H.mutable_data());
+        after_step(st, stabilize_);
+      }
+      return grad_H;
+    }, state_);
+  }
+
+  void refresh_py() {
+    std::visit([&](auto& st) {
+      py::gil_scoped_release release;
+      refresh(st);
+    }, state_);
+  }
+
+  py::dict correct_py() {
+    CorrectionReport r = std::visit([&](auto& st) {
+      py::gil_scoped_release release;
+      return correct(st, stabilize_);
+    }, state_);
+    py::dict out;
+    out["corrected"] = r.corrected;
+    out["values_corrected"] = r.values_corrected;
+    out["sigma_max_before"] = r.sigma_max_before;
+    out["sigma_min_before"] = r.sigma_min_before;
+    out["sigma_max_after"] = r.sigma_max_after;
+    out["sigma_min_after"] = r.sigma_min_after;
+    return out;
+  }
+
+  double inverse_error_py() const {
+    return std::visit([](const auto& st) { return inverse_error(st); }, state_);
+  }
+
+  py::array weight_rows_py(std::int64_t start, std::int64_t stop) const {
+    return std::visit([&](const auto& st) -> py::array {
+      using TV = typename std::decay_t<decltype(st)>::weight_type;
+      check_range(start, stop, st.D);
+      py::array_t<TV> out({static_cast<py::ssize_t>(stop - start), static_cast<py::ssize_t>(st.d)});
+      {
+        py::gil_scoped_release release;
+        weight_rows(st, start, stop, out.mutable_data());
+      }
+      return out;
+    }, state_);
+  }
+
+  py::array logits_py(const py::handle& H, std::int64_t start, std::int64_t stop) const {
+    return std::visit([&](const auto& st) -> py::array {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto h = checked_H<TS>(H);
+      check_range(start, stop, st.D);
+      py::array_t<TS> out({h.shape(0), static_cast<py::ssize_t>(stop - start)});
+      {
+        py::gil_scoped_release release;
+        logits(st, h.data(), static_cast<int>(h.shape(0)), start, stop, out.mutable_data());
+      }
+      return out;
+    }, state_);
+  }
+
+  py::tuple topk_py(const py::handle& H, int k) const {
+    return std::visit([&](const auto& st) -> py::tuple {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto h = checked_H<TS>(H);
+      if (k < 1 || k > st.D) throw py::value_error("k must be in [1, D=" + std::to_string(st.D) + "], got " + std::to_string(k));
+      py::array_t<TS> values({h.shape(0), static_cast<py::ssize_t>(k)});
+      py::array_t<std::int64_t> indices({h.shape(0), static_cast<py::ssize_t>(k)});
+      {
+        py::gil_scoped_release release;
+        topk(st, h.data(), static_cast<int>(h.shape(0)), k, values.mutable_data(), indices.mutable_data());
+      }
+      return py::make_tuple(values, indices);
+    }, state_);
+  }
+
+  StabilizeOptions stabilize_;
+  double min_rcond = -1;  // negative: the default for the state dtype (sqrt of its machine epsilon)
+
+ private:
+  template <class TV, class TS>
+  FactoredState<TV, TS> make() {
+    FactoredState<TV, TS> st;
+    auto V = checked<TV>(arrays_[0], "V", {-1, -1}, true);
+    st.D = V.shape(0);
+    st.d = static_cast<int>(V.shape(1));
+    if (st.D < 1 || st.d < 1) throw py::value_error("V must have at least one row and one column, got " + shape_str(V));
+    const py::ssize_t d = st.d;
+    st.V = V.mutable_data();
+    st.U = checked<TS>(arrays_[1], "U", {d, d}, true).mutable_data();
+    st.U_inv = checked<TS>(arrays_[2], "U_inv", {d, d}, true).mutable_data();
+    st.Q = checked<TS>(arrays_[3], "Q", {d, d}, true).mutable_data();
+    st.omega = checked<TS>(arrays_[4], "omega", {d}, true).mutable_data();
+    st.w_bar = checked<TS>(arrays_[5], "w_bar", {d}, true).mutable_data();
+    st.probe_max = checked<TS>(arrays_[6], "probe_max", {d}, true).mutable_data();
+    st.probe_min = checked<TS>(arrays_[7], "probe_min", {d}, true).mutable_data();
+    st.stats = checked<double>(arrays_[8], "stats", {kStatCount}, true).mutable_data();
+    return st;
+  }
+
+  template <class TS>
+  py::array_t<TS> checked_H(const py::handle& H) const {
+    auto h = checked<TS>(H, "H", {-1, d()}, false);
+    if (h.shape(0) < 1) throw py::value_error("H must have at least one row");
+    if (!all_finite(h.data(), static_cast<std::size_t>(h.size()))) throw py::value_error("H contains NaN or inf");
+    return h;
+  }
+
+  static void check_range(std::int64_t start, std::int64_t stop, std::int64_t D) {
+    if (start < 0 || stop > D || start > stop)
+      throw py::value_error("row range [" + std::to_string(start) + ", " + std::to_string(stop) + ") is not within [0, " +
+                            std::to_string(D) + "]");
+  }
+
+  static void check_step_scalars(double lr, double weight_decay) {
+    check_scalar(lr, "lr");
+    check_scalar(weight_decay, "weight_decay");
+    if (lr * weight_decay >= 1) throw py::value_error("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
+  }
+
+  StepOptions step_options(double lr, double weight_decay) const {
+    StepOptions o;
+    o.lr = lr;
+    o.weight_decay = weight_decay;
+    const bool single = std::visit([](const auto& s) { return std::is_same_v<typename std::decay_t<decltype(s)>::state_type, float>; }, state_);
+    o.min_rcond = min_rcond >= 0 ? min_rcond : (single ? 3.5e-4 : 1.5e-8);
+    return o;
+  }
+
+  std::vector<py::array> arrays_;  // keeps the caller's buffers alive
+  AnyState state_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "sparsetarget C++ core: exact factored training of large sparse-target output layers";
+  m.attr("__version__") = SPARSETARGET_VERSION;
+
+  py::register_exception<SingularUpdateError>(m, "SingularUpdateError", PyExc_ValueError);
+  py::register_exception<std::domain_error>(m, "DomainError", PyExc_ValueError);
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["version"] = SPARSETARGET_VERSION;
+    info["blas"] = SPARSETARGET_BLAS_NAME;
+    info["cuda"] = false;
+    info["compiler"] = __VERSION__;
+    info["cxx_standard"] = __cplusplus;
+    info["blas_threads"] = blas::get_num_threads();
+    return info;
+  }, "How this _core was built: version, BLAS, compiler, CUDA support.");
+  m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), "Set the number of BLAS threads.");
+  m.def("get_num_threads", &blas::get_num_threads, "Number of BLAS threads.");
+
+  py::class_<LossSpec>(m, "LossSpec", "A built-in loss and its options (see make_loss_spec).")
+      .def_readonly("eps", &LossSpec::eps)
+      .def_readonly("a", &LossSpec::a)
+      .def_readonly("b", &LossSpec::b);
+  m.def("make_loss_spec", &make_loss_spec, py::arg("name"), py::arg("eps"), py::arg("a"), py::arg("b"),
+        "Check a loss name and its options; raises ValueError naming a bad option.");
+
+  py::class_<Core>(m, "FactoredCore", "In-place operations on the arrays of a factored layer W = V U + 1 omega^T.")
+      .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array>(),
+           py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
+           py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"),
+           "Wrap the state arrays (C-contiguous, writeable; V float32/float64, the rest in the state dtype).")
+      .def_property_readonly("D", &Core::D, "Number of outputs.")
+      .def_property_readonly("d", &Core::d, "Hidden size.")
+      .def("forward", &Core::forward, py::arg("H"), py::arg("indptr"), py::arg("indices"),
+           "(A, q, s): outputs at the target entries, ||o||^2 and sum(o) per row.")
+      .def("loss", [](Core& c, py::handle H, py::handle ip, py::handle ix, py::handle v, py::handle act, const LossSpec& s) {
+             return c.loss_step(H, ip, ix, v, act, s, false, 0, 0);
+           }, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
+           "Per-example losses (float64), no state change.")
+      .def("step", [](Core& c, py::handle H, py::handle ip, py::handle ix, py::handle v, py::handle act, const LossSpec& s,
+                      double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
+           py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
+           py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
+      .def("backward_step", &Core::backward_step_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
+           py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"),
+           "grad_H and one exact SGD step for a loss with the given partial derivatives.")
+      .def("refresh", &Core::refresh_py, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
+      .def("correct", &Core::correct_py, "SVD-based correction of U's singular values (one pass over V).")
+      .def("inverse_error", &Core::inverse_error_py, "||U U^-1 - I||_F (O(d^3)).")
+      .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
+      .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
+      .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), "(values, indices) of the k largest outputs per row.")
+      .def_property("sigma_low", [](const Core& c) { return c.stabilize_.sigma_low; },
+                    [](Core& c, double v) { c.stabilize_.sigma_low = v; })
+      .def_property("sigma_high", [](const Core& c) { return c.stabilize_.sigma_high; },
+                    [](Core& c, double v) { c.stabilize_.sigma_high = v; })
+      .def_property("inverse_tol", [](const Core& c) { return c.stabilize_.inverse_tol; },
+                    [](Core& c, double v) { c.stabilize_.inverse_tol = v; })
+      .def_property("check_every", [](const Core& c) { return c.stabilize_.check_every; },
+                    [](Core& c, std::int64_t v) { c.stabilize_.check_every = v; })
+      .def_property("refresh_every", [](const Core& c) { return c.stabilize_.refresh_every; },
+                    [](Core& c, std::int64_t v) { c.stabilize_.refresh_every = v; })
+      .def_readwrite("min_rcond", &Core::min_rcond);
+
+  py::enum_<Stat>(m, "Stat", "Indices into the stats array.")
+      .value("steps", kStatSteps)
+      .value("corrections", kStatCorrections)
+      .value("corrected_values", kStatCorrectedValues)
+      .value("refreshes", kStatRefreshes)
+      .value("sigma_max", kStatSigmaMax)
+      .value("sigma_min", kStatSigmaMin)
+      .value("inverse_residual", kStatInverseResidual);
+  m.attr("STATS_SIZE") = static_cast<int>(kStatCount);
+}

@@ -1,0 +1,189 @@
+// Vendor symbols live here only. SPARSETARGET_BLAS_PREFIX is "scipy_" for the scipy-openblas32 wheel and empty
+// for a system BLAS; the declarations below are the standard CBLAS / Fortran LAPACK ABI.
+#include "blas.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+#define ST_CAT2(a, b) a##b
+#define ST_CAT(a, b) ST_CAT2(a, b)
+#define ST_SYM(name) ST_CAT(SPARSETARGET_BLAS_PREFIX, name)
+
+extern "C" {
+// CBLAS enums are plain ints in the ABI.
+void ST_SYM(cblas_sgemm)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+void ST_SYM(cblas_dgemm)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
+                         double*, int);
+void ST_SYM(cblas_sgemv)(int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+void ST_SYM(cblas_dgemv)(int, int, int, int, double, const double*, int, const double*, int, double, double*, int);
+void ST_SYM(cblas_ssyr2k)(int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+void ST_SYM(cblas_dsyr2k)(int, int, int, int, int, double, const double*, int, const double*, int, double, double*,
+                          int);
+void ST_SYM(cblas_ssyrk)(int, int, int, int, int, float, const float*, int, float, float*, int);
+void ST_SYM(cblas_dsyrk)(int, int, int, int, int, double, const double*, int, double, double*, int);
+
+// Fortran LAPACK; character arguments carry a hidden length (gfortran ABI), passed explicitly.
+void ST_SYM(sgetrf_)(const int*, const int*, float*, const int*, int*, int*);
+void ST_SYM(dgetrf_)(const int*, const int*, double*, const int*, int*, int*);
+void ST_SYM(sgetri_)(const int*, float*, const int*, const int*, float*, const int*, int*);
+void ST_SYM(dgetri_)(const int*, double*, const int*, const int*, double*, const int*, int*);
+void ST_SYM(sgecon_)(const char*, const int*, const float*, const int*, const float*, float*, float*, int*, int*,
+                     std::size_t);
+void ST_SYM(dgecon_)(const char*, const int*, const double*, const int*, const double*, double*, double*, int*,
+                     int*, std::size_t);
+void ST_SYM(sgesdd_)(const char*, const int*, const int*, float*, const int*, float*, float*, const int*, float*,
+                     const int*, float*, const int*, int*, int*, std::size_t);
+void ST_SYM(dgesdd_)(const char*, const int*, const int*, double*, const int*, double*, double*, const int*,
+                     double*, const int*, double*, const int*, int*, int*, std::size_t);
+}
+
+// OpenBLAS thread control; weak, so a system BLAS without these symbols still links.
+extern "C" {
+void ST_SYM(openblas_set_num_threads)(int) __attribute__((weak));
+int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
+}
+
+namespace sparsetarget::blas {
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kUpper = 121;
+int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
+
+void check_info(int info, const char* routine) {
+  if (info < 0) throw std::logic_error(std::string(routine) + ": illegal argument " + std::to_string(-info));
+}
+}  // namespace
+
+template <>
+void gemm<float>(Op oa, Op ob, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                 float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  ST_SYM(cblas_sgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void gemm<double>(Op oa, Op ob, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                  int ldb, double beta, double* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  ST_SYM(cblas_dgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void gemv<float>(Op oa, int m, int n, float alpha, const float* a, int lda, const float* x, float beta, float* y) {
+  if (m == 0 || n == 0) return;
+  ST_SYM(cblas_sgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, 1, beta, y, 1);
+}
+template <>
+void gemv<double>(Op oa, int m, int n, double alpha, const double* a, int lda, const double* x, double beta,
+                  double* y) {
+  if (m == 0 || n == 0) return;
+  ST_SYM(cblas_dgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, 1, beta, y, 1);
+}
+template <>
+void syr2k_t<float>(int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                    int ldc) {
+  ST_SYM(cblas_ssyr2k)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void syr2k_t<double>(int n, int k, double alpha, const double* a, int lda, const double* b, int ldb, double beta,
+                     double* c, int ldc) {
+  ST_SYM(cblas_dsyr2k)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void syrk_t<float>(int n, int k, float alpha, const float* a, int lda, float beta, float* c, int ldc) {
+  ST_SYM(cblas_ssyrk)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
+}
+template <>
+void syrk_t<double>(int n, int k, double alpha, const double* a, int lda, double beta, double* c, int ldc) {
+  ST_SYM(cblas_dsyrk)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
+}
+
+template <class T>
+void mirror_upper(int n, T* c, int ldc) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < i; ++j) c[static_cast<std::ptrdiff_t>(i) * ldc + j] = c[static_cast<std::ptrdiff_t>(j) * ldc + i];
+}
+template void mirror_upper<float>(int, float*, int);
+template void mirror_upper<double>(int, double*, int);
+
+namespace {
+template <class T>
+struct Lapack;
+template <>
+struct Lapack<float> {
+  static constexpr auto getrf = ST_SYM(sgetrf_);
+  static constexpr auto getri = ST_SYM(sgetri_);
+  static constexpr auto gecon = ST_SYM(sgecon_);
+  static constexpr auto gesdd = ST_SYM(sgesdd_);
+};
+template <>
+struct Lapack<double> {
+  static constexpr auto getrf = ST_SYM(dgetrf_);
+  static constexpr auto getri = ST_SYM(dgetri_);
+  static constexpr auto gecon = ST_SYM(dgecon_);
+  static constexpr auto gesdd = ST_SYM(dgesdd_);
+};
+}  // namespace
+
+template <class T>
+double invert(int n, T* a) {
+  if (n == 0) return 1.0;
+  // The column-major view of row-major A is A^T; inv(A^T) = inv(A)^T, so inverting the view inverts A.
+  // The 1-norm of A^T is the infinity norm of A.
+  T anorm = 0;
+  for (int i = 0; i < n; ++i) {
+    T row = 0;
+    for (int j = 0; j < n; ++j) row += std::abs(a[static_cast<std::ptrdiff_t>(i) * n + j]);
+    anorm = std::max(anorm, row);
+  }
+  std::vector<int> ipiv(n), iwork(n);
+  int info = 0;
+  Lapack<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
+  check_info(info, "getrf");
+  if (info > 0) return 0.0;
+  T rcond = 0;
+  std::vector<T> work(std::max(4 * n, 64 * n));
+  Lapack<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
+  check_info(info, "gecon");
+  const int lwork = static_cast<int>(work.size());
+  Lapack<T>::getri(&n, a, &n, ipiv.data(), work.data(), &lwork, &info);
+  check_info(info, "getri");
+  if (info > 0) return 0.0;
+  return static_cast<double>(rcond);
+}
+template double invert<float>(int, float*);
+template double invert<double>(int, double*);
+
+template <class T>
+void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t) {
+  // gesdd factors the column-major view A^T = Uc S Vc^T, so A = Vc S Uc^T. Read back row-major, the Vc^T buffer
+  // is Vc = P and the Uc buffer is Uc^T = R^T.
+  std::vector<T> work_a(a, a + static_cast<std::ptrdiff_t>(n) * n);
+  p.assign(static_cast<std::size_t>(n) * n, T(0));
+  r_t.assign(static_cast<std::size_t>(n) * n, T(0));
+  sigma.assign(n, T(0));
+  std::vector<int> iwork(8 * static_cast<std::size_t>(n));
+  int info = 0, lwork = -1;
+  T query = 0;
+  Lapack<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, &query, &lwork,
+                   iwork.data(), &info, 1);
+  check_info(info, "gesdd");
+  lwork = static_cast<int>(query) + 1;
+  std::vector<T> work(lwork);
+  Lapack<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, work.data(), &lwork,
+                   iwork.data(), &info, 1);
+  check_info(info, "gesdd");
+  if (info > 0) throw std::runtime_error("gesdd: the SVD of U did not converge");
+}
+template void svd<float>(int, const float*, std::vector<float>&, std::vector<float>&, std::vector<float>&);
+template void svd<double>(int, const double*, std::vector<double>&, std::vector<double>&, std::vector<double>&);
+
+void set_num_threads(int n) {
+  if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(n);
+}
+int get_num_threads() {
+  return ST_SYM(openblas_get_num_threads) ? ST_SYM(openblas_get_num_threads)() : 1;
+}
+
+}  // namespace sparsetarget::blas

@@ -1,0 +1,45 @@
+// The one door to BLAS and LAPACK: every dense kernel of the core goes through these wrappers.
+// All matrices are ROW-MAJOR; the wrappers translate to the column-major LAPACK conventions.
+// A GPU backend provides the same operations over device memory; the algorithm code never calls a vendor symbol.
+#pragma once
+
+#include <vector>
+
+namespace sparsetarget::blas {
+
+enum class Op { N, T };  // use the matrix as stored, or its transpose
+
+// C <- alpha * op(A) * op(B) + beta * C ; op(A) is m x k, op(B) is k x n, C is m x n.
+template <class T>
+void gemm(Op op_a, Op op_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+          int ldc);
+
+// y <- alpha * op(A) x + beta * y ; A is m x n as stored.
+template <class T>
+void gemv(Op op_a, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y);
+
+// Upper triangle of C (n x n) <- alpha * (A^T B + B^T A) + beta * C, with A and B of shape k x n.
+template <class T>
+void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc);
+
+// Upper triangle of C (n x n) <- alpha * A^T A + beta * C, with A of shape k x n.
+template <class T>
+void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc);
+
+// Copies the upper triangle of a square row-major matrix onto its lower triangle.
+template <class T>
+void mirror_upper(int n, T* c, int ldc);
+
+// In-place inverse of a square matrix. Returns the reciprocal condition number estimate (infinity norm)
+// of the input; when it is 0 (exactly singular) the matrix is left in an unspecified state.
+template <class T>
+double invert(int n, T* a);
+
+// Full SVD of a square matrix A = P diag(sigma) R^T. Returns P (n x n), sigma (n, descending) and R^T (n x n).
+template <class T>
+void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);
+
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace sparsetarget::blas

@@ -1,0 +1,50 @@
+// Keeping the factorisation W = V U + 1 omega^T healthy without changing W.
+//
+// Monitoring (O(d^2) per check): one power-iteration step each for the largest singular value of U and of U^-1,
+// warm-started from the previous vectors, plus the residual ||U (U^-1 x) - x|| on the same vector.
+// Correction (one BLAS-3 pass over V): when an estimate leaves [sigma_low, sigma_high] or the residual exceeds
+// inverse_tol, take the SVD U = P diag(sigma) R^T, set to 1 every singular value outside the inner band
+// [sqrt(sigma_low), sqrt(sigma_high)] (hysteresis: the next correction is far away), i.e. U <- T U with
+// T = I + P_k diag(1/sigma_k - 1) P_k^T, and V <- V T^-1 in row tiles: rank-k when k < d/2, else one d x d GEMM.
+// U^-1 is rebuilt from the SVD. W is unchanged up to rounding.
+// Refresh (O(D d^2), on request or every refresh_every steps): recompute U^-1, Q and w_bar from V, U, omega.
+#pragma once
+
+#include <cstdint>
+
+#include "state.h"
+
+namespace sparsetarget {
+
+struct StabilizeOptions {
+  double sigma_low = 0.5;
+  double sigma_high = 2.0;
+  double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
+  std::int64_t check_every = 1;    // monitor every this many steps; 0 disables monitoring
+  std::int64_t refresh_every = 0;  // full refresh every this many steps; 0 disables
+};
+
+struct CorrectionReport {
+  bool corrected = false;
+  int values_corrected = 0;
+  double sigma_max_before = 0, sigma_min_before = 0;
+  double sigma_max_after = 0, sigma_min_after = 0;
+};
+
+// Cheap monitoring after a step; runs a correction or a refresh when the policy asks for one.
+template <class TV, class TS>
+void after_step(FactoredState<TV, TS>& st, const StabilizeOptions& opt);
+
+// SVD-based correction now (see above). With force, U^-1 is rebuilt even when no singular value is out of band.
+template <class TV, class TS>
+CorrectionReport correct(FactoredState<TV, TS>& st, const StabilizeOptions& opt);
+
+// Recompute U^-1, Q = W^T W and w_bar = W^T 1 from V, U and omega, accumulating in float64.
+template <class TV, class TS>
+void refresh(FactoredState<TV, TS>& st);
+
+// Exact ||U U^-1 - I||_F, O(d^3), for diagnostics.
+template <class TV, class TS>
+double inverse_error(const FactoredState<TV, TS>& st);
+
+}  // namespace sparsetarget

@@ -1,0 +1,71 @@
+"""Conversion and checking of targets: class labels or CSR multi-label matrices, to the core's CSR arrays."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class CSRTargets(NamedTuple):
+    """Targets of a minibatch as CSR arrays (int64 indptr and indices, float64 values) plus a row mask."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    active: np.ndarray | None  # uint8 per row; None when every row counts
+    is_class: bool  # True when the targets were class labels
+
+
+def is_csr_like(targets: Any) -> bool:
+    """True for scipy.sparse CSR matrices and anything with ``indptr``, ``indices``, ``data`` and ``shape``."""
+    return all(hasattr(targets, name) for name in ("indptr", "indices", "data", "shape"))
+
+
+def _int_array(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int) -> CSRTargets:
+    """Check ``targets`` against a minibatch of ``m`` rows and ``num_outputs`` classes; return CSR arrays."""
+    if is_csr_like(targets):
+        shape = tuple(targets.shape)
+        if shape != (m, num_outputs):
+            raise ValueError(f"targets has shape {shape}, expected (m, D) = ({m}, {num_outputs})")
+        indptr = _int_array(targets.indptr, "targets.indptr")
+        indices = _int_array(targets.indices, "targets.indices")
+        data = np.asarray(targets.data)
+        if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+            raise TypeError(f"targets.data must be a real numeric array, got dtype {data.dtype}")
+        values = np.ascontiguousarray(data, dtype=np.float64)
+        if indptr.shape != (m + 1,) or indices.ndim != 1 or values.shape != indices.shape:
+            raise ValueError("targets is not a valid CSR matrix: indptr must have m + 1 entries and data the "
+                             "same length as indices")
+        if indices.size and (indices.min() < 0 or indices.max() >= num_outputs):
+            bad = indices[(indices < 0) | (indices >= num_outputs)][0]
+            raise ValueError(f"targets index {bad} is out of range [0, {num_outputs})")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("targets values contain NaN or inf")
+        return CSRTargets(indptr, indices, values, None, False)
+
+    labels = np.asarray(targets)
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"targets must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
+    if labels.shape != (m,):
+        raise ValueError(f"targets has shape {labels.shape}, expected ({m},) to match H")
+    labels = labels.astype(np.int64, copy=False)
+    active = labels != ignore_index
+    bad = active & ((labels < 0) | (labels >= num_outputs))
+    if bad.any():
+        raise ValueError(f"targets contains class {labels[bad][0]}, outside [0, {num_outputs}) and not "
+                         f"ignore_index={ignore_index}")
+    if active.all():
+        indptr = np.arange(m + 1, dtype=np.int64)
+        return CSRTargets(indptr, np.ascontiguousarray(labels), np.ones(m), None, True)
+    indptr = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(active, out=indptr[1:])
+    kept = np.ascontiguousarray(labels[active])
+    return CSRTargets(indptr, kept, np.ones(kept.size), active.astype(np.uint8), True)
