@@ -317,8 +317,9 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "sparsetarget C++ core: exact factored training of large sparse-target output layers";
   m.attr("__version__") = SPARSETARGET_VERSION;
 
-  py::register_exception<SingularUpdateError>(m, "SingularUpdateError", PyExc_ValueError);
+  // Translators run newest first: the subclass must be registered after its base.
   py::register_exception<std::domain_error>(m, "DomainError", PyExc_ValueError);
+  py::register_exception<SingularUpdateError>(m, "SingularUpdateError", PyExc_ValueError);
 
   m.def("build_info", [] {
     py::dict info;

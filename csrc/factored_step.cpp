@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <tuple>
 
@@ -161,10 +162,14 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
     if (rcond >= opt.min_rcond)
       blas::gemm<TS>(Op::N, Op::N, d, d, d, 1, M.data(), d, st.U_inv, d, 0, U_inv.data(), d);
   }
-  if (!(rcond >= opt.min_rcond))
-    throw SingularUpdateError("the update factor M = (1 - lr*weight_decay) I - lr H^T diag(2 dL/dq) H is singular or "
-                              "nearly so (reciprocal condition " + std::to_string(rcond) + " < min_rcond " +
-                              std::to_string(opt.min_rcond) + "): lower lr; the layer is unchanged");
+  if (!(rcond >= opt.min_rcond)) {
+    char msg[256];
+    std::snprintf(msg, sizeof msg,
+                  "the update factor M = (1 - lr*weight_decay) I - lr H^T diag(2 dL/dq) H is singular or nearly so "
+                  "(reciprocal condition %.3g < min_rcond %.3g): lower lr; the layer is unchanged",
+                  rcond, opt.min_rcond);
+    throw SingularUpdateError(msg);
+  }
 
   // U <- c U - lr (U H^T) diag(alpha) H
   std::vector<TS> U(st.U, st.U + dd);

@@ -1,0 +1,173 @@
+"""Bad input raises a clear error naming the argument and leaves the layer bit-identical."""
+
+import numpy as np
+import pytest
+from conftest import CSR
+
+import sparsetarget as st
+
+D, d = 50, 6
+
+
+@pytest.fixture
+def layer():
+    rng = np.random.default_rng(3)
+    lay = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss="spherical_softmax")
+    lay.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, D, 4), 0.1)  # a non-trivial state
+    return lay
+
+
+def snapshot(layer):
+    return {k: v for k, v in layer.state_dict().items() if k != "config"}
+
+
+def assert_unchanged(layer, before):
+    after = snapshot(layer)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+        assert before[k].tobytes() == after[k].tobytes(), k
+
+
+H_OK = np.full((2, d), 0.1)
+Y_OK = np.array([1, 2])
+
+BAD_STEPS = [
+    ("H", dict(H=np.zeros((2, d + 1))), ValueError),
+    ("H", dict(H=np.zeros(d)), ValueError),
+    ("H", dict(H=np.zeros((0, d))), ValueError),
+    ("H", dict(H=np.zeros((2, d), dtype=np.int64)), TypeError),
+    ("H", dict(H=np.array([[np.nan] * d, [0.0] * d])), ValueError),
+    ("H", dict(H=np.array([[np.inf] * d, [0.0] * d])), ValueError),
+    ("targets", dict(targets=np.array([1, D])), ValueError),
+    ("targets", dict(targets=np.array([1, -1])), ValueError),
+    ("targets", dict(targets=np.array([1, 2, 3])), ValueError),
+    ("targets", dict(targets=np.array([1.0, 2.0])), TypeError),
+    ("targets", dict(targets=np.array([True, False])), TypeError),
+    ("targets", dict(targets=CSR([0, 1, 2], [3, D], [1.0, 1.0], (2, D))), ValueError),
+    ("targets", dict(targets=CSR([0, 1, 2], [3, 4], [1.0, np.nan], (2, D))), ValueError),
+    ("targets", dict(targets=CSR([0, 1, 2], [3, 4], [1.0, 1.0], (2, D + 1))), ValueError),
+    ("targets", dict(targets=CSR([0, 2, 1], [3, 4], [1.0, 1.0], (2, D))), ValueError),
+    ("lr", dict(lr=float("nan")), ValueError),
+    ("lr", dict(lr=float("inf")), ValueError),
+    ("lr", dict(lr=-0.1), ValueError),
+    ("lr", dict(lr="fast"), TypeError),
+    ("weight_decay", dict(weight_decay=-1.0), ValueError),
+    ("weight_decay", dict(weight_decay=float("nan")), ValueError),
+    ("lr \\* weight_decay", dict(lr=0.5, weight_decay=2.0), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,change,exc", BAD_STEPS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_STEPS)])
+def test_bad_step_input_raises_and_keeps_state(layer, name, change, exc):
+    args = dict(H=H_OK, targets=Y_OK, lr=0.1, weight_decay=0.0)
+    args.update(change)
+    before = snapshot(layer)
+    with pytest.raises(exc, match=name):
+        layer.step(args["H"], args["targets"], args["lr"], args["weight_decay"])
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("which", ["dA", "dq", "ds"])
+def test_bad_derivatives_raise_and_keep_state(layer, which):
+    before = snapshot(layer)
+    good = {"dA": np.ones(2), "dq": np.ones(2) * 0.1, "ds": np.ones(2)}
+    for bad, exc in [(np.array([np.nan, 0.0]), ValueError), (np.ones(3), ValueError), (np.array(["a", "b"]), TypeError)]:
+        args = dict(good, **{which: bad})
+        with pytest.raises(exc, match=which):
+            layer.backward_step(H_OK, Y_OK, args["dA"], args["dq"], args["ds"], 0.1)
+        assert_unchanged(layer, before)
+
+
+def test_singular_update_small_batch_refused(layer):
+    """m < d (Woodbury branch): squared error has dL/dq = 1, so M = I - 2 lr h h^T is singular at lr = 1/(2|h|^2)."""
+    lay = st.FactoredOutput(layer.weight(), loss="squared_error")
+    h = np.random.default_rng(0).standard_normal((1, d))
+    before = snapshot(lay)
+    with pytest.raises(st.SingularUpdateError, match="lr"):
+        lay.step(h, np.array([3]), 1.0 / (2 * float(h[0] @ h[0])))
+    assert_unchanged(lay, before)
+    with pytest.raises(ValueError, match="singular"):  # SingularUpdateError is a ValueError
+        lay.step(h, np.array([3]), 0.9999999 / (2 * float(h[0] @ h[0])))
+    assert_unchanged(lay, before)
+    lay.step(h, np.array([3]), 0.25 / float(h[0] @ h[0]))  # a sane lr still works afterwards
+
+
+def test_singular_update_large_batch_refused(layer):
+    """m >= d (explicit inverse branch): M = I - 2 lr H^T H is singular at lr = 1 / (2 lambda_max(H^T H))."""
+    lay = st.FactoredOutput(layer.weight(), loss="squared_error")
+    H = np.random.default_rng(1).standard_normal((3 * d, d))
+    lam = np.linalg.eigvalsh(H.T @ H).max()
+    before = snapshot(lay)
+    with pytest.raises(st.SingularUpdateError, match="singular"):
+        lay.step(H, np.arange(3 * d) % D, 1.0 / (2 * lam))
+    assert_unchanged(lay, before)
+
+
+def test_overflowing_step_refused(layer):
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="non-finite|not finite"):
+        layer.backward_step(H_OK, Y_OK, np.ones(2), np.zeros(2), np.array([1e308, 1e308]), 1e10)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(loss="spherical_softmax", eps=0.0), ValueError, "eps"),
+        (dict(loss="spherical_softmax", eps=-1.0), ValueError, "eps"),
+        (dict(loss="z_loss", a=0.0), ValueError, "a must"),
+        (dict(loss="z_loss", a=-2.0), ValueError, "a must"),
+        (dict(loss="z_loss", b=float("nan")), ValueError, "b must"),
+        (dict(loss="squared_error", eps=0.1), TypeError, "options"),
+        (dict(loss="softmax"), ValueError, "loss must be one of"),
+        (dict(state_dtype=np.float16), TypeError, "state_dtype"),
+        (dict(sigma_range=(2.0, 0.5)), ValueError, "sigma_range"),
+        (dict(check_every=-1), ValueError, "check_every"),
+        (dict(min_rcond=2.0), ValueError, "min_rcond"),
+    ],
+)
+def test_bad_constructor_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        st.FactoredOutput(np.ones((4, 3)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "weight,exc,match",
+    [
+        (np.ones((4, 3), dtype=np.int32), TypeError, "weight"),
+        (np.ones(4), ValueError, "weight"),
+        (np.ones((0, 3)), ValueError, "weight"),
+        (np.array([[1.0, np.nan]]), ValueError, "weight"),
+    ],
+)
+def test_bad_weight(weight, exc, match):
+    with pytest.raises(exc, match=match):
+        st.FactoredOutput(weight)
+
+
+def test_z_loss_zero_variance_is_reported():
+    lay = st.FactoredOutput(np.zeros((5, 3)), loss="z_loss")
+    before = snapshot(lay)
+    with pytest.raises(ValueError, match="z_loss.*variance"):
+        lay.step(np.ones((1, 3)), np.array([1]), 0.1)
+    assert_unchanged(lay, before)
+
+
+def test_bad_inference_arguments(layer):
+    with pytest.raises(ValueError, match="k must"):
+        layer.topk(H_OK, 0)
+    with pytest.raises(ValueError, match="k must"):
+        layer.topk(H_OK, D + 1)
+    with pytest.raises(ValueError, match="row range"):
+        layer.weight(3, D + 1)
+    with pytest.raises(ValueError, match="log_prob"):
+        st.FactoredOutput(np.ones((4, 3))).log_prob(np.ones((1, 3)), np.array([0]))
+
+
+def test_load_state_dict_rejects_mismatch(layer):
+    sd = layer.state_dict()
+    sd["U"] = sd["U"].astype(np.float32)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="state\\['U'\\]"):
+        layer.load_state_dict(sd)
+    assert_unchanged(layer, before)
