@@ -76,6 +76,17 @@ void add_target_overlaps(const Targets& t, const TS* dA, int m, TS* G) {
 }
 
 template <class TS>
+double inf_norm(int n, const TS* a) {
+  double norm = 0;
+  for (int i = 0; i < n; ++i) {
+    double row = 0;
+    for (int j = 0; j < n; ++j) row += std::abs(static_cast<double>(a[static_cast<std::size_t>(i) * n + j]));
+    norm = std::max(norm, row);
+  }
+  return norm;
+}
+
+template <class TS>
 void require_finite(const std::vector<TS>& x, const char* what) {
   if (!all_finite(x.data(), x.size()))
     throw std::domain_error(std::string("the step produced non-finite values in ") + what +
@@ -146,7 +157,10 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
     std::vector<TS> S(static_cast<std::size_t>(m) * m);
     blas::gemm<TS>(Op::N, Op::T, m, m, d, -lr / c, aH.data(), d, H, d, 0, S.data(), m);
     for (int j = 0; j < m; ++j) S[static_cast<std::size_t>(j) * m + j] += 1;
-    rcond = blas::invert<TS>(m, S.data());
+    // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about
+    // max(1, ||S||) max(1, ||S^-1||); rcond(S) alone misses an S close to 0 when m = 1.
+    const double S_norm = inf_norm(m, S.data());
+    rcond = blas::invert<TS>(m, S.data()) > 0 ? 1.0 / (std::max(1.0, S_norm) * std::max(1.0, inf_norm(m, S.data()))) : 0.0;
     if (rcond >= opt.min_rcond) {
       std::vector<TS> K(md), KU(md);
       blas::gemm<TS>(Op::N, Op::N, m, d, m, lr / c, S.data(), m, aH.data(), d, 0, K.data(), d);

@@ -87,7 +87,7 @@ def test_singular_update_small_batch_refused(layer):
         lay.step(h, np.array([3]), 1.0 / (2 * float(h[0] @ h[0])))
     assert_unchanged(lay, before)
     with pytest.raises(ValueError, match="singular"):  # SingularUpdateError is a ValueError
-        lay.step(h, np.array([3]), 0.9999999 / (2 * float(h[0] @ h[0])))
+        lay.step(h, np.array([3]), (1 - 1e-10) / (2 * float(h[0] @ h[0])))  # would lose 10 of 16 digits
     assert_unchanged(lay, before)
     lay.step(h, np.array([3]), 0.25 / float(h[0] @ h[0]))  # a sane lr still works afterwards
 

@@ -1,0 +1,170 @@
+"""Stabilisation keeps W, state save/load resumes bit-exactly, dense views match, and a soak run reports drift."""
+
+import numpy as np
+import pytest
+from conftest import make_targets
+from reference import DenseSGD, dense_loss, dense_targets, rel_err
+
+import sparsetarget as st
+
+D, d = 211, 17
+
+
+def ill_conditioned(layer, rng, cond=1e4):
+    """Re-factor the layer with a U of condition ~cond, keeping W: V <- W U^-1 (omega = 0 here)."""
+    W = layer.weight()
+    P, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    R, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    sig = np.geomspace(1 / np.sqrt(cond), np.sqrt(cond), d)
+    U = (P * sig) @ R.T
+    sd = layer.state_dict()
+    sd["V"] = np.ascontiguousarray(W @ np.linalg.inv(U))
+    sd["U"], sd["U_inv"] = U, np.linalg.inv(U)
+    layer.load_state_dict(sd)
+    assert np.linalg.cond(layer.state_dict()["U"]) > cond / 2
+    return W
+
+
+def test_correction_restores_conditioning_and_keeps_W(rng):
+    layer = st.FactoredOutput(rng.standard_normal((D, d)))
+    W = ill_conditioned(layer, rng)
+    assert rel_err(layer.weight(), W) < 1e-11
+    report = layer.stabilize()
+    assert report["corrected"] and report["values_corrected"] > 0
+    sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
+    assert sv.max() <= np.sqrt(2) + 1e-9 and sv.min() >= np.sqrt(0.5) - 1e-9
+    assert rel_err(layer.weight(), W) < 1e-11
+    assert layer.diagnostics()["inverse_error"] < 1e-12
+    assert layer.diagnostics()["corrections"] == 1
+
+
+@pytest.mark.parametrize("cond", [20.0, 1e5])  # few values out of band (rank-k pass) / most of them (d x d pass)
+def test_monitoring_triggers_correction_during_training(rng, cond):
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss="spherical_softmax")
+    W0 = ill_conditioned(layer, rng, cond)
+    dense = DenseSGD(W0)
+    for _ in range(3):
+        H = rng.standard_normal((5, d)) / np.sqrt(d)
+        y = rng.integers(0, D, 5)
+        Y, _ = dense_targets(y, 5, D)
+        L_ref, g_ref = dense.step(H, Y, "spherical_softmax", {}, 0.1)
+        L, g = layer.step(H, y, 0.1)
+        assert rel_err(L, L_ref) < 1e-9 and rel_err(g, g_ref) < 1e-9
+    diag = layer.diagnostics()
+    assert diag["corrections"] >= 1
+    assert diag["condition_estimate"] < 4
+    assert rel_err(layer.weight(), dense.W) < 1e-9
+
+
+def test_refresh_recomputes_small_state(rng):
+    layer = st.FactoredOutput(rng.standard_normal((D, d)), refresh_every=3)
+    for _ in range(3):
+        layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, D, 4), 0.05, 0.01)
+    assert layer.diagnostics()["refreshes"] == 2  # construction + step 3
+    W = layer.weight()
+    sd = layer.state_dict()
+    assert rel_err(sd["Q"], W.T @ W) < 1e-13 and rel_err(sd["w_bar"], W.sum(0)) < 1e-13
+
+
+def test_state_dict_and_file_resume_bit_exactly(rng, tmp_path):
+    layer = st.FactoredOutput(rng.standard_normal((D, d)).astype(np.float32), loss="z_loss", state_dtype=np.float64,
+                              a=0.5, b=2.0)
+    batches = [(rng.standard_normal((6, d)).astype(np.float32), make_targets("csr", 6, D, rng)) for _ in range(6)]
+    for H, y in batches[:3]:
+        layer.step(H, y, 0.1, 0.01)
+    sd = layer.state_dict()
+    layer.save(tmp_path / "layer.npz")
+    resumed_mem = st.FactoredOutput(np.zeros((D, d), np.float32), loss="z_loss", state_dtype=np.float64)
+    resumed_mem.load_state_dict(sd)
+    resumed_file = st.FactoredOutput.load(tmp_path / "layer.npz")
+    assert resumed_file.loss_options == {"a": 0.5, "b": 2.0}
+    out = [lay.step(H, y, 0.1, 0.01) for H, y in batches[3:] for lay in (layer, resumed_mem, resumed_file)]
+    for i in range(0, len(out), 3):
+        for k in range(2):
+            assert out[i][k].tobytes() == out[i + 1][k].tobytes() == out[i + 2][k].tobytes()
+    for key in ("V", "U", "U_inv", "Q", "omega", "w_bar", "stats"):
+        a, b, c = (lay.state_dict()[key] for lay in (layer, resumed_mem, resumed_file))
+        assert a.tobytes() == b.tobytes() == c.tobytes(), key
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [(np.float64, np.float64), (np.float32, np.float64),
+                                               (np.float64, np.float32)])
+def test_dense_views_match_materialised_W(rng, dtype, state_dtype):
+    Dbig = 9001  # more than two tiles of the tiled views
+    layer = st.FactoredOutput.random(Dbig, d, dtype=dtype, state_dtype=state_dtype, seed=5, loss="taylor_softmax")
+    for _ in range(3):
+        layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, Dbig, 4), 0.2, 0.05)
+    W = layer.weight().astype(np.float64)
+    sd = layer.state_dict()
+    W_fact = sd["V"].astype(np.float64) @ sd["U"].astype(np.float64) + sd["omega"]
+    tol = 1e-12 if dtype == state_dtype == np.float64 else 1e-5
+    assert rel_err(W, W_fact) < tol
+    assert rel_err(layer.weight(100, 5000), W[100:5000]) < tol
+    H = rng.standard_normal((3, d))
+    O = H @ W.T
+    assert rel_err(layer.logits(H), O) < tol
+    assert rel_err(layer.logits(H, 17, 8200), O[:, 17:8200]) < tol
+    vals, idx = layer.topk(H, 7)
+    ref_idx = np.argsort(-O, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(idx, ref_idx)
+    assert rel_err(vals, np.take_along_axis(O, ref_idx, 1)) < tol
+    y = rng.integers(0, Dbig, 3)
+    Y, _ = dense_targets(y, 3, Dbig)
+    lp_ref = -dense_loss("taylor_softmax", O, Y, {})[0]
+    assert rel_err(layer.log_prob(H, y), lp_ref) < tol
+    eps = 0.3
+    lp_sph = np.log(O[np.arange(3), y] ** 2 + eps) - np.log((O**2).sum(1) + Dbig * eps)
+    sph = st.FactoredOutput(W, loss="spherical_softmax", eps=eps)
+    assert rel_err(sph.log_prob(H, y), lp_sph) < 1e-10
+
+
+def test_random_init_like_nn_linear():
+    a = st.FactoredOutput.random(1000, 64, seed=3)
+    b = st.FactoredOutput.random(1000, 64, seed=3)
+    W = a.weight()
+    assert W.dtype == np.float32 and np.array_equal(W, b.weight())
+    assert np.abs(W).max() <= 1 / 8 and np.abs(W).max() > 0.12
+    assert rel_err(a.state_dict()["Q"], W.astype(np.float64).T @ W.astype(np.float64)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,consistency_limit", [(np.float64, 1e-12), (np.float32, 1e-4)])
+def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
+    """400 steps with |h| ~ 1, Zipf targets and weight decay; reports drift against dense float64 SGD.
+
+    Training is sensitive to rounding (a dense run started 1e-15 away drifts too), so W is compared with the
+    spread of same-precision dense runs: a 1-ulp perturbed float64 run, or plain float32 SGD for float32.
+    Q and w_bar are compared with the layer's own W, which no chaos excuses.
+    """
+    rng = np.random.default_rng(11)
+    Dn, dn, m, lr = 1500, 24, 16, 0.1
+    W0 = (rng.uniform(-1, 1, (Dn, dn)) / np.sqrt(dn)).astype(dtype)
+    layer = st.FactoredOutput(W0, loss="spherical_softmax")
+    dense = DenseSGD(W0)
+    if dtype == np.float64:
+        peer = DenseSGD(W0 * (1 + 2**-52))
+    else:
+        peer = DenseSGD(W0, dtype=np.float32)
+    for _ in range(400):
+        H = rng.standard_normal((m, dn)) / np.sqrt(dn)
+        y = rng.zipf(1.3, m) % Dn
+        Y, _ = dense_targets(y, m, Dn)
+        dense.step(H, Y, "spherical_softmax", {}, lr, 1e-3)
+        peer.step_with(H.astype(peer.W.dtype), lambda O, Y=Y: tuple(
+            x.astype(peer.W.dtype) for x in dense_loss("spherical_softmax", O, Y, {})), lr, 1e-3)
+        layer.step(H.astype(dtype), y, lr, 1e-3)
+    W = layer.weight().astype(np.float64)
+    sd = layer.state_dict()
+    drift = {
+        "W": rel_err(W, dense.W),
+        "W_same_precision_dense": rel_err(peer.W, dense.W),
+        "Q_vs_WtW": rel_err(sd["Q"], W.T @ W),
+        "w_bar_vs_W1": rel_err(sd["w_bar"], W.sum(0)),
+        "inverse_error": layer.diagnostics()["inverse_error"],
+        "corrections": layer.diagnostics()["corrections"],
+    }
+    with capsys.disabled():
+        print(f"\nsoak drift after 400 steps, {np.dtype(dtype)}: " + ", ".join(
+            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in drift.items()))
+    assert drift["W"] < 3 * drift["W_same_precision_dense"] + 1e-12, drift
+    assert drift["Q_vs_WtW"] < consistency_limit and drift["w_bar_vs_W1"] < consistency_limit, drift
+    assert drift["inverse_error"] < 100 * consistency_limit, drift
