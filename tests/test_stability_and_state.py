@@ -52,7 +52,7 @@ def test_monitoring_triggers_correction_during_training(rng, cond):
         assert rel_err(L, L_ref) < 1e-9 and rel_err(g, g_ref) < 1e-9
     diag = layer.diagnostics()
     assert diag["corrections"] >= 1
-    assert diag["condition_estimate"] < 4
+    assert diag["condition"] < 4
     assert rel_err(layer.weight(), dense.W) < 1e-9
 
 

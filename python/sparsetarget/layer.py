@@ -377,18 +377,24 @@ class FactoredOutput:
         return self._core.correct()
 
     def diagnostics(self) -> dict[str, float]:
-        """Health of the factorisation: singular value estimates of U (and their ratio, a condition estimate),
-        ||U U^-1 - I||_F (exact, O(d^3)), the latest monitoring residual, and the counts of steps, corrections,
-        corrected singular values and refreshes."""
+        """Health of the factorisation.
+
+        ``condition`` (sigma_max / sigma_min of U), ``sigma_max``, ``sigma_min`` and ``inverse_error``
+        (||U U^-1 - I||_F) are exact, O(d^3); ``monitor_sigma_max``, ``monitor_sigma_min`` and
+        ``monitor_residual`` are the running O(d^2) estimates that trigger corrections; ``steps``,
+        ``corrections``, ``corrected_values`` and ``refreshes`` count what happened.
+        """
         st = self._arrays["stats"]
         S = _core.Stat
-        smax, smin = float(st[int(S.sigma_max)]), float(st[int(S.sigma_min)])
+        sv = np.linalg.svd(self._arrays["U"].astype(np.float64), compute_uv=False)
         return {
-            "sigma_max": smax,
-            "sigma_min": smin,
-            "condition_estimate": smax / smin if smin > 0 else float("inf"),
+            "condition": float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf"),
+            "sigma_max": float(sv[0]),
+            "sigma_min": float(sv[-1]),
             "inverse_error": self._core.inverse_error(),
-            "inverse_residual": float(st[int(S.inverse_residual)]),
+            "monitor_sigma_max": float(st[int(S.sigma_max)]),
+            "monitor_sigma_min": float(st[int(S.sigma_min)]),
+            "monitor_residual": float(st[int(S.inverse_residual)]),
             "steps": int(st[int(S.steps)]),
             "corrections": int(st[int(S.corrections)]),
             "corrected_values": int(st[int(S.corrected_values)]),
