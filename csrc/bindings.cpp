@@ -113,7 +113,7 @@ class Core {
       py::array_t<TS> A(t.indices.shape(0)), q(h.shape(0)), s(h.shape(0));
       {
         py::gil_scoped_release release;
-        auto p = project(st, h.data(), static_cast<int>(h.shape(0)));
+        const auto& p = project(st, h.data(), static_cast<int>(h.shape(0)));
         gather_outputs(st, p, t.view, A.mutable_data());
         std::copy(p.q.begin(), p.q.end(), q.mutable_data());
         std::copy(p.s.begin(), p.s.end(), s.mutable_data());
@@ -143,7 +143,7 @@ class Core {
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        auto p = project(st, h.data(), static_cast<int>(m));
+        const auto& p = project(st, h.data(), static_cast<int>(m));
         std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
         gather_outputs(st, p, t.view, A.data());
         evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q.data(), p.s.data(), losses.mutable_data(),
@@ -177,7 +177,7 @@ class Core {
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        auto p = project(st, h.data(), static_cast<int>(m));
+        const auto& p = project(st, h.data(), static_cast<int>(m));
         backward_step(st, h.data(), t.view, p, a.data(), gq.data(), gs.data(), step_options(lr, weight_decay),
                       grad_H.mutable_data());
         after_step(st, stabilize_);

@@ -57,28 +57,66 @@ void check_info(int info, const char* routine) {
 }
 }  // namespace
 
+namespace {
+template <class T>
+void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, int incx, T beta, T* y, int incy);
+template <>
+void gemv_strided<float>(Op oa, int m, int n, float alpha, const float* a, int lda, const float* x, int incx,
+                         float beta, float* y, int incy) {
+  ST_SYM(cblas_sgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
+}
+template <>
+void gemv_strided<double>(Op oa, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
+                          double beta, double* y, int incy) {
+  ST_SYM(cblas_dgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
+}
+
+// A GEMM with one output row or column is a GEMV; BLAS libraries do not all take that shortcut themselves,
+// and it matters for single-example steps.
+template <class T>
+bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                  T* c, int ldc) {
+  if (m == 1) {  // c^T = op(B)^T op(A)^T: x is the single row of op(A)
+    const int incx = oa == Op::N ? 1 : lda;
+    if (ob == Op::N)
+      gemv_strided<T>(Op::T, k, n, alpha, b, ldb, a, incx, beta, c, 1);
+    else
+      gemv_strided<T>(Op::N, n, k, alpha, b, ldb, a, incx, beta, c, 1);
+    return true;
+  }
+  if (n == 1) {  // c = op(A) x with x the single column of op(B)
+    const int incx = ob == Op::N ? ldb : 1;
+    gemv_strided<T>(oa, oa == Op::N ? m : k, oa == Op::N ? k : m, alpha, a, lda, b, incx, beta, c, ldc);
+    return true;
+  }
+  return false;
+}
+}  // namespace
+
 template <>
 void gemm<float>(Op oa, Op ob, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
                  float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
+  if (gemm_as_gemv<float>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   ST_SYM(cblas_sgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 template <>
 void gemm<double>(Op oa, Op ob, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
                   int ldb, double beta, double* c, int ldc) {
   if (m == 0 || n == 0) return;
+  if (gemm_as_gemv<double>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   ST_SYM(cblas_dgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 template <>
 void gemv<float>(Op oa, int m, int n, float alpha, const float* a, int lda, const float* x, float beta, float* y) {
   if (m == 0 || n == 0) return;
-  ST_SYM(cblas_sgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, 1, beta, y, 1);
+  gemv_strided<float>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
 }
 template <>
 void gemv<double>(Op oa, int m, int n, double alpha, const double* a, int lda, const double* x, double beta,
                   double* y) {
   if (m == 0 || n == 0) return;
-  ST_SYM(cblas_dgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, 1, beta, y, 1);
+  gemv_strided<double>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
 }
 template <>
 void syr2k_t<float>(int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta, float* c,
@@ -101,8 +139,12 @@ void syrk_t<double>(int n, int k, double alpha, const double* a, int lda, double
 
 template <class T>
 void mirror_upper(int n, T* c, int ldc) {
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < i; ++j) c[static_cast<std::ptrdiff_t>(i) * ldc + j] = c[static_cast<std::ptrdiff_t>(j) * ldc + i];
+  constexpr int kBlock = 64;  // blocked, so that the transposed reads stay in cache
+  for (int ib = 0; ib < n; ib += kBlock)
+    for (int jb = 0; jb <= ib; jb += kBlock)
+      for (int i = ib; i < std::min(n, ib + kBlock); ++i)
+        for (int j = jb; j < std::min(i, jb + kBlock); ++j)
+          c[static_cast<std::ptrdiff_t>(i) * ldc + j] = c[static_cast<std::ptrdiff_t>(j) * ldc + i];
 }
 template void mirror_upper<float>(int, float*, int);
 template void mirror_upper<double>(int, double*, int);

@@ -20,9 +20,10 @@ namespace sparsetarget {
 using blas::Op;
 
 template <class TV, class TS>
-Projections<TS> project(const FactoredState<TV, TS>& st, const TS* H, int m) {
+const Projections<TS>& project(const FactoredState<TV, TS>& st, const TS* H, int m) {
+  thread_local Projections<TS> scratch;
+  Projections<TS>& p = scratch;
   const int d = st.d;
-  Projections<TS> p;
   p.m = m;
   p.UH.resize(static_cast<std::size_t>(m) * d);
   p.HQ.resize(static_cast<std::size_t>(m) * d);
@@ -95,9 +96,36 @@ void require_finite(const std::vector<TS>& x, const char* what) {
 
 }  // namespace
 
+namespace {
+// Scratch of one step, kept per thread and reused: fresh d x d allocations every step would cost page faults
+// comparable to the arithmetic of a single-example step.
+template <class TS>
+struct StepScratch {
+  std::vector<TS> alpha, z_sum, g_one, Zv, WZ, G, P2, aH, U_inv, S, K, KU, M, U, v, omega, w_bar, B, Q, X;
+};
+
+template <class TS>
+std::vector<TS>& sized(std::vector<TS>& buf, std::size_t n) {
+  buf.resize(n);
+  return buf;
+}
+template <class TS>
+std::vector<TS>& filled(std::vector<TS>& buf, std::size_t n, TS value) {
+  buf.assign(n, value);
+  return buf;
+}
+template <class TS>
+std::vector<TS>& copied(std::vector<TS>& buf, const TS* src, std::size_t n) {
+  buf.assign(src, src + n);
+  return buf;
+}
+}  // namespace
+
 template <class TV, class TS>
 void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, const Projections<TS>& p, const TS* dA,
                    const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H) {
+  thread_local StepScratch<TS> scratch;
+  StepScratch<TS>& w = scratch;
   const int d = st.d, m = p.m;
   const std::size_t md = static_cast<std::size_t>(m) * d, dd = static_cast<std::size_t>(d) * d;
   const TS lr = static_cast<TS>(opt.lr);
@@ -106,9 +134,11 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   if (!(static_cast<double>(c) > 0))
     throw std::invalid_argument("lr * weight_decay must be < 1 (got " + std::to_string(opt.lr * opt.weight_decay) + ")");
 
-  std::vector<TS> alpha(m), z_sum(m, TS(0)), g_one(m);
+  auto& alpha = sized(w.alpha, m);
+  auto& z_sum = filled(w.z_sum, m, TS(0));
+  auto& g_one = sized(w.g_one, m);
   for (int j = 0; j < m; ++j) alpha[j] = 2 * dq[j];
-  std::vector<TS> Zv(md, TS(0));  // row j: sum_k z_jk V[k]
+  auto& Zv = filled(w.Zv, md, TS(0));  // row j: sum_k z_jk V[k]
   for (int j = 0; j < m; ++j) {
     TS* zv = row_ptr(Zv.data(), j, d);
     for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
@@ -119,7 +149,7 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   }
 
   // W^T z_j = U^T (sum_k z_jk V[k]) + (sum_k z_jk) omega, as rows of WZ.
-  std::vector<TS> WZ(md);
+  auto& WZ = sized(w.WZ, md);
   blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, Zv.data(), d, st.U, d, 0, WZ.data(), d);
   // grad_H_j = alpha_j Q h_j + beta_j w_bar + W^T z_j
   for (int j = 0; j < m; ++j) {
@@ -132,7 +162,8 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   }
 
   // Gram matrix of the output gradients g_j = alpha_j o_j + beta_j 1 + z_j, from small quantities only.
-  std::vector<TS> G(static_cast<std::size_t>(m) * m), P2(static_cast<std::size_t>(m) * m);
+  auto& G = sized(w.G, static_cast<std::size_t>(m) * m);
+  auto& P2 = sized(w.P2, static_cast<std::size_t>(m) * m);
   blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, p.HQ.data(), d, 0, G.data(), m);   // o_i . o_j
   blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, WZ.data(), d, 0, P2.data(), m);    // o_i . z_j
   for (int i = 0; i < m; ++i)
@@ -144,37 +175,51 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   add_target_overlaps(t, dA, m, G.data());
 
   // alpha H, used by the U, U^-1 and omega updates.
-  std::vector<TS> aH(H, H + md);
+  auto& aH = copied(w.aH, H, md);
   for (int j = 0; j < m; ++j)
     for (int i = 0; i < d; ++i) aH[static_cast<std::size_t>(j) * d + i] *= alpha[j];
 
   // U^-1 <- M^-1 U^-1 and the conditioning check of M.
-  std::vector<TS> U_inv(dd);
+  // The explicit branch computes the new U^-1 into U_inv; Woodbury keeps only the m x d factor K U^-1 (in KHU).
+  auto& U_inv = w.U_inv;
+  bool inverse_is_delta = false;
   double rcond = 0;
+  auto& X = sized(w.X, md);  // X = H U_new^-1: row j is what V's target rows of example j move along
   if (m < d) {
     // Woodbury: with S = I_m - (lr/c) diag(alpha) H H^T and K = (lr/c) S^-1 diag(alpha) H,
-    // M^-1 = (I + H^T K) / c, so U^-1_new = (U^-1 + H^T (K U^-1)) / c.
-    std::vector<TS> S(static_cast<std::size_t>(m) * m);
-    blas::gemm<TS>(Op::N, Op::T, m, m, d, -lr / c, aH.data(), d, H, d, 0, S.data(), m);
-    for (int j = 0; j < m; ++j) S[static_cast<std::size_t>(j) * m + j] += 1;
+    // M^-1 = (I + H^T K) / c, so U^-1_new = (U^-1 + H^T (K U^-1)) / c and X = (H U^-1 + (H H^T)(K U^-1)) / c.
+    auto& HHt = sized(w.P2, static_cast<std::size_t>(m) * m);  // P2 is free again
+    blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, H, d, 0, HHt.data(), m);
+    auto& S = sized(w.S, static_cast<std::size_t>(m) * m);
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < m; ++j)
+        S[static_cast<std::size_t>(i) * m + j] = (i == j ? TS(1) : TS(0)) - lr / c * alpha[i] * HHt[static_cast<std::size_t>(i) * m + j];
     // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about
     // max(1, ||S||) max(1, ||S^-1||); rcond(S) alone misses an S close to 0 when m = 1.
     const double S_norm = inf_norm(m, S.data());
     rcond = blas::invert<TS>(m, S.data()) > 0 ? 1.0 / (std::max(1.0, S_norm) * std::max(1.0, inf_norm(m, S.data()))) : 0.0;
     if (rcond >= opt.min_rcond) {
-      std::vector<TS> K(md), KU(md);
-      blas::gemm<TS>(Op::N, Op::N, m, d, m, lr / c, S.data(), m, aH.data(), d, 0, K.data(), d);
-      blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, K.data(), d, st.U_inv, d, 0, KU.data(), d);
-      std::copy(st.U_inv, st.U_inv + dd, U_inv.begin());
-      blas::gemm<TS>(Op::T, Op::N, d, d, m, 1 / c, H, d, KU.data(), d, 1 / c, U_inv.data(), d);
+      // [K; H] U^-1 in one GEMM: rows 0..m-1 give K U^-1, rows m..2m-1 give H U^-1.
+      auto& KH = sized(w.K, 2 * md);
+      auto& KHU = sized(w.KU, 2 * md);
+      blas::gemm<TS>(Op::N, Op::N, m, d, m, lr / c, S.data(), m, aH.data(), d, 0, KH.data(), d);
+      std::copy(H, H + md, KH.begin() + static_cast<std::ptrdiff_t>(md));
+      blas::gemm<TS>(Op::N, Op::N, 2 * m, d, d, 1, KH.data(), d, st.U_inv, d, 0, KHU.data(), d);
+      inverse_is_delta = true;  // U^-1 <- (U^-1 + H^T (K U^-1)) / c is applied at commit from KHU
+      std::copy(KHU.begin() + static_cast<std::ptrdiff_t>(md), KHU.end(), X.begin());
+      blas::gemm<TS>(Op::N, Op::N, m, d, m, 1, HHt.data(), m, KHU.data(), d, 1, X.data(), d);
+      for (auto& x : X) x /= c;
     }
   } else {
-    std::vector<TS> M(dd, TS(0));
+    U_inv.resize(dd);
+    auto& M = filled(w.M, dd, TS(0));
     for (int i = 0; i < d; ++i) M[static_cast<std::size_t>(i) * d + i] = c;
     blas::gemm<TS>(Op::T, Op::N, d, d, m, -lr, H, d, aH.data(), d, 1, M.data(), d);
     rcond = blas::invert<TS>(d, M.data());
-    if (rcond >= opt.min_rcond)
+    if (rcond >= opt.min_rcond) {
       blas::gemm<TS>(Op::N, Op::N, d, d, d, 1, M.data(), d, st.U_inv, d, 0, U_inv.data(), d);
+      blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, H, d, U_inv.data(), d, 0, X.data(), d);
+    }
   }
   if (!(rcond >= opt.min_rcond)) {
     char msg[256];
@@ -185,36 +230,38 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
     throw SingularUpdateError(msg);
   }
 
-  // U <- c U - lr (U H^T) diag(alpha) H
-  std::vector<TS> U(st.U, st.U + dd);
-  blas::gemm<TS>(Op::T, Op::N, d, d, m, -lr, p.UH.data(), d, aH.data(), d, c, U.data(), d);
   // omega <- c omega - lr H^T (alpha * (H omega) + beta);  w_bar <- c w_bar - lr H^T (g . 1)
-  std::vector<TS> v(m), omega(st.omega, st.omega + d), w_bar(st.w_bar, st.w_bar + d);
+  auto& v = sized(w.v, m);
+  auto& omega = copied(w.omega, st.omega, d);
+  auto& w_bar = copied(w.w_bar, st.w_bar, d);
   for (int j = 0; j < m; ++j) v[j] = alpha[j] * p.Hw[j] + ds[j];
   blas::gemv<TS>(Op::T, m, d, -lr, H, d, v.data(), c, omega.data());
   blas::gemv<TS>(Op::T, m, d, -lr, H, d, g_one.data(), c, w_bar.data());
   // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H
-  std::vector<TS> B(md), Q(st.Q, st.Q + dd);
+  auto& B = sized(w.B, md);
   blas::gemm<TS>(Op::N, Op::N, m, d, m, -lr / 2, G.data(), m, H, d, 0, B.data(), d);
   for (std::size_t i = 0; i < md; ++i) B[i] += c * grad_H[i];
-  blas::syr2k_t<TS>(d, m, -lr, H, d, B.data(), d, c * c, Q.data(), d);
-  blas::mirror_upper<TS>(d, Q.data(), d);
-  // X = H U_new^-1: row j is what V's target rows of example j move along.
-  std::vector<TS> X(md);
-  blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, H, d, U_inv.data(), d, 0, X.data(), d);
 
-  require_finite(U, "U");
-  require_finite(U_inv, "U^-1");
-  require_finite(Q, "Q");
+  // The d x d updates are products of these m x d factors, checked here so that the in-place commit below
+  // cannot meet a NaN or inf.
+  require_finite(p.UH, "U");
+  require_finite(aH, "U");
+  require_finite(B, "Q");
+  require_finite(inverse_is_delta ? w.KU : U_inv, "U^-1");
   require_finite(omega, "omega");
   require_finite(w_bar, "w_bar");
   require_finite(X, "the V update");
   if (!all_finite(grad_H, md)) throw std::domain_error("grad_H is not finite; the layer is unchanged");
 
   // Commit: nothing below can fail.
-  std::copy(U.begin(), U.end(), st.U);
-  std::copy(U_inv.begin(), U_inv.end(), st.U_inv);
-  std::copy(Q.begin(), Q.end(), st.Q);
+  // Commit, in place: nothing below can fail.
+  blas::gemm<TS>(Op::T, Op::N, d, d, m, -lr, p.UH.data(), d, aH.data(), d, c, st.U, d);  // U <- c U - lr U H^T aH
+  blas::syr2k_t<TS>(d, m, -lr, H, d, B.data(), d, c * c, st.Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H)
+  blas::mirror_upper<TS>(d, st.Q, d);
+  if (inverse_is_delta)
+    blas::gemm<TS>(Op::T, Op::N, d, d, m, 1 / c, H, d, w.KU.data(), d, 1 / c, st.U_inv, d);
+  else
+    std::copy(U_inv.begin(), U_inv.end(), st.U_inv);
   std::copy(omega.begin(), omega.end(), st.omega);
   std::copy(w_bar.begin(), w_bar.end(), st.w_bar);
   for (int j = 0; j < m; ++j) {
@@ -226,7 +273,7 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
 }
 
 #define ST_INSTANTIATE(TV, TS)                                                                                     \
-  template Projections<TS> project<TV, TS>(const FactoredState<TV, TS>&, const TS*, int);                          \
+  template const Projections<TS>& project<TV, TS>(const FactoredState<TV, TS>&, const TS*, int);                          \
   template void gather_outputs<TV, TS>(const FactoredState<TV, TS>&, const Projections<TS>&, const Targets&, TS*); \
   template void backward_step<TV, TS>(FactoredState<TV, TS>&, const TS*, const Targets&, const Projections<TS>&,  \
                                       const TS*, const TS*, const TS*, const StepOptions&, TS*);

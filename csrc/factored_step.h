@@ -26,8 +26,9 @@ struct Projections {
   std::vector<TS> Hw;  // m, omega . h_j
 };
 
+// The result lives in a per-thread buffer that the next call on this thread overwrites.
 template <class TV, class TS>
-Projections<TS> project(const FactoredState<TV, TS>& st, const TS* H, int m);
+const Projections<TS>& project(const FactoredState<TV, TS>& st, const TS* H, int m);
 
 // A[e] = o_{k_e} for target entry e of row j: V[k_e] . (U h_j) + omega . h_j.
 template <class TV, class TS>

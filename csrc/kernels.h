@@ -22,12 +22,13 @@ inline void axpy_row(TA alpha, const TX* x, TY* y, int n) {
   for (int i = 0; i < n; ++i) y[i] = static_cast<TY>(y[i] + alpha * x[i]);
 }
 
+// x * 0 is 0 for finite x and NaN for NaN or inf, so one vectorised sum tells whether all are finite.
 template <class T>
 inline bool all_finite(const T* x, std::size_t n) {
-  bool ok = true;
-#pragma omp simd reduction(&& : ok)
-  for (std::size_t i = 0; i < n; ++i) ok = ok && std::isfinite(x[i]);
-  return ok;
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (std::size_t i = 0; i < n; ++i) acc += x[i] * T(0);
+  return acc == T(0);
 }
 
 template <class T>
