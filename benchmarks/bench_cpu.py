@@ -25,7 +25,6 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(args.threads)
 
 import numpy as np  # noqa: E402
-
 import sparsetarget as st  # noqa: E402
 
 st.set_num_threads(args.threads)
@@ -144,7 +143,8 @@ def soak(D, d, m, steps, loss, lr, weight_decay, sigma_range, rng):
         "corrections": int(diag["corrections"]),
         "corrected_values": int(diag["corrected_values"]),
         "correction_step_ms": [float(t) for t in times[corrected]],
-        "amortised_stabilisation_ms_per_step": float((times[corrected] - typical).sum() / steps) if corrected.any() else 0.0,
+        "amortised_stabilisation_ms_per_step": (
+            float((times[corrected] - typical).sum() / steps) if corrected.any() else 0.0),
         "final_condition": diag["condition"],
         "final_inverse_error": diag["inverse_error"],
         "W_rows_consistency": float(np.abs(W[rows] - exact).max() / np.abs(exact).max()),
@@ -174,7 +174,8 @@ def main() -> None:
     for D, d, m in configs:
         r = bench_config(D, d, m, rng)
         results["configs"].append(r)
-        print(f"{D:>8} {d:>4} {m:>4} | {r['factored_ms_state_float32']:>11.3f} {r['factored_ms_state_float64']:>11.3f} | "
+        f32, f64 = r["factored_ms_state_float32"], r["factored_ms_state_float64"]
+        print(f"{D:>8} {d:>4} {m:>4} | {f32:>11.3f} {f64:>11.3f} | "
               f"{r['dense_ms']:>9.1f} | {r['speedup_f32_state']:>8.0f} {r['speedup_target_D_over_4d']:>6.0f} | "
               f"{r['factored_peak_extra_mib_state_float32']:>9.1f} {r['dense_peak_extra_mib']:>9.1f}", flush=True)
     d, m = sweep
@@ -185,14 +186,15 @@ def main() -> None:
         extra = f"  dense {r['dense_ms']:.1f} ms" if "dense_ms" in r else ""
         print(f"D={D:>8}: {r['factored_ms_state_float32']:.3f} ms{extra}", flush=True)
     print(f"\n# stabilisation over {args.soak_steps} steps, |h| = 1, (D, d, m) = {soak_cfg}")
-    for loss, lr, wd, band in (("spherical_softmax", 0.1, 1e-4, (0.5, 2.0)), ("squared_error", 0.01, 1e-4, (0.5, 2.0)),
-                               ("squared_error", 0.01, 1e-4, (0.1, 10.0))):
+    runs = (("spherical_softmax", 0.1, 1e-4, (0.5, 2.0)), ("squared_error", 0.01, 1e-4, (0.5, 2.0)),
+            ("squared_error", 0.01, 1e-4, (0.1, 10.0)))
+    for loss, lr, wd, band in runs:
         r = soak(*soak_cfg, args.soak_steps, loss, lr, wd, band, rng)
         results["soak"].append(r)
-        print(f"{loss:>17} lr={lr} sigma_range={band}: median {r['median_step_ms']:.2f} ms/step, {r['corrections']} corrections "
+        print(f"{loss:>17} lr={lr} sigma_range={band}: median {r['median_step_ms']:.2f} ms/step, "
+              f"{r['corrections']} corrections "
               f"({r['corrected_values']} values), amortised {r['amortised_stabilisation_ms_per_step']:.3f} ms/step, "
               f"final cond {r['final_condition']:.2f}", flush=True)
-    host = socket.gethostname().split(".")[0]
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
     with open(out, "w") as f:

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import CSR
-
 import sparsetarget as st
+from conftest import CSR
 
 D, d = 50, 6
 
@@ -71,7 +70,8 @@ def test_bad_step_input_raises_and_keeps_state(layer, name, change, exc):
 def test_bad_derivatives_raise_and_keep_state(layer, which):
     before = snapshot(layer)
     good = {"dA": np.ones(2), "dq": np.ones(2) * 0.1, "ds": np.ones(2)}
-    for bad, exc in [(np.array([np.nan, 0.0]), ValueError), (np.ones(3), ValueError), (np.array(["a", "b"]), TypeError)]:
+    cases = [(np.array([np.nan, 0.0]), ValueError), (np.ones(3), ValueError), (np.array(["a", "b"]), TypeError)]
+    for bad, exc in cases:
         args = dict(good, **{which: bad})
         with pytest.raises(exc, match=which):
             layer.backward_step(H_OK, Y_OK, args["dA"], args["dq"], args["ds"], 0.1)

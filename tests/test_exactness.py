@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import sparsetarget as st
 from conftest import make_targets
 from reference import DenseSGD, dense_loss, dense_targets, rel_err
-
-import sparsetarget as st
 
 LOSSES = {
     "squared_error": {},
@@ -57,7 +56,7 @@ def dense_float32_error(loss, opts, kind, m, weight_decay):
         targets = make_targets(kind, m, D, rng)
         Y, mask = dense_targets(targets, m, D)
         L64, g64 = d64.step(H, Y, loss, opts, 0.05, weight_decay, mask)
-        L32, g32 = d32.step_with(H.astype(np.float32), lambda O: tuple(
+        L32, g32 = d32.step_with(H.astype(np.float32), lambda O, Y=Y: tuple(
             x.astype(np.float32) for x in dense_loss(loss, O.astype(np.float32), Y.astype(np.float32), opts)),
             0.05, weight_decay, mask)
         worst = max(worst, rel_err(L32, L64), rel_err(g32, g64))

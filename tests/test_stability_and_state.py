@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import sparsetarget as st
 from conftest import make_targets
 from reference import DenseSGD, dense_loss, dense_targets, rel_err
-
-import sparsetarget as st
 
 D, d = 211, 17
 
