@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=50000, help="output classes D (most frequent words + <unk>)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden size d")
     ap.add_argument("--batch", type=int, default=128, help="minibatch size m")
-    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=30.0, help="learning rate per minibatch (divided by m)")
     ap.add_argument("--tokens", type=int, default=2_000_000, help="corpus size cap")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
