@@ -101,7 +101,7 @@ namespace {
 // comparable to the arithmetic of a single-example step.
 template <class TS>
 struct StepScratch {
-  std::vector<TS> alpha, z_sum, g_one, Zv, WZ, G, P2, aH, U_inv, S, K, KU, M, U, v, omega, w_bar, B, Q, X;
+  std::vector<TS> alpha, z_sum, g_one, Zv, WZ, G, P2, aH, U_inv, S, K, KU, M, v, omega, w_bar, B, X;
 };
 
 template <class TS>
