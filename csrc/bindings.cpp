@@ -87,6 +87,22 @@ void check_scalar(double x, const char* name, bool allow_zero = true) {
                           std::to_string(x));
 }
 
+// Inputs of grad_hidden / backward_step, checked: H, targets, the loss partials and optional projections of H.
+template <class TS>
+struct BackwardInputs {
+  py::array_t<TS> h, dA, dq, ds;
+  TargetArrays t;
+  std::vector<py::array_t<TS>> given;  // UH, HQ, q, s, Hw from forward(keep_projections=True), or empty
+
+  // The given projections, or those of H computed now (valid until the next project() on this thread).
+  template <class State>
+  ProjectionsView<TS> projections(const State& st) const {
+    if (given.empty()) return project(st, h.data(), static_cast<int>(h.shape(0))).view();
+    return {static_cast<int>(h.shape(0)), given[0].data(), given[1].data(), given[2].data(), given[3].data(),
+            given[4].data()};
+  }
+};
+
 class Core {
  public:
   Core(py::array V, py::array U, py::array U_inv, py::array Q, py::array omega, py::array w_bar, py::array probe_max,
@@ -105,20 +121,34 @@ class Core {
   std::int64_t D() const { return std::visit([](const auto& s) { return s.D; }, state_); }
   int d() const { return std::visit([](const auto& s) { return s.d; }, state_); }
 
-  py::tuple forward(const py::handle& H, const py::handle& indptr, const py::handle& indices) {
+  // (A, q, s), plus the projections (UH, HQ, q, s, Hw) of H when keep_projections: a later grad_hidden or
+  // backward_step on the same H and unchanged state can take them instead of recomputing them.
+  py::tuple forward(const py::handle& H, const py::handle& indptr, const py::handle& indices, bool keep_projections) {
     return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto h = checked_H<TS>(H);
-      auto t = checked_targets(indptr, indices, h.shape(0), st.D);
-      py::array_t<TS> A(t.indices.shape(0)), q(h.shape(0)), s(h.shape(0));
+      const py::ssize_t m = h.shape(0), d = st.d;
+      auto t = checked_targets(indptr, indices, m, st.D);
+      py::array_t<TS> A(t.indices.shape(0)), q(m), s(m), UH, HQ, Hw;
+      if (keep_projections) {
+        UH = py::array_t<TS>({m, d});
+        HQ = py::array_t<TS>({m, d});
+        Hw = py::array_t<TS>(m);
+      }
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(h.shape(0)));
-        gather_outputs(st, p, t.view, A.mutable_data());
+        const auto& p = project(st, h.data(), static_cast<int>(m));
+        gather_outputs(st, p.view(), t.view, A.mutable_data());
         std::copy(p.q.begin(), p.q.end(), q.mutable_data());
         std::copy(p.s.begin(), p.s.end(), s.mutable_data());
+        if (keep_projections) {
+          std::copy(p.UH.begin(), p.UH.end(), UH.mutable_data());
+          std::copy(p.HQ.begin(), p.HQ.end(), HQ.mutable_data());
+          std::copy(p.Hw.begin(), p.Hw.end(), Hw.mutable_data());
+        }
       }
-      return py::make_tuple(A, q, s);
+      if (!keep_projections) return py::make_tuple(A, q, s);
+      return py::make_tuple(A, q, s, py::make_tuple(UH, HQ, q, s, Hw));
     }, state_);
   }
 
@@ -145,11 +175,11 @@ class Core {
         py::gil_scoped_release release;
         const auto& p = project(st, h.data(), static_cast<int>(m));
         std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
-        gather_outputs(st, p, t.view, A.data());
+        gather_outputs(st, p.view(), t.view, A.data());
         evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q.data(), p.s.data(), losses.mutable_data(),
                       dA.data(), dq.data(), ds.data());
         if (do_step) {
-          backward_step(st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(), step_options(lr, weight_decay),
+          backward_step(st, h.data(), t.view, p.view(), dA.data(), dq.data(), ds.data(), step_options(lr, weight_decay),
                         grad_H.mutable_data());
           after_step(st, stabilize_);
         }
@@ -159,27 +189,35 @@ class Core {
     }, state_);
   }
 
+  // grad_H for a loss with partials (dA, dq, ds), no state change.
+  py::array grad_hidden_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                           const py::handle& dA, const py::handle& dq, const py::handle& ds,
+                           const py::handle& projections) const {
+    return std::visit([&](const auto& st) -> py::array {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto in = checked_backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
+      py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
+      {
+        py::gil_scoped_release release;
+        hidden_gradient(st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
+                        grad_H.mutable_data());
+      }
+      return grad_H;
+    }, state_);
+  }
+
   py::array backward_step_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                              const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
-                             double weight_decay) {
+                             double weight_decay, const py::handle& projections) {
     check_step_scalars(lr, weight_decay);
     return std::visit([&](auto& st) -> py::array {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      auto h = checked_H<TS>(H);
-      const auto m = h.shape(0);
-      auto t = checked_targets(indptr, indices, m, st.D);
-      auto a = checked<TS>(dA, "dA", {t.indices.shape(0)}, false);
-      auto gq = checked<TS>(dq, "dq", {m}, false);
-      auto gs = checked<TS>(ds, "ds", {m}, false);
-      if (!all_finite(a.data(), a.size())) throw py::value_error("dA contains NaN or inf");
-      if (!all_finite(gq.data(), gq.size())) throw py::value_error("dq contains NaN or inf");
-      if (!all_finite(gs.data(), gs.size())) throw py::value_error("ds contains NaN or inf");
-      py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
+      auto in = checked_backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
+      py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(m));
-        backward_step(st, h.data(), t.view, p, a.data(), gq.data(), gs.data(), step_options(lr, weight_decay),
-                      grad_H.mutable_data());
+        backward_step(st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
+                      step_options(lr, weight_decay), grad_H.mutable_data());
         after_step(st, stabilize_);
       }
       return grad_H;
@@ -286,6 +324,33 @@ class Core {
     return h;
   }
 
+  template <class TS, class State>
+  BackwardInputs<TS> checked_backward_inputs(const State& st, const py::handle& H, const py::handle& indptr,
+                                             const py::handle& indices, const py::handle& dA, const py::handle& dq,
+                                             const py::handle& ds, const py::handle& projections) const {
+    BackwardInputs<TS> in;
+    in.h = checked_H<TS>(H);
+    const py::ssize_t m = in.h.shape(0), d = st.d;
+    in.t = checked_targets(indptr, indices, m, st.D);
+    in.dA = checked<TS>(dA, "dA", {in.t.indices.shape(0)}, false);
+    in.dq = checked<TS>(dq, "dq", {m}, false);
+    in.ds = checked<TS>(ds, "ds", {m}, false);
+    if (!all_finite(in.dA.data(), in.dA.size())) throw py::value_error("dA contains NaN or inf");
+    if (!all_finite(in.dq.data(), in.dq.size())) throw py::value_error("dq contains NaN or inf");
+    if (!all_finite(in.ds.data(), in.ds.size())) throw py::value_error("ds contains NaN or inf");
+    if (!projections.is_none()) {
+      auto parts = py::reinterpret_borrow<py::tuple>(projections);
+      if (!py::isinstance<py::tuple>(projections) || parts.size() != 5)
+        throw py::type_error("projections must be the tuple (UH, HQ, q, s, Hw) returned by forward");
+      in.given.push_back(checked<TS>(parts[0], "projections UH", {m, d}, false));
+      in.given.push_back(checked<TS>(parts[1], "projections HQ", {m, d}, false));
+      in.given.push_back(checked<TS>(parts[2], "projections q", {m}, false));
+      in.given.push_back(checked<TS>(parts[3], "projections s", {m}, false));
+      in.given.push_back(checked<TS>(parts[4], "projections Hw", {m}, false));
+    }
+    return in;
+  }
+
   static void check_range(std::int64_t start, std::int64_t stop, std::int64_t D) {
     if (start < 0 || stop > D || start > stop)
       throw py::value_error("row range [" + std::to_string(start) + ", " + std::to_string(stop) + ") is not within [0, " +
@@ -349,7 +414,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("D", &Core::D, "Number of outputs.")
       .def_property_readonly("d", &Core::d, "Hidden size.")
       .def("forward", &Core::forward, py::arg("H"), py::arg("indptr"), py::arg("indices"),
-           "(A, q, s): outputs at the target entries, ||o||^2 and sum(o) per row.")
+           py::arg("keep_projections") = false,
+           "(A, q, s): outputs at the target entries, ||o||^2 and sum(o) per row; with keep_projections, "
+           "(A, q, s, projections) where projections can be passed to grad_hidden and backward_step.")
       .def("loss", [](Core& c, py::handle H, py::handle ip, py::handle ix, py::handle v, py::handle act, const LossSpec& s) {
              return c.loss_step(H, ip, ix, v, act, s, false, 0, 0);
            }, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
@@ -358,8 +425,11 @@ PYBIND11_MODULE(_core, m) {
                       double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
+      .def("grad_hidden", &Core::grad_hidden_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
+           py::arg("dq"), py::arg("ds"), py::arg("projections") = py::none(),
+           "grad_H = dL/dH for a loss with the given partial derivatives; no state change.")
       .def("backward_step", &Core::backward_step_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
-           py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"),
+           py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"), py::arg("projections") = py::none(),
            "grad_H and one exact SGD step for a loss with the given partial derivatives.")
       .def("refresh", &Core::refresh_py, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
       .def("correct", &Core::correct_py, "SVD-based correction of U's singular values (one pass over V).")

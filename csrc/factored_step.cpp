@@ -39,10 +39,10 @@ const Projections<TS>& project(const FactoredState<TV, TS>& st, const TS* H, int
 }
 
 template <class TV, class TS>
-void gather_outputs(const FactoredState<TV, TS>& st, const Projections<TS>& p, const Targets& t, TS* A) {
+void gather_outputs(const FactoredState<TV, TS>& st, const ProjectionsView<TS>& p, const Targets& t, TS* A) {
   const int d = st.d;
   for (std::int64_t j = 0; j < t.m; ++j) {
-    const TS* uh = row_ptr(p.UH.data(), j, d);
+    const TS* uh = row_ptr(p.UH, j, d);
     for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
       A[e] = dot_row(row_ptr(static_cast<const TV*>(st.V), t.indices[e], d), uh, d) + p.Hw[j];
   }
@@ -96,6 +96,7 @@ void require_finite(const std::vector<TS>& x, const char* what) {
 
 }  // namespace
 
+
 namespace {
 // Scratch of one step, kept per thread and reused: fresh d x d allocations every step would cost page faults
 // comparable to the arithmetic of a single-example step.
@@ -119,10 +120,48 @@ std::vector<TS>& copied(std::vector<TS>& buf, const TS* src, std::size_t n) {
   buf.assign(src, src + n);
   return buf;
 }
+
+// grad_H, leaving alpha = 2 dq, z_sum_j = sum_k z_jk and WZ (row j = W^T z_j) in the scratch for the step.
+template <class TV, class TS>
+void hidden_gradient_into(const FactoredState<TV, TS>& st, const Targets& t, const ProjectionsView<TS>& p,
+                          const TS* dA, const TS* dq, const TS* ds, TS* grad_H, StepScratch<TS>& w) {
+  const int d = st.d, m = p.m;
+  const std::size_t md = static_cast<std::size_t>(m) * d;
+  auto& alpha = sized(w.alpha, m);
+  auto& z_sum = filled(w.z_sum, m, TS(0));
+  for (int j = 0; j < m; ++j) alpha[j] = 2 * dq[j];
+  auto& Zv = filled(w.Zv, md, TS(0));  // row j: sum_k z_jk V[k]
+  for (int j = 0; j < m; ++j) {
+    TS* zv = row_ptr(Zv.data(), j, d);
+    for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
+      z_sum[j] += dA[e];
+      if (dA[e] != TS(0)) axpy_row(dA[e], row_ptr(static_cast<const TV*>(st.V), t.indices[e], d), zv, d);
+    }
+  }
+  // W^T z_j = U^T (sum_k z_jk V[k]) + (sum_k z_jk) omega, as rows of WZ.
+  auto& WZ = sized(w.WZ, md);
+  blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, Zv.data(), d, st.U, d, 0, WZ.data(), d);
+  for (int j = 0; j < m; ++j) {
+    TS* wz = row_ptr(WZ.data(), j, d);
+    axpy_row(z_sum[j], st.omega, wz, d);
+    TS* gh = row_ptr(grad_H, j, d);
+    const TS* hq = row_ptr(p.HQ, j, d);
+#pragma omp simd
+    for (int i = 0; i < d; ++i) gh[i] = alpha[j] * hq[i] + ds[j] * st.w_bar[i] + wz[i];
+  }
+}
+
 }  // namespace
 
 template <class TV, class TS>
-void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, const Projections<TS>& p, const TS* dA,
+void hidden_gradient(const FactoredState<TV, TS>& st, const Targets& t, const ProjectionsView<TS>& p, const TS* dA,
+                     const TS* dq, const TS* ds, TS* grad_H) {
+  thread_local StepScratch<TS> scratch;
+  hidden_gradient_into(st, t, p, dA, dq, ds, grad_H, scratch);
+}
+
+template <class TV, class TS>
+void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, const ProjectionsView<TS>& p, const TS* dA,
                    const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H) {
   thread_local StepScratch<TS> scratch;
   StepScratch<TS>& w = scratch;
@@ -134,37 +173,17 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   if (!(static_cast<double>(c) > 0))
     throw std::invalid_argument("lr * weight_decay must be < 1 (got " + std::to_string(opt.lr * opt.weight_decay) + ")");
 
-  auto& alpha = sized(w.alpha, m);
-  auto& z_sum = filled(w.z_sum, m, TS(0));
+  hidden_gradient_into(st, t, p, dA, dq, ds, grad_H, w);
+  const auto& alpha = w.alpha;
+  const auto& z_sum = w.z_sum;
+  const auto& WZ = w.WZ;
   auto& g_one = sized(w.g_one, m);
-  for (int j = 0; j < m; ++j) alpha[j] = 2 * dq[j];
-  auto& Zv = filled(w.Zv, md, TS(0));  // row j: sum_k z_jk V[k]
-  for (int j = 0; j < m; ++j) {
-    TS* zv = row_ptr(Zv.data(), j, d);
-    for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
-      z_sum[j] += dA[e];
-      if (dA[e] != TS(0)) axpy_row(dA[e], row_ptr(static_cast<const TV*>(st.V), t.indices[e], d), zv, d);
-    }
-    g_one[j] = alpha[j] * p.s[j] + ds[j] * D + z_sum[j];
-  }
-
-  // W^T z_j = U^T (sum_k z_jk V[k]) + (sum_k z_jk) omega, as rows of WZ.
-  auto& WZ = sized(w.WZ, md);
-  blas::gemm<TS>(Op::N, Op::N, m, d, d, 1, Zv.data(), d, st.U, d, 0, WZ.data(), d);
-  // grad_H_j = alpha_j Q h_j + beta_j w_bar + W^T z_j
-  for (int j = 0; j < m; ++j) {
-    TS* wz = row_ptr(WZ.data(), j, d);
-    axpy_row(z_sum[j], st.omega, wz, d);
-    TS* gh = row_ptr(grad_H, j, d);
-    const TS* hq = row_ptr(p.HQ.data(), j, d);
-#pragma omp simd
-    for (int i = 0; i < d; ++i) gh[i] = alpha[j] * hq[i] + ds[j] * st.w_bar[i] + wz[i];
-  }
+  for (int j = 0; j < m; ++j) g_one[j] = alpha[j] * p.s[j] + ds[j] * D + z_sum[j];
 
   // Gram matrix of the output gradients g_j = alpha_j o_j + beta_j 1 + z_j, from small quantities only.
   auto& G = sized(w.G, static_cast<std::size_t>(m) * m);
   auto& P2 = sized(w.P2, static_cast<std::size_t>(m) * m);
-  blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, p.HQ.data(), d, 0, G.data(), m);   // o_i . o_j
+  blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, p.HQ, d, 0, G.data(), m);   // o_i . o_j
   blas::gemm<TS>(Op::N, Op::T, m, m, d, 1, H, d, WZ.data(), d, 0, P2.data(), m);    // o_i . z_j
   for (int i = 0; i < m; ++i)
     for (int j = 0; j < m; ++j) {
@@ -244,7 +263,7 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
 
   // The d x d updates are products of these m x d factors, checked here so that the in-place commit below
   // cannot meet a NaN or inf.
-  require_finite(p.UH, "U");
+  if (!all_finite(p.UH, md)) throw std::domain_error("the step produced non-finite values in U; the layer is unchanged");
   require_finite(aH, "U");
   require_finite(B, "Q");
   require_finite(inverse_is_delta ? w.KU : U_inv, "U^-1");
@@ -253,9 +272,8 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
   require_finite(X, "the V update");
   if (!all_finite(grad_H, md)) throw std::domain_error("grad_H is not finite; the layer is unchanged");
 
-  // Commit: nothing below can fail.
   // Commit, in place: nothing below can fail.
-  blas::gemm<TS>(Op::T, Op::N, d, d, m, -lr, p.UH.data(), d, aH.data(), d, c, st.U, d);  // U <- c U - lr U H^T aH
+  blas::gemm<TS>(Op::T, Op::N, d, d, m, -lr, p.UH, d, aH.data(), d, c, st.U, d);  // U <- c U - lr U H^T aH
   blas::syr2k_t<TS>(d, m, -lr, H, d, B.data(), d, c * c, st.Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H)
   blas::mirror_upper<TS>(d, st.Q, d);
   if (inverse_is_delta)
@@ -274,8 +292,11 @@ void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, con
 
 #define ST_INSTANTIATE(TV, TS)                                                                                     \
   template const Projections<TS>& project<TV, TS>(const FactoredState<TV, TS>&, const TS*, int);                          \
-  template void gather_outputs<TV, TS>(const FactoredState<TV, TS>&, const Projections<TS>&, const Targets&, TS*); \
-  template void backward_step<TV, TS>(FactoredState<TV, TS>&, const TS*, const Targets&, const Projections<TS>&,  \
+  template void gather_outputs<TV, TS>(const FactoredState<TV, TS>&, const ProjectionsView<TS>&, const Targets&, \
+                                       TS*);                                                                     \
+  template void hidden_gradient<TV, TS>(const FactoredState<TV, TS>&, const Targets&, const ProjectionsView<TS>&, \
+                                        const TS*, const TS*, const TS*, TS*);                                   \
+  template void backward_step<TV, TS>(FactoredState<TV, TS>&, const TS*, const Targets&, const ProjectionsView<TS>&, \
                                       const TS*, const TS*, const TS*, const StepOptions&, TS*);
 ST_INSTANTIATE(float, float)
 ST_INSTANTIATE(float, double)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import sparsetarget as st
-from conftest import make_targets
+from conftest import CSR, make_targets
 from reference import DenseSGD, dense_loss, dense_targets, rel_err
 
 LOSSES = {
@@ -152,3 +152,43 @@ def test_scipy_csr_with_duplicates_is_summed(rng):
     Lb, gb = b.step(H, summed, 0.1)
     assert rel_err(La, Lb) < 1e-13 and rel_err(ga, gb) < 1e-13
     assert rel_err(a.weight(), b.weight()) < 1e-13
+
+
+@pytest.mark.parametrize("m", [1, 6, 31])
+def test_split_backward_with_kept_projections(m):
+    """The core's split path used by front ends that record a gradient now and step later: forward keeping the
+    projections, grad_hidden (no state change), then backward_step on two stacked minibatches with their stacked
+    projections equals dense SGD on their summed gradient."""
+    rng = np.random.default_rng(11)
+    W0 = rng.uniform(-1, 1, (D, d)) / np.sqrt(d)
+    layer = st.FactoredOutput(W0)
+    core = layer._core
+    dense = DenseSGD(W0)
+    parts = []
+    for rows in (m, 4):
+        H = rng.standard_normal((rows, d)) / np.sqrt(d)
+        t = st._targets.to_csr(make_targets("csr", rows, D, rng), rows, D, -100)
+        A, q, s, proj = core.forward(H, t.indptr, t.indices, True)
+        # L = sum_k y_k A_k^2 / 2 + q / 7 + s^2 / 2
+        dA, dq, ds = t.values * A, np.full(rows, 1 / 7), s
+        before = layer.state_dict()
+        g = core.grad_hidden(H, t.indptr, t.indices, dA, dq, ds, proj)
+        assert all(np.array_equal(before[k], v) for k, v in layer.state_dict().items() if k != "config")
+        assert np.array_equal(g, core.grad_hidden(H, t.indptr, t.indices, dA, dq, ds))
+        Y, _ = dense_targets(CSR(t.indptr, t.indices, t.values, (rows, D)), rows, D)
+        O = H @ W0.T
+        dO = Y * O + (2 / 7) * O + O.sum(1)[:, None]
+        assert rel_err(g, dO @ W0) < 1e-10
+        parts.append((H, t, dA, dq, ds, proj, dO))
+    (H1, t1, dA1, dq1, ds1, p1, dO1), (H2, t2, dA2, dq2, ds2, p2, dO2) = parts
+    H = np.vstack([H1, H2])
+    indptr = np.concatenate([t1.indptr, t2.indptr[1:] + t1.indptr[-1]])
+    stacked = [np.concatenate([a, b]) for a, b in zip(p1, p2)]
+    core.backward_step(H, indptr, np.concatenate([t1.indices, t2.indices]), np.concatenate([dA1, dA2]),
+                       np.concatenate([dq1, dq2]), np.concatenate([ds1, ds2]), 0.05, 0.1, tuple(stacked))
+    dense.W = (1 - 0.05 * 0.1) * dense.W - 0.05 * (dO1.T @ H1 + dO2.T @ H2)
+    assert rel_err(layer.weight(), dense.W) < 1e-10
+    with pytest.raises(TypeError, match="projections must be"):
+        core.grad_hidden(H1, t1.indptr, t1.indices, dA1, dq1, ds1, (p1[0],))
+    with pytest.raises(ValueError, match="projections UH"):
+        core.grad_hidden(H1, t1.indptr, t1.indices, dA1, dq1, ds1, (p2[0], *p1[1:]))

@@ -29,38 +29,41 @@ def _int_array(x: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int) -> CSRTargets:
-    """Check ``targets`` against a minibatch of ``m`` rows and ``num_outputs`` classes; return CSR arrays."""
+def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int, name: str = "targets") -> CSRTargets:
+    """Check ``targets`` against a minibatch of ``m`` rows and ``num_outputs`` classes; return CSR arrays.
+
+    ``name`` is how error messages call the argument.
+    """
     if is_csr_like(targets):
         shape = tuple(targets.shape)
         if shape != (m, num_outputs):
-            raise ValueError(f"targets has shape {shape}, expected (m, D) = ({m}, {num_outputs})")
-        indptr = _int_array(targets.indptr, "targets.indptr")
-        indices = _int_array(targets.indices, "targets.indices")
+            raise ValueError(f"{name} has shape {shape}, expected (m, D) = ({m}, {num_outputs})")
+        indptr = _int_array(targets.indptr, f"{name}.indptr")
+        indices = _int_array(targets.indices, f"{name}.indices")
         data = np.asarray(targets.data)
         if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
-            raise TypeError(f"targets.data must be a real numeric array, got dtype {data.dtype}")
+            raise TypeError(f"{name}.data must be a real numeric array, got dtype {data.dtype}")
         values = np.ascontiguousarray(data, dtype=np.float64)
         if indptr.shape != (m + 1,) or indices.ndim != 1 or values.shape != indices.shape:
-            raise ValueError("targets is not a valid CSR matrix: indptr must have m + 1 entries and data the "
+            raise ValueError(f"{name} is not a valid CSR matrix: indptr must have m + 1 entries and data the "
                              "same length as indices")
         if indices.size and (indices.min() < 0 or indices.max() >= num_outputs):
             bad = indices[(indices < 0) | (indices >= num_outputs)][0]
-            raise ValueError(f"targets index {bad} is out of range [0, {num_outputs})")
+            raise ValueError(f"{name} index {bad} is out of range [0, {num_outputs})")
         if not np.all(np.isfinite(values)):
-            raise ValueError("targets values contain NaN or inf")
+            raise ValueError(f"{name} values contain NaN or inf")
         return CSRTargets(indptr, indices, values, None, False)
 
     labels = np.asarray(targets)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"targets must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
     if labels.shape != (m,):
-        raise ValueError(f"targets has shape {labels.shape}, expected ({m},) to match H")
+        raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
     labels = labels.astype(np.int64, copy=False)
     active = labels != ignore_index
     bad = active & ((labels < 0) | (labels >= num_outputs))
     if bad.any():
-        raise ValueError(f"targets contains class {labels[bad][0]}, outside [0, {num_outputs}) and not "
+        raise ValueError(f"{name} contains class {labels[bad][0]}, outside [0, {num_outputs}) and not "
                          f"ignore_index={ignore_index}")
     if active.all():
         indptr = np.arange(m + 1, dtype=np.int64)

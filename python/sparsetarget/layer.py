@@ -19,7 +19,8 @@ LOSS_OPTIONS: dict[str, dict[str, float]] = {
 }
 """The built-in losses and the default value of each of their options."""
 
-_STATE_ARRAYS = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_min", "stats")
+STATE_ARRAYS = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_min", "stats")
+"""Names of the state arrays, in the order the core takes them."""
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -51,6 +52,27 @@ def _loss_spec(loss: str, options: dict[str, Any]) -> tuple[Any, dict[str, float
     defaults = {**LOSS_OPTIONS["spherical_softmax"], **LOSS_OPTIONS["z_loss"], **resolved}
     spec = _core.make_loss_spec(loss, defaults["eps"], defaults["a"], defaults["b"])
     return spec, resolved
+
+
+def initial_small_state(d: int, state_dtype: Any) -> dict[str, np.ndarray]:
+    """The d x d state of W = V (U = U^-1 = I, omega = 0; Q and w_bar are filled by a refresh), the fixed
+    monitoring vectors and the counters."""
+    sdt = np.dtype(state_dtype)
+    rng = np.random.default_rng(12345)  # fixed monitoring vectors: runs are reproducible
+    probe_max = rng.standard_normal(d)
+    probe_min = rng.standard_normal(d)
+    stats = np.zeros(_core.STATS_SIZE)
+    stats[int(_core.Stat.sigma_max)] = stats[int(_core.Stat.sigma_min)] = 1.0
+    return {
+        "U": np.eye(d, dtype=sdt),
+        "U_inv": np.eye(d, dtype=sdt),
+        "Q": np.zeros((d, d), dtype=sdt),
+        "omega": np.zeros(d, dtype=sdt),
+        "w_bar": np.zeros(d, dtype=sdt),
+        "probe_max": (probe_max / np.linalg.norm(probe_max)).astype(sdt),
+        "probe_min": (probe_min / np.linalg.norm(probe_min)).astype(sdt),
+        "stats": stats,
+    }
 
 
 class FactoredOutput:
@@ -138,6 +160,23 @@ class FactoredOutput:
         V: np.ndarray,
         *,
         state_dtype: Any = None,
+        **config: Any,
+    ) -> None:
+        """Take ownership of V (C-contiguous) and set up the state for W = V; the caller then runs refresh()."""
+        sdt = V.dtype if state_dtype is None else _float_dtype(state_dtype, "state_dtype")
+        self._attach({"V": V, **initial_small_state(V.shape[1], sdt)}, **config)
+
+    @classmethod
+    def _wrap(cls, arrays: dict[str, np.ndarray], **config: Any) -> FactoredOutput:
+        """A layer working in place on existing state arrays (e.g. views of torch tensors); nothing is copied."""
+        layer = cls.__new__(cls)
+        layer._attach(dict(arrays), **config)
+        return layer
+
+    def _attach(
+        self,
+        arrays: dict[str, np.ndarray],
+        *,
         loss: str = "squared_error",
         loss_options: dict[str, Any] | None = None,
         ignore_index: int = -100,
@@ -148,32 +187,14 @@ class FactoredOutput:
         min_rcond: float | None = None,
         **more_loss_options: float,
     ) -> None:
-        """Take ownership of V (C-contiguous) and set up the state for W = V; the caller then runs refresh()."""
         loss_options = {**(loss_options or {}), **more_loss_options}
-        sdt = V.dtype if state_dtype is None else _float_dtype(state_dtype, "state_dtype")
         self._spec, self._loss_options = _loss_spec(loss, loss_options)
         self._loss = loss
         if not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.ignore_index = int(ignore_index)
-        d = V.shape[1]
-        rng = np.random.default_rng(12345)  # fixed monitoring vectors: runs are reproducible
-        probe_max = rng.standard_normal(d)
-        probe_min = rng.standard_normal(d)
-        stats = np.zeros(_core.STATS_SIZE)
-        stats[int(_core.Stat.sigma_max)] = stats[int(_core.Stat.sigma_min)] = 1.0
-        self._arrays: dict[str, np.ndarray] = {
-            "V": V,
-            "U": np.eye(d, dtype=sdt),
-            "U_inv": np.eye(d, dtype=sdt),
-            "Q": np.zeros((d, d), dtype=sdt),
-            "omega": np.zeros(d, dtype=sdt),
-            "w_bar": np.zeros(d, dtype=sdt),
-            "probe_max": (probe_max / np.linalg.norm(probe_max)).astype(sdt),
-            "probe_min": (probe_min / np.linalg.norm(probe_min)).astype(sdt),
-            "stats": stats,
-        }
-        self._core = _core.FactoredCore(*(self._arrays[k] for k in _STATE_ARRAYS))
+        self._arrays = arrays
+        self._core = _core.FactoredCore(*(arrays[k] for k in STATE_ARRAYS))
         self.set_stabilization(sigma_range=sigma_range, inverse_tol=inverse_tol, check_every=check_every,
                                refresh_every=refresh_every, min_rcond=min_rcond)
 
@@ -187,29 +208,32 @@ class FactoredOutput:
         refresh_every: int | None = None,
         min_rcond: float | None = None,
     ) -> None:
-        """Change the stabilisation policy (see the class docstring); arguments left as None are unchanged."""
-        core = self._core
+        """Change the stabilisation policy (see the class docstring); arguments left as None are unchanged.
+        All arguments are checked before any is applied."""
+        updates: dict[str, Any] = {}
         if sigma_range is not None:
             low, high = (float(x) for x in sigma_range)
             if not (0 < low < 1 < high) or not np.isfinite(high):
                 raise ValueError(f"sigma_range must satisfy 0 < low < 1 < high, got {sigma_range}")
-            core.sigma_low, core.sigma_high = low, high
+            updates["sigma_low"], updates["sigma_high"] = low, high
         if inverse_tol is not None:
             if not (float(inverse_tol) > 0):
                 raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
-            core.inverse_tol = float(inverse_tol)
+            updates["inverse_tol"] = float(inverse_tol)
         if check_every is not None:
             if int(check_every) < 0:
                 raise ValueError(f"check_every must be >= 0, got {check_every}")
-            core.check_every = int(check_every)
+            updates["check_every"] = int(check_every)
         if refresh_every is not None:
             if int(refresh_every) < 0:
                 raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
-            core.refresh_every = int(refresh_every)
+            updates["refresh_every"] = int(refresh_every)
         if min_rcond is not None:
             if not (0 <= float(min_rcond) < 1):
                 raise ValueError(f"min_rcond must be in [0, 1), got {min_rcond}")
-            core.min_rcond = float(min_rcond)
+            updates["min_rcond"] = float(min_rcond)
+        for name, value in updates.items():
+            setattr(self._core, name, value)
 
     @property
     def num_outputs(self) -> int:
@@ -401,7 +425,8 @@ class FactoredOutput:
             "refreshes": int(st[int(S.refreshes)]),
         }
 
-    def _config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """The layer's settings (loss, its options, ignore_index, stabilisation policy) as a JSON-able dict."""
         core = self._core
         return {
             "loss": self._loss,
@@ -417,16 +442,16 @@ class FactoredOutput:
     def state_dict(self) -> dict[str, Any]:
         """A copy of the complete state (arrays and configuration); :meth:`load_state_dict` resumes bit-exactly."""
         sd: dict[str, Any] = {k: v.copy() for k, v in self._arrays.items()}
-        sd["config"] = self._config()
+        sd["config"] = self.config()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` of a layer with the same D, d and dtypes (arrays are copied in place)."""
-        missing = [k for k in (*_STATE_ARRAYS, "config") if k not in state]
+        missing = [k for k in (*STATE_ARRAYS, "config") if k not in state]
         if missing:
             raise KeyError(f"state is missing {missing}")
         new = {}
-        for k in _STATE_ARRAYS:
+        for k in STATE_ARRAYS:
             src = np.asarray(state[k])
             dst = self._arrays[k]
             if src.shape != dst.shape or src.dtype != dst.dtype:
@@ -454,7 +479,7 @@ class FactoredOutput:
     def load(cls, path: str | os.PathLike[str]) -> FactoredOutput:
         """A layer restored from :meth:`save`, resuming bit-exactly."""
         with np.load(path, allow_pickle=False) as data:
-            sd: dict[str, Any] = {k: data[k] for k in _STATE_ARRAYS}
+            sd: dict[str, Any] = {k: data[k] for k in STATE_ARRAYS}
             sd["config"] = json.loads(str(data["config"]))
         layer = cls.__new__(cls)
         cfg = sd["config"]
