@@ -208,16 +208,25 @@ class Core {
 
   py::array backward_step_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                              const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
-                             double weight_decay, const py::handle& projections) {
+                             double weight_decay, const py::handle& projections, const py::handle& known_grad_H) {
     check_step_scalars(lr, weight_decay);
     return std::visit([&](auto& st) -> py::array {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto in = checked_backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
-      py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
+      const py::ssize_t m = in.h.shape(0), d = st.d;
+      const bool known = !known_grad_H.is_none();
+      if (known && in.given.empty())
+        throw py::value_error("grad_H can only be reused together with the projections it was computed from");
+      py::array_t<TS> grad_H({m, d});
+      if (known) {
+        auto g = checked<TS>(known_grad_H, "grad_H", {m, d}, false);
+        if (!all_finite(g.data(), static_cast<std::size_t>(g.size()))) throw py::value_error("grad_H contains NaN or inf");
+        std::copy(g.data(), g.data() + g.size(), grad_H.mutable_data());
+      }
       {
         py::gil_scoped_release release;
         backward_step(st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
-                      step_options(lr, weight_decay), grad_H.mutable_data());
+                      step_options(lr, weight_decay), grad_H.mutable_data(), known);
         after_step(st, stabilize_);
       }
       return grad_H;
@@ -430,7 +439,9 @@ PYBIND11_MODULE(_core, m) {
            "grad_H = dL/dH for a loss with the given partial derivatives; no state change.")
       .def("backward_step", &Core::backward_step_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
            py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"), py::arg("projections") = py::none(),
-           "grad_H and one exact SGD step for a loss with the given partial derivatives.")
+           py::arg("grad_H") = py::none(),
+           "grad_H and one exact SGD step for a loss with the given partial derivatives; grad_H from grad_hidden "
+           "(with the same projections) can be passed to skip recomputing it.")
       .def("refresh", &Core::refresh_py, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
       .def("correct", &Core::correct_py, "SVD-based correction of U's singular values (one pass over V).")
       .def("inverse_error", &Core::inverse_error_py, "||U U^-1 - I||_F (O(d^3)).")

@@ -55,10 +55,11 @@ struct StepOptions {
 };
 
 // One exact SGD step W <- (1 - lr wd) W - lr dL/dW for a loss with per-example partials dA (per target entry),
-// dq and ds, evaluated at the current weights. Writes grad_H = dL/dH (m x d) at the weights before the step.
+// dq and ds, evaluated at the current weights. Writes grad_H = dL/dH (m x d) at the weights before the step; with
+// grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch and weights) and is reused.
 // Everything is computed and checked before the state is written: on any exception the state is unchanged.
 template <class TV, class TS>
 void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, const ProjectionsView<TS>& p, const TS* dA,
-                   const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H);
+                   const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H, bool grad_H_known = false);
 
 }  // namespace sparsetarget

@@ -164,7 +164,7 @@ def test_split_backward_with_kept_projections(m):
     layer = st.FactoredOutput(W0)
     core = layer._core
     dense = DenseSGD(W0)
-    parts = []
+    parts, grads = [], []
     for rows in (m, 4):
         H = rng.standard_normal((rows, d)) / np.sqrt(d)
         t = st._targets.to_csr(make_targets("csr", rows, D, rng), rows, D, -100)
@@ -179,15 +179,23 @@ def test_split_backward_with_kept_projections(m):
         O = H @ W0.T
         dO = Y * O + (2 / 7) * O + O.sum(1)[:, None]
         assert rel_err(g, dO @ W0) < 1e-10
+        grads.append(g)
         parts.append((H, t, dA, dq, ds, proj, dO))
     (H1, t1, dA1, dq1, ds1, p1, dO1), (H2, t2, dA2, dq2, ds2, p2, dO2) = parts
     H = np.vstack([H1, H2])
     indptr = np.concatenate([t1.indptr, t2.indptr[1:] + t1.indptr[-1]])
     stacked = [np.concatenate([a, b]) for a, b in zip(p1, p2)]
-    core.backward_step(H, indptr, np.concatenate([t1.indices, t2.indices]), np.concatenate([dA1, dA2]),
-                       np.concatenate([dq1, dq2]), np.concatenate([ds1, ds2]), 0.05, 0.1, tuple(stacked))
+    args = (H, indptr, np.concatenate([t1.indices, t2.indices]), np.concatenate([dA1, dA2]),
+            np.concatenate([dq1, dq2]), np.concatenate([ds1, ds2]), 0.05, 0.1, tuple(stacked))
+    known = np.vstack([g for g in grads])
+    twin = st.FactoredOutput._wrap({k: v.copy() for k, v in layer._arrays.items()})
+    core.backward_step(*args)
+    twin._core.backward_step(*args, known)  # reusing grad_H from grad_hidden skips recomputing it
     dense.W = (1 - 0.05 * 0.1) * dense.W - 0.05 * (dO1.T @ H1 + dO2.T @ H2)
     assert rel_err(layer.weight(), dense.W) < 1e-10
+    assert rel_err(twin.weight(), dense.W) < 1e-10
+    with pytest.raises(ValueError, match="grad_H can only be reused"):
+        core.backward_step(*args[:-1], None, known)
     with pytest.raises(TypeError, match="projections must be"):
         core.grad_hidden(H1, t1.indptr, t1.indices, dA1, dq1, ds1, (p1[0],))
     with pytest.raises(ValueError, match="projections UH"):

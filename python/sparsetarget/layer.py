@@ -41,7 +41,9 @@ def _check_scalar(x: Any, name: str) -> float:
     return value
 
 
-def _loss_spec(loss: str, options: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+def loss_spec(loss: str, options: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """Check a built-in loss name and its options (names and domains); return the core's spec and the options
+    with defaults filled in."""
     if loss not in LOSS_OPTIONS:
         raise ValueError(f"loss must be one of {sorted(LOSS_OPTIONS)}, got {loss!r}")
     allowed = LOSS_OPTIONS[loss]
@@ -188,7 +190,7 @@ class FactoredOutput:
         **more_loss_options: float,
     ) -> None:
         loss_options = {**(loss_options or {}), **more_loss_options}
-        self._spec, self._loss_options = _loss_spec(loss, loss_options)
+        self._spec, self._loss_options = loss_spec(loss, loss_options)
         self._loss = loss
         if not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -459,7 +461,7 @@ class FactoredOutput:
                                  f"and {dst.dtype}")
             new[k] = src
         cfg = state["config"]
-        spec, options = _loss_spec(cfg["loss"], dict(cfg["loss_options"]))
+        spec, options = loss_spec(cfg["loss"], dict(cfg["loss_options"]))
         for k, src in new.items():
             np.copyto(self._arrays[k], src)
         self._spec, self._loss_options, self._loss = spec, options, cfg["loss"]
