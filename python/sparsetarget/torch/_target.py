@@ -1,0 +1,98 @@
+"""Targets of the torch front end: class labels or multi-label CSR, checked and converted once per call."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .._targets import CSRTargets, to_csr
+from ._backend import as_numpy
+
+
+class SparseTarget(NamedTuple):
+    """A minibatch's targets as the losses see them (one entry per element of ``HeadOutput.A``).
+
+    Attributes:
+        values: (len(A),) target value y of each entry of A: 1 for a class label, 0 on an ignored row, the given
+            value for multi-label targets.
+        rows: (len(A),) the row of each entry, or None for class labels (entry j belongs to row j).
+        valid: (m,) True for rows that count (not ``ignore_index``); the mean reduction divides by its sum.
+        sq_norm: (m,) ||y_j||^2 with duplicate indices summed first.
+        num_outputs: D.
+        shape: the leading shape of the input, which ``reduction='none'`` gives back.
+        csr: the CSR arrays handed to the core.
+    """
+
+    values: torch.Tensor
+    rows: torch.Tensor | None
+    valid: torch.Tensor
+    sq_norm: torch.Tensor
+    num_outputs: int
+    shape: tuple[int, ...]
+    csr: CSRTargets
+
+    @property
+    def is_class(self) -> bool:
+        """True when the targets are class labels (A has one entry per row)."""
+        return self.rows is None
+
+
+def _csr_parts(target: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    if isinstance(target, torch.Tensor) and target.layout == torch.sparse_csr:
+        return target.crow_indices(), target.col_indices(), target.values()
+    if isinstance(target, (tuple, list)) and len(target) == 3 and all(isinstance(x, torch.Tensor) for x in target):
+        return target[0], target[1], target[2]
+    return None
+
+
+def _cpu_numpy(t: torch.Tensor, name: str, device: torch.device) -> np.ndarray:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like the head")
+    return as_numpy(t.detach().contiguous())
+
+
+def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, ignore_index: int,
+                   dtype: torch.dtype, device: torch.device) -> SparseTarget:
+    """Check ``target`` against an input of leading shape ``lead_shape`` and build the :class:`SparseTarget`."""
+    m = int(np.prod(lead_shape)) if lead_shape else 1
+    parts = _csr_parts(target)
+    if parts is not None:
+        if len(lead_shape) != 1:
+            raise ValueError(f"multi-label (CSR) targets need a 2-D input (m, in_features), got leading shape "
+                             f"{lead_shape}")
+        crow, col, values = parts
+        if values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"target values must be real numbers, got {values.dtype}")
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else (m, num_outputs)
+        view = SimpleNamespace(indptr=_cpu_numpy(crow, "target crow_indices", device),
+                               indices=_cpu_numpy(col, "target col_indices", device),
+                               data=_cpu_numpy(values, "target values", device), shape=shape)
+        csr = to_csr(view, m, num_outputs, ignore_index, name="target")
+        counts = torch.from_numpy(np.diff(csr.indptr))
+        rows = torch.repeat_interleave(torch.arange(m), counts)
+        vals = torch.from_numpy(csr.values)
+        cols = torch.from_numpy(csr.indices)
+        keys, inverse = torch.unique(rows * num_outputs + cols, return_inverse=True)
+        summed = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
+        sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // num_outputs, summed * summed)
+        valid = torch.ones(m, dtype=torch.bool)
+        return SparseTarget(vals.to(device=device, dtype=dtype), rows.to(device), valid.to(device),
+                            sq_norm.to(device=device, dtype=dtype), num_outputs, tuple(lead_shape), csr)
+
+    if not isinstance(target, torch.Tensor):
+        raise TypeError("target must be a tensor of class indices, a sparse CSR tensor or a (crow_indices, "
+                        f"col_indices, values) tuple, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(lead_shape)} (the input's leading "
+                         "dimensions)")
+    labels = _cpu_numpy(target.reshape(-1), "target", device)
+    csr = to_csr(labels, m, num_outputs, ignore_index, name="target")
+    valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.astype(bool))
+    valid = valid.to(device)
+    values = valid.to(dtype)
+    return SparseTarget(values, None, valid, values, num_outputs, tuple(lead_shape), csr)

@@ -1,0 +1,125 @@
+"""``FactoredSGD``: the torch optimizer that applies the exact factored updates of ``FactoredLinear`` heads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+from .modules import FactoredLinear
+
+# Options of torch.optim.SGD and others that need a dense per-coordinate state of W, with why they cannot be exact.
+_UNSUPPORTED = {
+    "momentum": "momentum keeps a dense D x d velocity, which is not of the factored form",
+    "dampening": "dampening only matters with momentum, which is not supported",
+    "nesterov": "Nesterov momentum keeps a dense D x d velocity, which is not of the factored form",
+    "maximize": "maximize is not supported; negate the loss instead",
+    "betas": "Adam-style moments are per-coordinate D x d state, which is not of the factored form",
+    "eps": "Adam-style normalisation is per coordinate, which is not of the factored form",
+}
+
+
+def _check_value(value: Any, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not (x >= 0) or x == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return x
+
+
+def _heads(params: Any) -> list[FactoredLinear]:
+    items = [params] if isinstance(params, FactoredLinear) else list(params)
+    for item in items:
+        if not isinstance(item, FactoredLinear):
+            raise TypeError(f"FactoredSGD trains FactoredLinear heads only, got {type(item).__name__}: give the other "
+                            "parameters of the model to a torch optimizer")
+    if not items:
+        raise ValueError("FactoredSGD got no FactoredLinear head")
+    return items
+
+
+class FactoredSGD(torch.optim.Optimizer):
+    """Exact SGD with L2 weight decay for :class:`FactoredLinear` heads: W <- (1 - lr wd) W - lr dL/dW, the rule of
+    ``torch.optim.SGD(lr=lr, weight_decay=wd)``, applied in O(m d^2 + nnz d) instead of O(D d).
+
+    Args:
+        params: a head, an iterable of heads, or an iterable of dicts ``{"params": head(s), "lr": ...,
+            "weight_decay": ...}`` (parameter groups, as for torch optimizers).
+        lr: learning rate (a param-group option: ``torch.optim.lr_scheduler`` works on it).
+        weight_decay: L2 penalty (param-group option).
+
+    Each ``backward()`` records its gradient on the heads; ``step()`` applies the sum of all recorded gradients
+    (gradient accumulation, exact), and ``zero_grad()`` discards them. Call ``zero_grad()`` after every ``step()``:
+    re-applying the previous gradients, as dense SGD would without it, is impossible once the weights moved, so a
+    backward or step on uncleared gradients raises. Momentum, Nesterov and Adam-style options need a dense D x d
+    state and are refused.
+    """
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, **unsupported: Any) -> None:
+        for name in unsupported:
+            if name in _UNSUPPORTED and unsupported[name] not in (0, 0.0, False, None):
+                raise ValueError(f"FactoredSGD does not support {name}: {_UNSUPPORTED[name]}. Only plain SGD with "
+                                 "weight decay keeps the weight factored (exact, O(d^2) per example)")
+        unknown = [k for k in unsupported if k not in _UNSUPPORTED]
+        if unknown:
+            raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr and weight_decay")
+        self._head_of: dict[int, FactoredLinear] = {}
+        defaults = {"lr": _check_value(lr, "lr"), "weight_decay": _check_value(weight_decay, "weight_decay")}
+        if isinstance(params, FactoredLinear):
+            groups: Iterable[Any] = [{"params": [params]}]
+        else:
+            groups = list(params)
+            if groups and not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+        super().__init__(groups, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group ``{"params": head(s), "lr": ..., "weight_decay": ...}`` (heads, not tensors)."""
+        group = dict(param_group)
+        heads = _heads(group["params"])
+        for name in ("lr", "weight_decay"):
+            if name in group:
+                group[name] = _check_value(group[name], name)
+        # torch.optim keeps tensors: each head is represented by its V buffer.
+        group["params"] = [head.V for head in heads]
+        super().add_param_group(group)
+        for head in heads:
+            self._head_of[id(head.V)] = head
+            head._owners.add(self)
+
+    def _head(self, V: torch.Tensor) -> FactoredLinear:
+        head = self._head_of.get(id(V))
+        if head is None or head.V is not V:
+            raise RuntimeError("a FactoredLinear head was moved or converted (.to(), .double(), ...) after its "
+                               "FactoredSGD was created; create the optimizer after moving the model")
+        return head
+
+    def heads(self) -> list[FactoredLinear]:
+        """The heads this optimizer trains, in parameter-group order."""
+        return [self._head(V) for group in self.param_groups for V in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply every head's recorded gradients with its group's lr and weight_decay (one exact step per head).
+        A head whose update is refused (e.g. ``SingularUpdateError``) is left unchanged with its gradients kept."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = _check_value(group["lr"], "lr")
+            weight_decay = _check_value(group["weight_decay"], "weight_decay")
+            if lr * weight_decay >= 1:
+                raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay}")
+            for V in group["params"]:
+                self._head(V)._apply_pending(lr, weight_decay)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discard the recorded gradients of every head."""
+        super().zero_grad(set_to_none)
+        for head in self.heads():
+            head.zero_grad(set_to_none)

@@ -1,0 +1,419 @@
+"""The torch front end: gradcheck, state round trips, zero-copy hand-off, inference helpers, optimizer rules and
+bad input (clear errors, state unchanged)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import sparsetarget as st  # noqa: E402
+import sparsetarget.torch as stt  # noqa: E402
+from sparsetarget.torch._backend import check_device  # noqa: E402
+from torch import nn  # noqa: E402
+from torch_reference import dense_loss, max_rel, torch_targets  # noqa: E402
+
+D, D_IN = 29, 5
+
+
+def make_head(bias=True, dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return stt.FactoredLinear(D_IN, D, bias=bias, dtype=dtype, **kwargs)
+
+
+def state_snapshot(head):
+    return {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def assert_state_equal(head, snapshot):
+    for k, v in head.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+
+
+def train(head, opt, rng, steps, m=6, loss="spherical_softmax", kind="class"):
+    for _ in range(steps):
+        h = torch.from_numpy(rng.standard_normal((m, D_IN))).to(head.V.dtype)
+        y = torch_targets(kind, m, D, rng)
+        opt.zero_grad()
+        stt.linear_spherical_loss(h, head, y, loss=loss).backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("kind", ["class", "class_ignore", "csr"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_function(kind, bias):
+    head = make_head(bias).requires_grad_(False)
+    rng = np.random.default_rng(0)
+    m = 4
+    target = torch_targets(kind, m, D, rng, form="tuple")
+    h = torch.from_numpy(rng.standard_normal((m, D_IN))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: tuple(head(x, target)[:3]), (h,))
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "spherical_softmax", "taylor_softmax", "z_loss"])
+def test_gradcheck_losses(loss):
+    head = make_head().requires_grad_(False)
+    rng = np.random.default_rng(1)
+    target = torch_targets("class_ignore", 5, D, rng)
+    h = torch.from_numpy(rng.standard_normal((5, D_IN))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: stt.linear_spherical_loss(x, head, target, loss=loss), (h,))
+
+
+def test_outputs_match_dense_and_leading_dims():
+    head = make_head()
+    linear = head.to_linear()
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((2, 3, D_IN)))
+    y = torch.from_numpy(rng.integers(0, D, (2, 3)))
+    y[1, 2] = -100
+    with torch.no_grad():
+        out = head(x, y)
+        o = linear(x).reshape(6, D)
+        valid = y.reshape(-1) != -100
+        assert max_rel(out.A[valid], o[valid].gather(1, y.reshape(-1)[valid][:, None])[:, 0]) < 1e-13
+        assert out.A[~valid].eq(0).all()
+        assert max_rel(out.q, (o * o).sum(1)) < 1e-13 and max_rel(out.s, o.sum(1)) < 1e-13
+        per_row = stt.linear_spherical_loss(x, head, y, reduction="none")
+        assert per_row.shape == (2, 3) and per_row[1, 2] == 0
+        ref = dense_loss(o, y.reshape(-1), "spherical_softmax", {}, "none", lead_shape=(2, 3))
+        assert max_rel(per_row, ref) < 1e-13
+
+
+def test_input_without_grad_still_trains_head():
+    """A frozen body (input not requiring grad) must still train the head, as nn.Linear would."""
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.5)
+    h = torch.randn(4, D_IN, dtype=torch.float64)
+    before = head.dense_weight()
+    stt.linear_spherical_loss(h, head, torch.tensor([1, 2, 3, 4])).backward()
+    opt.step()
+    assert max_rel(head.dense_weight(), before) > 1e-4
+
+
+def test_half_precision_input():
+    """bf16 / fp16 activations are computed in float32 (the state dtype) and get a gradient in their dtype."""
+    head = make_head(dtype=torch.float32)
+    rng = np.random.default_rng(3)
+    h32 = torch.from_numpy(rng.standard_normal((7, D_IN)).astype(np.float32))
+    y = torch_targets("class", 7, D, rng)
+    for dtype in (torch.bfloat16, torch.float16):
+        h = h32.to(dtype).requires_grad_(True)
+        ref = h.detach().float().requires_grad_(True)
+        loss = stt.linear_spherical_loss(h, head.requires_grad_(False), y)
+        loss_ref = stt.linear_spherical_loss(ref, head, y)
+        assert loss.dtype == torch.float32 and torch.equal(loss, loss_ref)
+        loss.backward()
+        loss_ref.backward()
+        assert h.grad.dtype == dtype and torch.equal(h.grad, ref.grad.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        body = nn.Linear(D_IN, D_IN)
+        h = body(h32)
+        assert h.dtype == torch.bfloat16
+        stt.linear_spherical_loss(h, head, y).backward()
+    assert body.weight.grad is not None and torch.isfinite(body.weight.grad).all()
+
+
+# ---------------------------------------------------------------------- inference helpers
+def test_dense_views_logits_topk_log_prob():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    train(head, opt, np.random.default_rng(4), steps=3)
+    linear = head.to_linear()
+    assert isinstance(linear, nn.Linear) and linear.weight.dtype == torch.float64
+    assert torch.equal(linear.weight, head.dense_weight()) and torch.equal(linear.bias, head.dense_bias())
+    x = torch.randn(2, 3, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        o = linear(x)
+    assert max_rel(head.logits(x), o) < 1e-13
+    top = head.topk(x, 4)
+    ref = torch.topk(o, 4)
+    assert torch.equal(top.indices, ref.indices) and max_rel(top.values, ref.values) < 1e-13
+    y = torch.randint(0, D, (2, 3))
+    lp = head.log_prob(x, y)
+    num = o * o + 1e-2
+    ref_lp = torch.log(num / num.sum(-1, keepdim=True)).gather(-1, y[..., None])[..., 0].reshape(-1)
+    assert max_rel(lp, ref_lp) < 1e-12
+    lp_t = head.log_prob(x, y, "taylor_softmax")
+    num = 1 + o + o * o / 2
+    ref_t = torch.log(num / num.sum(-1, keepdim=True)).gather(-1, y[..., None])[..., 0].reshape(-1)
+    assert max_rel(lp_t, ref_t) < 1e-12
+    with pytest.raises(ValueError, match="kind"):
+        head.log_prob(x, y, "softmax")
+    assert make_head(bias=False).dense_bias() is None
+
+
+def test_from_linear_and_weight_argument():
+    torch.manual_seed(5)
+    linear = nn.Linear(D_IN, D)
+    head = stt.FactoredLinear.from_linear(linear)
+    assert head.V.dtype == torch.float32 and head.has_bias
+    assert torch.equal(head.dense_weight(), linear.weight.detach())
+    assert max_rel(head.dense_bias(), linear.bias) == 0
+    w = torch.randn(D, D_IN, dtype=torch.float64)
+    head2 = stt.FactoredLinear(D_IN, D, weight=w, dtype=torch.float64)
+    assert torch.equal(head2.dense_weight(), w)
+    bound = 1 / np.sqrt(D_IN)
+    head3 = stt.FactoredLinear(D_IN, 1000, bias=True)
+    W = head3.dense_weight()
+    assert W.abs().max() <= bound and W.abs().max() > 0.9 * bound and head3.dense_bias().abs().max() <= bound
+
+
+# ---------------------------------------------------------------------- state
+def test_state_dict_round_trip_resumes_bit_exactly():
+    head = make_head(state_dtype=torch.float64, dtype=torch.float32, check_every=2)
+    opt = stt.FactoredSGD(head, lr=0.4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        train(head, opt, rng, steps=1)
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    twin = stt.FactoredLinear(D_IN, D, bias=True, dtype=torch.float32, state_dtype=torch.float64)
+    twin.load_state_dict(saved["head"])
+    twin_opt = stt.FactoredSGD(twin, lr=1.0)
+    twin_opt.load_state_dict(saved["opt"])
+    twin_sched = torch.optim.lr_scheduler.ExponentialLR(twin_opt, gamma=0.9)
+    twin_sched.load_state_dict(saved["sched"])
+    assert twin_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert twin._stabilization == head._stabilization
+    seed = 77
+    for h_, o_, s_ in ((head, opt, sched), (twin, twin_opt, twin_sched)):
+        r = np.random.default_rng(seed)
+        for _ in range(3):
+            train(h_, o_, r, steps=1)
+            s_.step()
+    assert_state_equal(twin, state_snapshot(head))
+    assert head.diagnostics()["steps"] == 6
+
+
+def test_deepcopy_and_pickling_the_module():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    train(head, opt, np.random.default_rng(11), steps=2)
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    opt.zero_grad()
+    stt.linear_spherical_loss(h, head, torch.tensor([0, 1, 2])).backward()  # pending, not copied
+    twin = copy.deepcopy(head)
+    buf = io.BytesIO()
+    torch.save(head, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert_state_equal(other, state_snapshot(head))
+        assert other.pending_updates == 0 and other.V.data_ptr() != head.V.data_ptr()
+        train(other, stt.FactoredSGD(other, lr=0.3), np.random.default_rng(12), steps=1)
+    assert_state_equal(twin, state_snapshot(loaded))
+    assert head.pending_updates == 1
+
+
+def test_state_dict_shape_mismatch_is_refused():
+    head = make_head()
+    other = stt.FactoredLinear(D_IN, D + 1, bias=True, dtype=torch.float64)
+    snap = state_snapshot(other)
+    with pytest.raises(RuntimeError, match="nothing of it was loaded"):
+        other.load_state_dict(head.state_dict())
+    assert_state_equal(other, snap)  # U, Q, ... have matching shapes but were not loaded either
+
+
+def test_to_dtype_rebuilds_the_core():
+    head = make_head(dtype=torch.float32)
+    W32 = head.dense_weight()
+    head.double()
+    assert head.V.dtype == torch.float64 and head.U.dtype == torch.float64 and head.stats.dtype == torch.float64
+    assert torch.equal(head.dense_weight(), W32.double())
+    opt = stt.FactoredSGD(head, lr=0.1)
+    train(head, opt, np.random.default_rng(7), steps=2)
+    snap = state_snapshot(head)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        head.half()
+    assert_state_equal(head, snap)
+    with pytest.raises(RuntimeError, match="not compiled with CUDA"):
+        check_device(torch.device("cuda"), "FactoredLinear")
+    with pytest.raises(RuntimeError, match="supports CPU"):
+        stt.FactoredLinear(D_IN, D, device="meta")
+
+
+# ---------------------------------------------------------------------- zero copy
+def test_state_reaches_the_core_without_copies_and_is_updated_in_place():
+    head = make_head(bias=False)
+    layer = head._layer()
+    for name, tensor in zip(st.layer.STATE_ARRAYS, head._state_tensors()):
+        assert layer._arrays[name].ctypes.data == tensor.data_ptr(), name
+    ptrs = [t.data_ptr() for t in head._state_tensors()]
+    V0 = head.V.clone()
+    opt = stt.FactoredSGD(head, lr=0.5)
+    train(head, opt, np.random.default_rng(8), steps=1)
+    assert [t.data_ptr() for t in head._state_tensors()] == ptrs
+    assert not torch.equal(head.V, V0)  # V's target rows moved, in the buffer itself
+    assert head._layer() is layer
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    H, owned = head._hidden_array(h)
+    assert H.ctypes.data == h.data_ptr() and not owned
+    H, owned = head._hidden_array(h[:, ::1].t().contiguous().t())  # non-contiguous: converted
+    assert owned
+
+
+# ---------------------------------------------------------------------- optimizer rules
+def test_gradient_accumulation_equals_one_big_batch():
+    rng = np.random.default_rng(9)
+    h = torch.from_numpy(rng.standard_normal((10, D_IN)))
+    y = torch_targets("class", 10, D, rng)
+    heads = [make_head(), make_head()]
+    opts = [stt.FactoredSGD(x, lr=0.3, weight_decay=0.1) for x in heads]
+    stt.linear_spherical_loss(h, heads[0], y, reduction="sum").backward()
+    for part in (slice(0, 3), slice(3, 10)):
+        stt.linear_spherical_loss(h[part], heads[1], y[part], reduction="sum").backward()
+    assert heads[1].pending_updates == 2
+    for o in opts:
+        o.step()
+    assert max_rel(heads[1].dense_weight(), heads[0].dense_weight()) < 1e-13
+
+
+def test_zero_grad_discards_and_stale_gradients_are_refused():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    stt.linear_spherical_loss(h, head, y).backward()
+    opt.zero_grad()
+    assert head.pending_updates == 0
+    snap = state_snapshot(head)
+    opt.step()  # nothing recorded: a no-op, like SGD with no gradients
+    assert_state_equal(head, snap)
+    stt.linear_spherical_loss(h, head, y).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        stt.linear_spherical_loss(h, head, y).backward()
+    head.zero_grad()
+    stt.linear_spherical_loss(h, head, y).backward()
+    opt.step()
+
+
+def test_backward_after_the_weights_changed_is_refused():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    loss_a = stt.linear_spherical_loss(h, head, y)
+    loss_b = stt.linear_spherical_loss(h, head, y)
+    loss_a.backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="between this forward pass and its backward"):
+        loss_b.backward()
+
+
+def test_param_groups_and_unsupported_options():
+    a, b = make_head(seed=1), make_head(seed=2)
+    opt = stt.FactoredSGD([{"params": a}, {"params": [b], "lr": 0.01}], lr=0.5, weight_decay=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.01] and opt.heads() == [a, b]
+    for bad, match in (({"momentum": 0.9}, "momentum"), ({"nesterov": True}, "Nesterov"),
+                       ({"betas": (0.9, 0.99)}, "Adam")):
+        with pytest.raises(ValueError, match=match):
+            stt.FactoredSGD(a, lr=0.1, **bad)
+    with pytest.raises(TypeError, match="unexpected"):
+        stt.FactoredSGD(a, lr=0.1, foo=1)
+    with pytest.raises(TypeError, match="FactoredLinear heads only"):
+        stt.FactoredSGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        stt.FactoredSGD(a, lr=-1)
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.1)
+    head.float()
+    with pytest.raises(RuntimeError, match="create the optimizer after moving"):
+        opt.step()
+
+
+def test_unowned_head_warns_once_and_frozen_head_is_silent():
+    head = make_head()
+    h = torch.randn(3, D_IN, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    with pytest.warns(RuntimeWarning, match="no FactoredSGD"):
+        stt.linear_spherical_loss(h, head, y).backward()
+    assert head.pending_updates == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stt.linear_spherical_loss(h, head, y).backward()  # warned once already
+        frozen = make_head().requires_grad_(False)
+        stt.linear_spherical_loss(h, frozen, y).backward()
+    assert h.grad is not None
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_raises_and_keeps_state():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    train(head, opt, np.random.default_rng(10), steps=2)
+    snap = state_snapshot(head)
+    policy = dict(head._stabilization)
+    h = torch.randn(4, D_IN, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    cases = [
+        (lambda: head(h, y.float()), TypeError, "target must hold integer"),
+        (lambda: head(h, torch.tensor([0, 1, 2, D])), ValueError, "target contains class"),
+        (lambda: head(h, y[:3]), ValueError, "target has shape"),
+        (lambda: head(h[:, :3], y), ValueError, "input has shape"),
+        (lambda: head(h.long(), y), TypeError, "input must be floating"),
+        (lambda: head(torch.full_like(h, float("nan")), y), ValueError, "NaN"),
+        (lambda: head(h, "abc"), TypeError, "target must be a tensor"),
+        (lambda: head(h, (torch.tensor([0, 1, 1, 2, 2]), torch.tensor([0, D + 3]), torch.ones(2))), ValueError,
+         "out of range"),
+        (lambda: head(h, (torch.tensor([0, 1, 1, 2, 2]), torch.tensor([0, 1]), torch.tensor([1.0, float("inf")]))),
+         ValueError, "NaN or inf"),
+        (lambda: head(h, y, ignore_index=1.5), TypeError, "ignore_index"),
+        (lambda: stt.linear_spherical_loss(h, head, y, loss="softmax"), ValueError, "loss must be one of"),
+        (lambda: stt.linear_spherical_loss(h, head, y, eps=0.1, loss="taylor_softmax"), TypeError, "options"),
+        (lambda: stt.linear_spherical_loss(h, head, y, reduction="avg"), ValueError, "reduction"),
+        (lambda: stt.LinearSphericalLoss(reduction="avg"), ValueError, "reduction"),
+        (lambda: head.set_stabilization(sigma_range=(2, 3)), ValueError, "sigma_range"),
+        (lambda: head.set_stabilization(check_every=5, inverse_tol=-1), ValueError, "inverse_tol"),
+        (lambda: head.set_stabilization(tol=1), TypeError, "unknown stabilization"),
+        (lambda: stt.FactoredLinear(D_IN, D, dtype=torch.float16), TypeError, "float32 or float64"),
+        (lambda: stt.FactoredLinear(D_IN, D, weight=torch.zeros(D, D_IN + 1)), ValueError, "weight has shape"),
+        (lambda: stt.FactoredLinear(0, D), ValueError, "in_features"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+        assert_state_equal(head, snap)
+    assert head._stabilization == policy  # a refused set_stabilization changed nothing, also in the core
+    assert head._layer()._core.check_every == 1 and head._layer()._core.inverse_tol == 1e-3
+
+
+def test_singular_update_is_refused_at_step_and_keeps_state_and_gradients():
+    head = make_head()  # with the bias, the core sees h' = [h, 1]
+    h = torch.randn(1, D_IN, dtype=torch.float64)
+    # squared error: M = I - 2 lr h' h'^T, singular for lr = 1 / (2 ||h'||^2)
+    opt = stt.FactoredSGD(head, lr=float(1 / (2 * (h.square().sum() + 1))))
+    stt.linear_spherical_loss(h, head, torch.tensor([3]), loss="squared_error", reduction="sum").backward()
+    snap = state_snapshot(head)
+    with pytest.raises(st.SingularUpdateError, match="lower lr"):
+        opt.step()
+    assert_state_equal(head, snap)
+    assert head.pending_updates == 1
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.step()
+    assert head.pending_updates == 0
+    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+        stt.FactoredSGD(head, lr=2.0, weight_decay=0.6).step()
+
+
+def test_loss_module_and_repr():
+    head = make_head()
+    crit = stt.LinearSphericalLoss("z_loss", a=0.5, reduction="sum")
+    h = torch.randn(4, D_IN, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, -100])
+    with torch.no_grad():
+        ref = stt.linear_spherical_loss(h, head, y, loss="z_loss", a=0.5, reduction="sum")
+        assert torch.equal(crit(h, head, y), ref)
+    assert "z_loss" in repr(crit) and "in_features=5" in repr(head)
