@@ -26,26 +26,11 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 import sparsetarget as st  # noqa: E402
+from _memory import reset_peak, rss_mib  # noqa: E402
 
 st.set_num_threads(args.threads)
 LR = 0.05
 EPS = 1e-2
-
-
-def rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def batch(rng, m, d, D):

@@ -381,6 +381,10 @@ def test_bad_input_raises_and_keeps_state():
         (lambda: stt.FactoredLinear(D_IN, D, dtype=torch.float16), TypeError, "float32 or float64"),
         (lambda: stt.FactoredLinear(D_IN, D, weight=torch.zeros(D, D_IN + 1)), ValueError, "weight has shape"),
         (lambda: stt.FactoredLinear(0, D), ValueError, "in_features"),
+        (lambda: stt.FactoredLinear(D_IN, D, initial_bias=torch.zeros(D)), ValueError, "needs bias=True"),
+        (lambda: stt.FactoredLinear(D_IN, D, bias=True, initial_bias=torch.zeros(D + 1)), ValueError,
+         "initial_bias has shape"),
+        (lambda: stt.FactoredLinear(D_IN, D, weight=torch.full((D, D_IN), float("inf"))), ValueError, "NaN or inf"),
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):

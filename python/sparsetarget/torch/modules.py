@@ -42,7 +42,8 @@ class FactoredLinear(nn.Module):
         out_features: D, number of outputs.
         bias: add an output bias b, trained exactly (as an extra input fixed at 1; weight decay applies to it too).
         weight: initial W, (out_features, in_features) like ``nn.Linear.weight`` (copied). Default: uniform in
-            [-1/sqrt(in_features), 1/sqrt(in_features)] like ``nn.Linear``; so is the bias.
+            [-1/sqrt(in_features), 1/sqrt(in_features)] like ``nn.Linear``.
+        initial_bias: initial b, (out_features,), with ``bias=True`` (copied). Default: uniform like ``nn.Linear``.
         dtype: float32 or float64 (default ``torch.get_default_dtype()``).
         device: where the state lives (CPU in this build).
         state_dtype: dtype of the small d x d state (default ``dtype``); float64 drifts less.
@@ -55,7 +56,8 @@ class FactoredLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 weight: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 weight: torch.Tensor | None = None, initial_bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, state_dtype: torch.dtype | None = None,
                  sigma_range: tuple[float, float] = (0.5, 2.0), inverse_tol: float = 1e-3, check_every: int = 1,
                  refresh_every: int = 0, min_rcond: float | None = None) -> None:
@@ -76,9 +78,14 @@ class FactoredLinear(nn.Module):
             if weight is None:
                 V[:, :self.in_features].uniform_(-bound, bound)
             else:
-                self._check_weight(weight)
+                self._check_init(weight, "weight", (self.out_features, self.in_features))
                 V[:, :self.in_features].copy_(weight.detach())
-            if self.has_bias:
+            if initial_bias is not None and not self.has_bias:
+                raise ValueError("initial_bias needs bias=True")
+            if initial_bias is not None:
+                self._check_init(initial_bias, "initial_bias", (self.out_features,))
+                V[:, self.in_features].copy_(initial_bias.detach())
+            elif self.has_bias:
                 V[:, self.in_features].uniform_(-bound, bound)
         self.register_buffer("V", V)
         sdt = np.float32 if state_dtype == torch.float32 else np.float64
@@ -105,24 +112,19 @@ class FactoredLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         kwargs.setdefault("dtype", linear.weight.dtype)
         kwargs.setdefault("device", linear.weight.device)
-        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, weight=linear.weight,
-                   **kwargs)
-        if linear.bias is not None:
-            with torch.no_grad():
-                head.V[:, head.in_features].copy_(linear.bias.detach())
-            head.refresh()
-        return head
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, weight=linear.weight,
+                   initial_bias=linear.bias, **kwargs)
 
-    def _check_weight(self, weight: torch.Tensor) -> None:
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (out_features, in_features) = "
-                             f"({self.out_features}, {self.in_features})")
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("weight contains NaN or inf")
+    @staticmethod
+    def _check_init(value: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or inf")
 
     # ------------------------------------------------------------------ the core view of the buffers
     def _state_tensors(self) -> list[torch.Tensor]:

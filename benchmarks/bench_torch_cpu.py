@@ -1,0 +1,158 @@
+"""PyTorch CPU benchmark: one training step of the output layer (forward + loss + backward + SGD update).
+
+Compared on the same thread count, float32, at the sizes of the core benchmark:
+  - factored:   FactoredLinear + linear_spherical_loss (spherical softmax) + FactoredSGD (the torch front end)
+  - core:       the same step through the NumPy API (FactoredOutput.step): the cost of the torch path
+  - dense:      nn.Linear + the same loss written densely + torch.optim.SGD
+  - lce:        torch.nn.functional.linear_cross_entropy (softmax: a different loss doing the same job) + SGD,
+                its reference path and its chunked path (LinearCrossEntropyOptions())
+Each factored configuration is first checked against the dense layer (loss and input gradient).
+
+Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
+Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--threads", type=int, default=1, help="threads for torch and BLAS (default 1)")
+ap.add_argument("--quick", action="store_true", help="small sizes only (a smoke run, seconds)")
+ap.add_argument("--out", default=None, help="JSON output path")
+args = ap.parse_args()
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(args.threads)
+
+import numpy as np  # noqa: E402
+import sparsetarget as st  # noqa: E402
+import sparsetarget.torch as stt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _memory import reset_peak, rss_mib  # noqa: E402
+
+torch.set_num_threads(args.threads)
+st.set_num_threads(args.threads)
+LR = 0.05
+EPS = 1e-2
+
+
+def measure(fn, min_reps: int, min_seconds: float) -> dict:
+    """Median ms of fn() after one warm-up call, and the peak RSS it added above the resident size before."""
+    fn()
+    reset_peak()
+    base = rss_mib("VmRSS")
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"ms": float(np.median(times)) * 1e3, "reps": len(times), "peak_extra_mib": rss_mib("VmHWM") - base}
+
+
+def dense_spherical(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    num = o * o + EPS
+    return (torch.log(num.sum(1)) - torch.log(num.gather(1, y[:, None])[:, 0])).sum()
+
+
+def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
+    row: dict = {"D": D, "d": d, "m": m}
+    torch.manual_seed(0)
+    head = stt.FactoredLinear(d, D)
+    opt = stt.FactoredSGD(head, lr=LR)
+    batches = [(torch.from_numpy((rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float32)),
+                torch.from_numpy(rng.integers(0, D, m))) for _ in range(8)]
+    linear = head.to_linear()
+    # correctness first, at the same W: loss and dL/dh of the factored head against nn.Linear + the dense loss
+    h, y = batches[0]
+    hf, hd = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    Lf = stt.linear_spherical_loss(hf, head.requires_grad_(False), y, eps=EPS, reduction="sum")
+    Lf.backward()
+    Ld = dense_spherical(linear(hd), y)
+    Ld.backward()
+    head.requires_grad_(True)
+    row["check_rel_err_loss"] = float(abs(Lf.item() - Ld.item()) / abs(Ld.item()))
+    row["check_rel_err_grad_h"] = float((hf.grad - hd.grad).abs().max() / hd.grad.abs().max())
+    assert row["check_rel_err_loss"] < 1e-4 and row["check_rel_err_grad_h"] < 1e-3, row
+    linear.zero_grad(set_to_none=True)
+    counter = iter(range(10**9))
+
+    def next_batch():
+        h, y = batches[next(counter) % len(batches)]
+        return h.clone().requires_grad_(True), y
+
+    def factored_step():
+        h, y = next_batch()
+        opt.zero_grad()
+        stt.linear_spherical_loss(h, head, y, eps=EPS, reduction="sum").backward()
+        opt.step()
+
+    row["factored"] = measure(factored_step, 10, 1.5)
+    core = head._layer()
+    np_batches = [(h.numpy(), y.numpy()) for h, y in batches]
+    spec_layer = st.FactoredOutput._wrap(core._arrays, loss="spherical_softmax", eps=EPS)
+    row["core"] = measure(lambda: spec_layer.step(*np_batches[next(counter) % 8], LR), 10, 1.5)
+
+    sgd = torch.optim.SGD(linear.parameters(), lr=LR)
+    reps = 2 if D * m > 5e7 else 5
+
+    def dense_step():
+        h, y = next_batch()
+        sgd.zero_grad()
+        dense_spherical(linear(h), y).backward()
+        sgd.step()
+
+    row["dense"] = measure(dense_step, reps, 0.0)
+    for name, options in (("lce", None), ("lce_chunked", torch.nn.LinearCrossEntropyOptions())):
+        def lce_step(options=options):
+            h, y = next_batch()
+            sgd.zero_grad()
+            F.linear_cross_entropy(h, linear.weight, y, reduction="sum", options=options).backward()
+            sgd.step()
+
+        row[name] = measure(lce_step, reps, 0.0)
+    row["W_mib"] = D * d * 4 / 2**20
+    return row
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    info = {
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
+        "machine": platform.machine(), "cores_visible": os.cpu_count(), "threads": args.threads,
+        "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+        "build": st.build_info(), "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.quick:
+        configs = [(20000, 128, 64), (20000, 128, 1)]
+    else:
+        configs = [(793471, 512, 200), (200000, 512, 128), (100000, 256, 128), (793471, 512, 1)]
+    print(f"# sparsetarget torch CPU benchmark, {info['cpu']}, {args.threads} thread(s), float32, torch "
+          f"{torch.__version__}\n# one training step (forward + loss + backward + SGD update), median ms; peak MiB "
+          "added during the step\n")
+    print(f"{'D':>7} {'d':>4} {'m':>4} | {'factored':>9} {'core':>7} | {'dense':>9} {'lce':>9} {'lce chunk':>9} | "
+          f"{'vs dense':>8} {'vs lce':>7} | {'fact MiB':>8} {'dense MiB':>9} {'lce MiB':>8} {'chunk MiB':>9}")
+    results = {"info": info, "configs": []}
+    for D, d, m in configs:
+        r = bench_config(D, d, m, rng)
+        results["configs"].append(r)
+        f, c, dn, lc, lk = (r[k]["ms"] for k in ("factored", "core", "dense", "lce", "lce_chunked"))
+        print(f"{D:>7} {d:>4} {m:>4} | {f:>9.2f} {c:>7.2f} | {dn:>9.1f} {lc:>9.1f} {lk:>9.1f} | {dn / f:>7.0f}x "
+              f"{min(lc, lk) / f:>6.0f}x | {r['factored']['peak_extra_mib']:>8.1f} "
+              f"{r['dense']['peak_extra_mib']:>9.1f} {r['lce']['peak_extra_mib']:>8.1f} "
+              f"{r['lce_chunked']['peak_extra_mib']:>9.1f}", flush=True)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"torch_cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nsaved {out}")
+
+
+if __name__ == "__main__":
+    main()
