@@ -167,3 +167,19 @@ def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
     assert drift["W"] < 3 * drift["W_same_precision_dense"] + 1e-12, drift
     assert drift["Q_vs_WtW"] < consistency_limit and drift["w_bar_vs_W1"] < consistency_limit, drift
     assert drift["inverse_error"] < 100 * consistency_limit, drift
+
+
+@pytest.mark.parametrize("width", [16, 37, 64])
+@pytest.mark.parametrize("m", [1, 40])
+def test_Q_and_w_bar_track_W_and_Q_stays_symmetric(width, m):
+    """After steps, Q = W^T W and w_bar = W^T 1 to rounding, and Q is exactly symmetric (it is updated on one
+    triangle and mirrored in tiles; widths at, across and between tile edges)."""
+    rng = np.random.default_rng(width + m)
+    layer = st.FactoredOutput(rng.standard_normal((97, width)) / np.sqrt(width), loss="taylor_softmax")
+    for _ in range(5):
+        layer.step(rng.standard_normal((m, width)) / np.sqrt(width), rng.integers(0, 97, m), 0.1, 0.01)
+    sd = layer.state_dict()
+    W = layer.weight()
+    assert np.array_equal(sd["Q"], sd["Q"].T)
+    assert rel_err(sd["Q"], W.T @ W) < 1e-12
+    assert rel_err(sd["w_bar"], W.sum(0)) < 1e-12
