@@ -15,6 +15,10 @@ using blas::Op;
 namespace {
 
 constexpr std::int64_t kTileRows = 2048;
+// How far the overall scale of U may drift from 1 before one O(D d) pass resets it. A uniform scale costs no
+// accuracy (V and U^-1 carry the inverse scale; Q, w_bar and omega do not depend on it); this only keeps the
+// entries far from float32's range limits.
+constexpr double kScaleLimit = 16777216.0;  // 2^24
 
 template <class T>
 double norm2(const T* x, int n) {
@@ -32,12 +36,16 @@ void scale_to_unit(T* x, int n) {
     for (int i = 0; i < n; ++i) x[i] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(n)));
 }
 
-// Applies V <- V T^-1 row tile by row tile, T^-1 = I + P_k diag(coef) P_k^T (k columns of P).
+// Applies V <- V T^-1 row tile by row tile, T^-1 = a I + P_k diag(coef) P_k^T (k columns of P).
 template <class TV, class TS>
-void apply_to_V(FactoredState<TV, TS>& st, const std::vector<TS>& P, const std::vector<int>& cols,
+void apply_to_V(FactoredState<TV, TS>& st, double a, const std::vector<TS>& P, const std::vector<int>& cols,
                 const std::vector<double>& coef) {
   const int d = st.d, k = static_cast<int>(cols.size());
-  if (2 * k < d) {
+  if (k == 0) {  // a scale only: O(D d)
+    const TV scale = static_cast<TV>(a);
+    const std::size_t n = static_cast<std::size_t>(st.D) * d;
+    for (std::size_t i = 0; i < n; ++i) st.V[i] *= scale;
+  } else if (2 * k < d) {
     std::vector<TV> Pk(static_cast<std::size_t>(d) * k), CPkT(static_cast<std::size_t>(k) * d);
     for (int i = 0; i < d; ++i)
       for (int c = 0; c < k; ++c) {
@@ -50,12 +58,12 @@ void apply_to_V(FactoredState<TV, TS>& st, const std::vector<TS>& P, const std::
       const int rows = static_cast<int>(std::min<std::int64_t>(kTileRows, st.D - r0));
       TV* tile = row_ptr(st.V, r0, d);
       blas::gemm<TV>(Op::N, Op::N, rows, k, d, 1, tile, d, Pk.data(), k, 0, Y.data(), k);
-      blas::gemm<TV>(Op::N, Op::N, rows, d, k, 1, Y.data(), k, CPkT.data(), d, 1, tile, d);
+      blas::gemm<TV>(Op::N, Op::N, rows, d, k, 1, Y.data(), k, CPkT.data(), d, static_cast<TV>(a), tile, d);
     }
   } else {
     std::vector<TV> Tinv(static_cast<std::size_t>(d) * d, TV(0));
     for (int i = 0; i < d; ++i) {
-      Tinv[static_cast<std::size_t>(i) * d + i] = 1;
+      Tinv[static_cast<std::size_t>(i) * d + i] = static_cast<TV>(a);
       for (int j = 0; j < d; ++j) {
         double acc = 0;
         for (int c = 0; c < k; ++c)
@@ -84,18 +92,30 @@ CorrectionReport correct(FactoredState<TV, TS>& st, const StabilizeOptions& opt)
   report.sigma_max_before = sigma.front();
   report.sigma_min_before = sigma.back();
   if (!(sigma.back() > 0)) throw std::domain_error("U is singular: the factorisation cannot be corrected");
+  // Relative to the geometric mean s of the singular values: a uniform scale of U does not hurt, so it is kept
+  // (and needs no pass over V) unless s itself drifts far from 1, where it is reset to t = 1 by scaling V.
+  double log_sum = 0;
+  for (const TS x : sigma) log_sum += std::log(static_cast<double>(x));
+  const double s = std::exp(log_sum / d);
+  const double t = (s >= 1 / std::sqrt(kScaleLimit) && s <= std::sqrt(kScaleLimit)) ? s : 1.0;
+  const double a = s / t;
   const double lo = std::sqrt(opt.sigma_low), hi = std::sqrt(opt.sigma_high);
+  // V <- V U U_new^-1 = V P diag(sigma / new_sigma) P^T = a V + V P_k diag(sigma_k / t - a) P_k^T.
   std::vector<int> cols;
-  std::vector<double> coef;  // T^-1 = I + P_k diag(sigma_k - 1) P_k^T, since T = I + P_k diag(1/sigma_k - 1) P_k^T
+  std::vector<double> coef;
   std::vector<TS> new_sigma(sigma);
-  for (int i = 0; i < d; ++i)
-    if (sigma[i] < lo || sigma[i] > hi) {
+  for (int i = 0; i < d; ++i) {
+    const double ratio = sigma[i] / s;
+    if (ratio < lo || ratio > hi) {
       cols.push_back(i);
-      coef.push_back(static_cast<double>(sigma[i]) - 1.0);
-      new_sigma[i] = 1;
+      coef.push_back(static_cast<double>(sigma[i]) / t - a);
+      new_sigma[i] = static_cast<TS>(t);
+    } else {
+      new_sigma[i] = static_cast<TS>(sigma[i] / a);
     }
-  if (!cols.empty()) {
-    apply_to_V(st, P, cols, coef);
+  }
+  if (!cols.empty() || a != 1.0) {
+    apply_to_V(st, a, P, cols, coef);
     report.corrected = true;
     report.values_corrected = static_cast<int>(cols.size());
     st.stats[kStatCorrections] += 1;
@@ -145,8 +165,9 @@ void after_step(FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
   st.stats[kStatSigmaMax] = sigma_max;
   st.stats[kStatSigmaMin] = sigma_min;
   st.stats[kStatInverseResidual] = residual;
-  if (!(sigma_max <= opt.sigma_high) || !(sigma_min >= opt.sigma_low) || !(residual <= opt.inverse_tol))
-    correct(st, opt);
+  const bool spread = !(sigma_max <= opt.sigma_high / opt.sigma_low * sigma_min);
+  const bool scale = !(sigma_max <= kScaleLimit) || !(sigma_min >= 1 / kScaleLimit);
+  if (spread || scale || !(residual <= opt.inverse_tol)) correct(st, opt);
 }
 
 template <class TV, class TS>

@@ -2,10 +2,12 @@
 //
 // Monitoring (O(d^2) per check): one power-iteration step each for the largest singular value of U and of U^-1,
 // warm-started from the previous vectors, plus the residual ||U (U^-1 x) - x|| on the same vector.
-// Correction (one BLAS-3 pass over V): when an estimate leaves [sigma_low, sigma_high] or the residual exceeds
-// inverse_tol, take the SVD U = P diag(sigma) R^T, set to 1 every singular value outside the inner band
-// [sqrt(sigma_low), sqrt(sigma_high)] (hysteresis: the next correction is far away), i.e. U <- T U with
-// T = I + P_k diag(1/sigma_k - 1) P_k^T, and V <- V T^-1 in row tiles: rank-k when k < d/2, else one d x d GEMM.
+// Correction (one BLAS-3 pass over V): when the spread sigma_max / sigma_min exceeds sigma_high / sigma_low, the
+// overall scale leaves [2^-24, 2^24], or the residual exceeds inverse_tol, take the SVD U = P diag(sigma) R^T and,
+// relative to the geometric mean s of the singular values, set every singular value outside the inner band
+// s [sqrt(sigma_low), sqrt(sigma_high)] to s (hysteresis: the next correction is far away): U <- T U and
+// V <- V T^-1 in row tiles, rank-k when k < d/2, else one d x d GEMM. A uniform shrink or growth of U (squared
+// error shrinks U every step) thus costs nothing until the scale is far from 1, where V is scaled once, O(D d).
 // U^-1 is rebuilt from the SVD. W is unchanged up to rounding.
 // Refresh (O(D d^2), on request or every refresh_every steps): recompute U^-1, Q and w_bar from V, U, omega.
 #pragma once
@@ -17,7 +19,7 @@
 namespace sparsetarget {
 
 struct StabilizeOptions {
-  double sigma_low = 0.5;
+  double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
   double sigma_high = 2.0;
   double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
   std::int64_t check_every = 1;    // monitor every this many steps; 0 disables monitoring

@@ -183,3 +183,65 @@ def test_Q_and_w_bar_track_W_and_Q_stays_symmetric(width, m):
     assert np.array_equal(sd["Q"], sd["Q"].T)
     assert rel_err(sd["Q"], W.T @ W) < 1e-12
     assert rel_err(sd["w_bar"], W.sum(0)) < 1e-12
+
+
+def refactor(layer, U):
+    """Re-factor the layer with the given U, keeping W: V <- W U^-1 (omega = 0 here)."""
+    W = layer.weight()
+    sd = layer.state_dict()
+    sd["V"] = np.ascontiguousarray(W @ np.linalg.inv(U))
+    sd["U"], sd["U_inv"] = U, np.linalg.inv(U)
+    layer.load_state_dict(sd)
+    return W
+
+
+def test_uniform_scale_of_U_needs_no_correction(rng):
+    """Squared error shrinks U every step; a uniform scale is harmless and must not cost passes over V."""
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss="spherical_softmax")
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    W = refactor(layer, 1e-3 * Q)
+    report = layer.stabilize()
+    assert not report["corrected"] and report["values_corrected"] == 0
+    layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, D, 4), 0.0)  # monitoring runs
+    assert layer.diagnostics()["corrections"] == 0
+    assert rel_err(layer.weight(), W) < 1e-9
+
+
+def test_scale_far_from_one_is_reset_by_one_pass_and_spread_relative_to_it(rng):
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d))
+    P, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    R, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    W = refactor(layer, 1e-9 * (P * np.linspace(0.9, 1.1, d)) @ R.T)  # beyond the 2^-24 scale limit
+    report = layer.stabilize()
+    assert report["corrected"] and report["values_corrected"] == 0  # a scale only: no singular value moved apart
+    sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
+    assert 0.85 < sv.min() and sv.max() < 1.15
+    assert rel_err(layer.weight(), W) < 1e-11
+    # far spread around a small (but allowed) scale: out-of-band values go to the scale, not to 1
+    W = refactor(layer, 1e-3 * (P * np.geomspace(0.01, 100, d)) @ R.T)
+    report = layer.stabilize()
+    assert report["corrected"] and report["values_corrected"] > 0
+    sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
+    assert sv.max() / sv.min() <= 2 + 1e-9 and 1e-3 * np.sqrt(0.5) - 1e-12 <= sv.min() <= sv.max() <= 1e-3 * np.sqrt(2)
+    assert rel_err(layer.weight(), W) < 1e-11
+    assert layer.diagnostics()["inverse_error"] < 1e-9
+
+
+def test_squared_error_training_with_shrinking_U_stays_exact():
+    """300 steps of squared error with |h| = 1 shrink U by ~400x; W still matches dense SGD and only few
+    (rank-k) corrections run."""
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((D, d)) / np.sqrt(d)
+    layer = st.FactoredOutput(W0, loss="squared_error")
+    dense = DenseSGD(W0)
+    for _ in range(300):
+        H = rng.standard_normal((8, d))
+        H /= np.linalg.norm(H, axis=1, keepdims=True)
+        y = rng.integers(0, D, 8)
+        Y, _ = dense_targets(y, 8, D)
+        dense.step(H, Y, "squared_error", {}, 0.05)
+        layer.step(H, y, 0.05)
+    diag = layer.diagnostics()
+    assert diag["sigma_max"] < 0.01  # U shrank a lot ...
+    assert diag["corrections"] <= 20 and diag["condition"] < 4  # ... without a correction per step
+    assert rel_err(layer.weight(), dense.W) < 1e-9

@@ -91,8 +91,9 @@ class FactoredOutput:
         state_dtype: dtype of the d x d state, float32 or float64; default the weight's dtype. float64 drifts
             less; float32 is about twice as fast.
         ignore_index: class label whose rows contribute no loss, no gradient and no update.
-        sigma_range: (low, high) bounds on the singular values of U; leaving them triggers a correction that
-            brings every singular value outside (sqrt(low), sqrt(high)) back to 1 in one pass over V.
+        sigma_range: (low, high): U's singular values may spread by high / low (default 4) around their geometric
+            mean s; beyond that a correction brings every value outside s (sqrt(low), sqrt(high)) back to s in one
+            pass over V. A uniform scale of U is free; when s drifts beyond 2^+-24, one O(D d) pass resets it to 1.
         inverse_tol: tolerated ||U U^-1 x - x|| / ||x|| on the monitoring vector before U^-1 is rebuilt.
         check_every: steps between O(d^2) monitoring checks (0 disables monitoring and corrections).
         refresh_every: steps between full O(D d^2) refreshes of U^-1, Q and w_bar (0: never, the default).
