@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..layer import STATE_ARRAYS, FactoredOutput, initial_small_state
 from ._backend import FLOAT_DTYPES, as_numpy, check_device, from_numpy
 from ._function import FactoredHeadFunction, PendingUpdate
 from ._target import convert_target
-from .functional import REDUCTIONS, HeadOutput, loss_function
+from .functional import REDUCTIONS, HeadOutput, entries_of_rows, loss_function
 
 _STABILIZATION = ("sigma_range", "inverse_tol", "check_every", "refresh_every", "min_rcond")
 
@@ -393,7 +394,7 @@ class FactoredLinear(nn.Module):
         from the D outputs. Shaped like ``HeadOutput.A`` (0 on ignored rows); differentiable."""
         out = self(input, target, ignore_index=ignore_index)
         t = out.target
-        rows = (lambda x: x) if t.rows is None else (lambda x: x[t.rows])
+        rows = partial(entries_of_rows, out)
         if kind == "spherical_softmax":
             lp = torch.log(out.A * out.A + eps) - rows(torch.log(out.q + t.num_outputs * eps))
         elif kind == "taylor_softmax":
