@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..layer import _check_scalar
 from .modules import FactoredLinear
 
 # Options of torch.optim.SGD and others that need a dense per-coordinate state of W, with why they cannot be exact.
@@ -18,16 +19,6 @@ _UNSUPPORTED = {
     "betas": "Adam-style moments are per-coordinate D x d state, which is not of the factored form",
     "eps": "Adam-style normalisation is per coordinate, which is not of the factored form",
 }
-
-
-def _check_value(value: Any, name: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not (x >= 0) or x == float("inf"):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return x
 
 
 def _heads(params: Any) -> list[FactoredLinear]:
@@ -67,7 +58,7 @@ class FactoredSGD(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr and weight_decay")
         self._head_of: dict[int, FactoredLinear] = {}
-        defaults = {"lr": _check_value(lr, "lr"), "weight_decay": _check_value(weight_decay, "weight_decay")}
+        defaults = {"lr": _check_scalar(lr, "lr"), "weight_decay": _check_scalar(weight_decay, "weight_decay")}
         if isinstance(params, FactoredLinear):
             groups: Iterable[Any] = [{"params": [params]}]
         else:
@@ -82,7 +73,7 @@ class FactoredSGD(torch.optim.Optimizer):
         heads = _heads(group["params"])
         for name in ("lr", "weight_decay"):
             if name in group:
-                group[name] = _check_value(group[name], name)
+                group[name] = _check_scalar(group[name], name)
         # torch.optim keeps tensors: each head is represented by its V buffer.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
@@ -110,8 +101,8 @@ class FactoredSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = _check_value(group["lr"], "lr")
-            weight_decay = _check_value(group["weight_decay"], "weight_decay")
+            lr = _check_scalar(group["lr"], "lr")
+            weight_decay = _check_scalar(group["weight_decay"], "weight_decay")
             if lr * weight_decay >= 1:
                 raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay}")
             for V in group["params"]:
