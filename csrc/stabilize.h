@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "state.h"
 
@@ -48,5 +49,49 @@ void refresh(FactoredState<TV, TS>& st);
 // Exact ||U U^-1 - I||_F, O(d^3), for diagnostics.
 template <class TV, class TS>
 double inverse_error(const FactoredState<TV, TS>& st);
+
+// ---- The d x d halves of the above, on host arrays: the CUDA backend runs them on copies of the small state and
+// ---- does the O(D d) halves on the device.
+
+// What a correction does: V <- V T^-1 with T^-1 = a I + P_k diag(coef) P_k^T (P_k: the columns cols of P),
+// U <- U_new (when report.corrected), U^-1 <- U_inv.
+template <class TS>
+struct CorrectionPlan {
+  int d = 0;
+  CorrectionReport report;
+  double a = 1;
+  std::vector<TS> P;  // d x d left singular vectors of U
+  std::vector<int> cols;
+  std::vector<double> coef;
+  std::vector<TS> U, U_inv;  // d x d; U is empty when nothing moved
+
+  // Apply T^-1 as two thin GEMMs (rank k) rather than one d x d GEMM.
+  bool low_rank() const { return 2 * cols.size() < static_cast<std::size_t>(d); }
+  // P_k (d x k) and diag(coef) P_k^T (k x d) in the weight dtype.
+  template <class TV>
+  void low_rank_factors(std::vector<TV>& Pk, std::vector<TV>& CPkT) const;
+  // T^-1 (d x d) in the weight dtype.
+  template <class TV>
+  void dense_factor(std::vector<TV>& Tinv) const;
+};
+
+// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
+template <class TS>
+CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt);
+
+// Adds a correction's report to the monitoring scalars (kStatCount of them).
+void record_correction(const CorrectionReport& report, double* stats);
+
+// The monitoring decision of after_step: does a correction have to run now?
+bool needs_correction(double sigma_max, double sigma_min, double residual, const StabilizeOptions& opt);
+
+// The small half of refresh: from V^T V (upper triangle, float64; mirrored in place) and V^T 1, U and omega,
+// writes Q, w_bar and U^-1. Throws std::domain_error (nothing written) when U is singular.
+template <class TS>
+void refresh_small(int d, std::int64_t D, std::vector<double>& VtV, const std::vector<double>& Vt1, const TS* U,
+                   const TS* omega, TS* Q, TS* w_bar, TS* U_inv);
+
+template <class TS>
+double inverse_error_of(int d, const TS* U, const TS* U_inv);
 
 }  // namespace sparsetarget
