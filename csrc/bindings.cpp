@@ -399,7 +399,7 @@ PYBIND11_MODULE(_core, m) {
     py::dict info;
     info["version"] = SPARSETARGET_VERSION;
     info["blas"] = SPARSETARGET_BLAS_NAME;
-    info["cuda"] = false;
+    info["cuda"] = static_cast<bool>(SPARSETARGET_CUDA_BUILT);
     info["compiler"] = __VERSION__;
     info["cxx_standard"] = __cplusplus;
     info["blas_threads"] = blas::get_num_threads();

@@ -15,10 +15,6 @@ using blas::Op;
 namespace {
 
 constexpr std::int64_t kTileRows = 2048;
-// How far the overall scale of U may drift from 1 before one O(D d) pass resets it. A uniform scale costs no
-// accuracy (V and U^-1 carry the inverse scale; Q, w_bar and omega do not depend on it); this only keeps the
-// entries far from float32's range limits.
-constexpr double kScaleLimit = 16777216.0;  // 2^24
 
 template <class T>
 double norm2(const T* x, int n) {

@@ -19,6 +19,11 @@
 
 namespace sparsetarget {
 
+// How far the overall scale of U may drift from 1 before one O(D d) pass resets it. A uniform scale costs no
+// accuracy (V and U^-1 carry the inverse scale; Q, w_bar and omega do not depend on it); this only keeps the
+// entries far from float32's range limits.
+constexpr double kScaleLimit = 16777216.0;  // 2^24
+
 struct StabilizeOptions {
   double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
   double sigma_high = 2.0;
