@@ -77,6 +77,60 @@ def initial_small_state(d: int, state_dtype: Any) -> dict[str, np.ndarray]:
     }
 
 
+def stabilization_updates(
+    *,
+    sigma_range: tuple[float, float] | None = None,
+    inverse_tol: float | None = None,
+    check_every: int | None = None,
+    refresh_every: int | None = None,
+    min_rcond: float | None = None,
+) -> dict[str, Any]:
+    """Check a stabilisation policy and return it as the core's attributes (``sigma_low``, ``sigma_high``,
+    ``inverse_tol``, ``check_every``, ``refresh_every``, ``min_rcond``); None means unchanged."""
+    updates: dict[str, Any] = {}
+    if sigma_range is not None:
+        low, high = (float(x) for x in sigma_range)
+        if not (0 < low < 1 < high) or not np.isfinite(high):
+            raise ValueError(f"sigma_range must satisfy 0 < low < 1 < high, got {sigma_range}")
+        updates["sigma_low"], updates["sigma_high"] = low, high
+    if inverse_tol is not None:
+        if not (float(inverse_tol) > 0):
+            raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
+        updates["inverse_tol"] = float(inverse_tol)
+    if check_every is not None:
+        if int(check_every) < 0:
+            raise ValueError(f"check_every must be >= 0, got {check_every}")
+        updates["check_every"] = int(check_every)
+    if refresh_every is not None:
+        if int(refresh_every) < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
+        updates["refresh_every"] = int(refresh_every)
+    if min_rcond is not None:
+        if not (0 <= float(min_rcond) < 1):
+            raise ValueError(f"min_rcond must be in [0, 1), got {min_rcond}")
+        updates["min_rcond"] = float(min_rcond)
+    return updates
+
+
+def diagnostics_from(stats: np.ndarray, U: np.ndarray, inverse_error: float) -> dict[str, float]:
+    """The diagnostics dict of a layer from its monitoring scalars, U and ||U U^-1 - I||_F."""
+    S = _core.Stat
+    sv = np.linalg.svd(np.asarray(U, dtype=np.float64), compute_uv=False)
+    return {
+        "condition": float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf"),
+        "sigma_max": float(sv[0]),
+        "sigma_min": float(sv[-1]),
+        "inverse_error": float(inverse_error),
+        "monitor_sigma_max": float(stats[int(S.sigma_max)]),
+        "monitor_sigma_min": float(stats[int(S.sigma_min)]),
+        "monitor_residual": float(stats[int(S.inverse_residual)]),
+        "steps": int(stats[int(S.steps)]),
+        "corrections": int(stats[int(S.corrections)]),
+        "corrected_values": int(stats[int(S.corrected_values)]),
+        "refreshes": int(stats[int(S.refreshes)]),
+    }
+
+
 class FactoredOutput:
     """A D x d linear output layer o = W h trained by exact SGD in O(m d^2 + nnz d) per minibatch.
 
@@ -213,28 +267,8 @@ class FactoredOutput:
     ) -> None:
         """Change the stabilisation policy (see the class docstring); arguments left as None are unchanged.
         All arguments are checked before any is applied."""
-        updates: dict[str, Any] = {}
-        if sigma_range is not None:
-            low, high = (float(x) for x in sigma_range)
-            if not (0 < low < 1 < high) or not np.isfinite(high):
-                raise ValueError(f"sigma_range must satisfy 0 < low < 1 < high, got {sigma_range}")
-            updates["sigma_low"], updates["sigma_high"] = low, high
-        if inverse_tol is not None:
-            if not (float(inverse_tol) > 0):
-                raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
-            updates["inverse_tol"] = float(inverse_tol)
-        if check_every is not None:
-            if int(check_every) < 0:
-                raise ValueError(f"check_every must be >= 0, got {check_every}")
-            updates["check_every"] = int(check_every)
-        if refresh_every is not None:
-            if int(refresh_every) < 0:
-                raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
-            updates["refresh_every"] = int(refresh_every)
-        if min_rcond is not None:
-            if not (0 <= float(min_rcond) < 1):
-                raise ValueError(f"min_rcond must be in [0, 1), got {min_rcond}")
-            updates["min_rcond"] = float(min_rcond)
+        updates = stabilization_updates(sigma_range=sigma_range, inverse_tol=inverse_tol, check_every=check_every,
+                                        refresh_every=refresh_every, min_rcond=min_rcond)
         for name, value in updates.items():
             setattr(self._core, name, value)
 
@@ -411,22 +445,7 @@ class FactoredOutput:
         ``monitor_residual`` are the running O(d^2) estimates that trigger corrections; ``steps``,
         ``corrections``, ``corrected_values`` and ``refreshes`` count what happened.
         """
-        st = self._arrays["stats"]
-        S = _core.Stat
-        sv = np.linalg.svd(self._arrays["U"].astype(np.float64), compute_uv=False)
-        return {
-            "condition": float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf"),
-            "sigma_max": float(sv[0]),
-            "sigma_min": float(sv[-1]),
-            "inverse_error": self._core.inverse_error(),
-            "monitor_sigma_max": float(st[int(S.sigma_max)]),
-            "monitor_sigma_min": float(st[int(S.sigma_min)]),
-            "monitor_residual": float(st[int(S.inverse_residual)]),
-            "steps": int(st[int(S.steps)]),
-            "corrections": int(st[int(S.corrections)]),
-            "corrected_values": int(st[int(S.corrected_values)]),
-            "refreshes": int(st[int(S.refreshes)]),
-        }
+        return diagnostics_from(self._arrays["stats"], self._arrays["U"], self._core.inverse_error())
 
     def config(self) -> dict[str, Any]:
         """The layer's settings (loss, its options, ignore_index, stabilisation policy) as a JSON-able dict."""

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from .._targets import CSRTargets, to_csr
-from ._backend import as_numpy
+
+
+class DeviceCSR(NamedTuple):
+    """CSR index arrays of a minibatch on a GPU (int64 tensors): row j holds entries indptr[j] .. indptr[j+1]-1."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
 
 
 class SparseTarget(NamedTuple):
@@ -23,7 +29,7 @@ class SparseTarget(NamedTuple):
         sq_norm: (m,) ||y_j||^2 with duplicate indices summed first.
         num_outputs: D.
         shape: the leading shape of the input, which ``reduction='none'`` gives back.
-        csr: the CSR arrays handed to the core.
+        csr: the CSR arrays handed to the backend: NumPy arrays for the CPU, int64 tensors on a GPU.
     """
 
     values: torch.Tensor
@@ -32,7 +38,7 @@ class SparseTarget(NamedTuple):
     sq_norm: torch.Tensor
     num_outputs: int
     shape: tuple[int, ...]
-    csr: CSRTargets
+    csr: CSRTargets | DeviceCSR
 
     @property
     def is_class(self) -> bool:
@@ -51,7 +57,13 @@ def _csr_parts(target: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
 def _cpu_numpy(t: torch.Tensor, name: str, device: torch.device) -> np.ndarray:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} like the head")
-    return as_numpy(t.detach().contiguous())
+    return t.detach().cpu().contiguous().numpy()  # multi-label targets on a GPU are checked on the host
+
+
+def _on_device(csr: CSRTargets, device: torch.device) -> CSRTargets | DeviceCSR:
+    if device.type == "cpu":
+        return csr
+    return DeviceCSR(torch.from_numpy(csr.indptr).to(device), torch.from_numpy(csr.indices).to(device))
 
 
 def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, ignore_index: int,
@@ -80,7 +92,8 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, i
         sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // num_outputs, summed * summed)
         valid = torch.ones(m, dtype=torch.bool)
         return SparseTarget(vals.to(device=device, dtype=dtype), rows.to(device), valid.to(device),
-                            sq_norm.to(device=device, dtype=dtype), num_outputs, tuple(lead_shape), csr)
+                            sq_norm.to(device=device, dtype=dtype), num_outputs, tuple(lead_shape),
+                            _on_device(csr, device))
 
     if not isinstance(target, torch.Tensor):
         raise TypeError("target must be a tensor of class indices, a sparse CSR tensor or a (crow_indices, "
@@ -90,9 +103,25 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, i
     if tuple(target.shape) != tuple(lead_shape):
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(lead_shape)} (the input's leading "
                          "dimensions)")
+    if device.type == "cuda":
+        return _device_class_target(target, lead_shape, m, num_outputs, ignore_index, dtype, device)
     labels = _cpu_numpy(target.reshape(-1), "target", device)
     csr = to_csr(labels, m, num_outputs, ignore_index, name="target")
     valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.astype(bool))
     valid = valid.to(device)
     values = valid.to(dtype)
     return SparseTarget(values, None, valid, values, num_outputs, tuple(lead_shape), csr)
+
+
+def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: int, num_outputs: int,
+                         ignore_index: int, dtype: torch.dtype, device: torch.device) -> SparseTarget:
+    """Class labels on a GPU, converted without waiting for the device: every row keeps one entry (ignored rows
+    point at index 0 with A and dL/dA masked to 0); a label outside [0, D) is reported by the backend."""
+    if target.device != device:
+        raise ValueError(f"target is on {target.device}, expected {device} like the head")
+    labels = target.detach().reshape(-1)
+    valid = labels != ignore_index
+    indices = torch.where(valid, labels, labels.new_zeros(())).to(torch.int64).contiguous()
+    indptr = torch.arange(m + 1, dtype=torch.int64, device=device)
+    values = valid.to(dtype)
+    return SparseTarget(values, None, valid, values, num_outputs, tuple(lead_shape), DeviceCSR(indptr, indices))

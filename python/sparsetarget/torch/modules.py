@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layer import STATE_ARRAYS, FactoredOutput, initial_small_state
-from ._backend import FLOAT_DTYPES, as_numpy, check_device, from_numpy
-from ._function import FactoredHeadFunction, PendingUpdate
+from ..layer import STATE_ARRAYS, initial_small_state
+from ._backend import FLOAT_DTYPES, Engine, PendingUpdate, check_device, engine_for
+from ._function import FactoredHeadFunction
 from ._target import convert_target
 from .functional import REDUCTIONS, HeadOutput, entries_of_rows, loss_function
 
@@ -91,9 +91,9 @@ class FactoredLinear(nn.Module):
         self.register_buffer("V", V)
         sdt = np.float32 if state_dtype == torch.float32 else np.float64
         for name, array in initial_small_state(d, sdt).items():
-            self.register_buffer(name, from_numpy(array, device))
+            self.register_buffer(name, torch.from_numpy(array).to(device))
         self._stabilization: dict[str, Any] = {}
-        self._view: FactoredOutput | None = None
+        self._view: Engine | None = None
         self._view_key: list[int] | None = None
         self._pending: list[PendingUpdate] = []
         self._stale = False  # pending updates were applied and not yet cleared by zero_grad()
@@ -132,28 +132,26 @@ class FactoredLinear(nn.Module):
         buffers = self._buffers
         return [buffers[name] for name in STATE_ARRAYS]
 
-    def _layer(self) -> FactoredOutput:
-        """The core working in place on the buffers; rebuilt when a buffer was replaced (e.g. by ``.to()``)."""
+    def _engine(self) -> Engine:
+        """The backend working in place on the buffers; rebuilt when a buffer was replaced (e.g. by ``.to()``)."""
         tensors = self._state_tensors()
         key = [t.data_ptr() for t in tensors]  # a new dtype, device or buffer means new memory
         if self._view is None or key != self._view_key:
-            check_device(self.V.device, "FactoredLinear's state")
-            arrays = {name: as_numpy(t) for name, t in zip(STATE_ARRAYS, tensors)}
-            self._view = FactoredOutput._wrap(arrays, **self._stabilization)
+            self._view = engine_for(dict(zip(STATE_ARRAYS, tensors)), self._stabilization)
             self._view_key = key
         return self._view
 
-    def _hidden_array(self, h: torch.Tensor) -> tuple[np.ndarray, bool]:
-        """H (m, d) in the state dtype with the bias column; a view of ``h`` when nothing needs converting. Returns
-        (H, owned): owned is False when H shares memory with h."""
+    def _hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """H (m, d) in the state dtype with the bias column, contiguous; ``h`` itself when nothing needs converting.
+        Returns (H, owned): owned is False when H shares memory with h."""
         sdt = self.U.dtype
         if self.has_bias:
             H = torch.empty(h.shape[0], self.in_features + 1, dtype=sdt, device=h.device)
             H[:, :self.in_features] = h.detach()
             H[:, self.in_features] = 1
-            return as_numpy(H), True
+            return H, True
         H = h.detach().to(sdt).contiguous()
-        return as_numpy(H), H.data_ptr() != h.data_ptr()
+        return H, H.data_ptr() != h.data_ptr()
 
     def _input(self, input: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(input, torch.Tensor):
@@ -226,20 +224,7 @@ class FactoredLinear(nn.Module):
                                "apply the same gradients twice, which the factored layer cannot reproduce")
         if not self._pending:
             return
-        p = self._pending
-        if len(p) == 1:
-            H, indptr, indices, dA, dq, ds, proj, grad_H = p[0]
-        else:
-            H = np.concatenate([u.H for u in p])
-            offsets = np.cumsum([0] + [u.indptr[-1] for u in p[:-1]])
-            indptr = np.concatenate([p[0].indptr[:1]] + [u.indptr[1:] + off for u, off in zip(p, offsets)])
-            indices = np.concatenate([u.indices for u in p])
-            dA, dq, ds = (np.concatenate([getattr(u, f) for u in p]) for f in ("dA", "dq", "ds"))
-            proj = tuple(np.concatenate([u.projections[i] for u in p]) for i in range(5))
-            known = all(u.grad_H is not None for u in p)
-            grad_H = np.concatenate([u.grad_H for u in p]) if known else None
-        self._layer()._core.backward_step(H, indptr, indices, dA, dq, ds, float(lr), float(weight_decay), proj,
-                                          grad_H)
+        self._engine().step(self._pending, lr, weight_decay)
         self._pending = []
         self._stale = True
         self._version += 1
@@ -320,29 +305,29 @@ class FactoredLinear(nn.Module):
         if unknown:
             raise TypeError(f"unknown stabilization options {sorted(unknown)}; expected {list(_STABILIZATION)}")
         given = {k: v for k, v in options.items() if v is not None}
-        self._layer().set_stabilization(**given)  # checks them all first
+        self._engine().set_stabilization(**given)  # checks them all first
         self._stabilization.update(given)
 
     def refresh(self) -> None:
         """Recompute U^-1, Q = W^T W and w_bar = W^T 1 from V, U, omega (O(D d^2); removes accumulated drift)."""
-        self._layer().refresh()
+        self._engine().refresh()
         self._changed()
 
     def stabilize(self) -> dict[str, Any]:
         """Bring U's out-of-range singular values back to 1 now (one pass over V); W is unchanged."""
-        report = self._layer().stabilize()
+        report = self._engine().stabilize()
         self._changed()
         return report
 
     def diagnostics(self) -> dict[str, float]:
         """Health of the factorisation, as :meth:`sparsetarget.FactoredOutput.diagnostics`."""
-        return self._layer().diagnostics()
+        return self._engine().diagnostics()
 
     # ------------------------------------------------------------------ the dense layer, on demand
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """W as an (out_features, in_features) tensor (O(D d) memory: for checks and export)."""
-        W = from_numpy(self._layer().weight(), self.V.device)
+        W = self._engine().weight()
         return W[:, :self.in_features].contiguous() if self.has_bias else W
 
     @torch.no_grad()
@@ -350,7 +335,7 @@ class FactoredLinear(nn.Module):
         """The bias (out_features,), or None without bias."""
         if not self.has_bias:
             return None
-        W = from_numpy(self._layer().weight(), self.V.device)
+        W = self._engine().weight()
         return W[:, self.in_features].contiguous()
 
     @torch.no_grad()
@@ -358,15 +343,15 @@ class FactoredLinear(nn.Module):
         """An ``nn.Linear`` with the same weight and bias (same dtype and device), e.g. for deployment."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, dtype=self.V.dtype,
                            device=self.V.device)
-        W = from_numpy(self._layer().weight(), self.V.device)
+        W = self._engine().weight()
         linear.weight.copy_(W[:, :self.in_features])
         if self.has_bias:
             linear.bias.copy_(W[:, self.in_features])
         return linear
 
-    def _inference_input(self, input: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    def _inference_input(self, input: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         h, lead = self._input(input)
-        H, _ = self._hidden_array(h)
+        H, _ = self._hidden(h)
         return H, lead
 
     @torch.no_grad()
@@ -374,18 +359,20 @@ class FactoredLinear(nn.Module):
         """All D outputs W h (+ b) for ``input`` (..., in_features): (..., out_features), computed in tiles.
         Not differentiable (O(m D d)); train through the module call instead."""
         H, lead = self._inference_input(input)
-        out = from_numpy(self._layer().logits(H), self.V.device)
-        return out.reshape(*lead, self.out_features)
+        return self._engine().logits(H).reshape(*lead, self.out_features)
 
     @torch.no_grad()
     def topk(self, input: torch.Tensor, k: int) -> torch.return_types.topk:
         """The k largest outputs of each row, ``(values, indices)`` each (..., k), best first, like ``torch.topk``,
         without materialising the (m, D) outputs."""
         H, lead = self._inference_input(input)
-        values, indices = self._layer().topk(H, k)
-        device = self.V.device
-        return torch.return_types.topk((from_numpy(values, device).reshape(*lead, -1),
-                                        from_numpy(indices, device).reshape(*lead, -1)))
+        values, indices = self._engine().topk(H, int(k))
+        return torch.return_types.topk((values.reshape(*lead, -1), indices.reshape(*lead, -1)))
+
+    def synchronize(self) -> None:
+        """Wait for the head's queued GPU work and raise the error of a failed step at once (on a GPU such errors
+        are otherwise reported by the next call on the head; see the class docstring). No-op on the CPU."""
+        self._engine().synchronize()
 
     def log_prob(self, input: torch.Tensor, target: Any, kind: str = "spherical_softmax", *,
                  eps: float = 1e-2, ignore_index: int = -100) -> torch.Tensor:
