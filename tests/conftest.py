@@ -48,3 +48,52 @@ def make_targets(kind: str, m: int, D: int, rng: np.random.Generator):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# ---------------------------------------------------------------------- devices
+def cuda_state() -> tuple[bool, bool, str]:
+    """(gpu_visible, usable, reason): a GPU torch can see, and whether sparsetarget's CUDA backend runs on it."""
+    try:
+        import torch
+    except ImportError:
+        return False, False, "torch is not installed"
+    import sparsetarget
+
+    visible = torch.cuda.is_available()
+    usable, reason = sparsetarget.cuda_status()
+    if usable and not visible:
+        usable, reason = False, "torch cannot see a CUDA device (a CPU build of torch?)"
+    return visible, usable, reason
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device the tests run on: the CPU always, a GPU when the CUDA backend can use one (else skipped)."""
+    if request.param == "cuda":
+        _, usable, reason = cuda_state()
+        if not usable:
+            pytest.skip(f"CUDA backend not usable: {reason}")
+    return request.param
+
+
+_cuda_outcomes = {"passed": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report):
+    if "cuda" in report.keywords and report.when == "call" and report.passed:
+        _cuda_outcomes["passed"] += 1
+    if "cuda" in report.keywords and report.skipped:
+        _cuda_outcomes["skipped"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run on a machine with a GPU in which no CUDA test ran is a failure, not a quiet pass."""
+    visible, _, reason = cuda_state()
+    if visible and _cuda_outcomes["skipped"] and not _cuda_outcomes["passed"]:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"FAILED: a GPU is visible but all {_cuda_outcomes['skipped']} CUDA tests were skipped ({reason}); "
+            "build sparsetarget with its CUDA backend (see README)", red=True)
+        session.exitstatus = 1

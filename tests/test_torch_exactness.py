@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import sparsetarget.torch as stt  # noqa: E402
 from torch import nn  # noqa: E402
-from torch_reference import dense_loss, max_rel, torch_targets  # noqa: E402
+from torch_reference import dense_loss, max_rel, to_device, torch_targets  # noqa: E402
 
 LOSSES = {
     "squared_error": {},
@@ -24,19 +24,20 @@ BATCHES = (1, 9, 4)  # m = 1, m > d and m < d (d = D_IN or D_IN + 1 with the bia
 TOL = 1e-9
 
 
-def make_pair(bias: bool, seed: int = 0):
-    """The same body + head twice: dense (nn.Linear) and factored (FactoredLinear from it)."""
+def make_pair(bias: bool, seed: int = 0, device: str = "cpu"):
+    """The same body + head twice: dense (nn.Linear, on the CPU) and factored (FactoredLinear from it, with its
+    body, on ``device``)."""
     torch.manual_seed(seed)
     body = nn.Sequential(nn.Linear(X_DIM, D_IN, dtype=torch.float64), nn.Tanh())
     linear = nn.Linear(D_IN, D, bias=bias, dtype=torch.float64)
-    head = stt.FactoredLinear.from_linear(linear)
-    return (body, linear), (copy.deepcopy(body), head)
+    head = stt.FactoredLinear.from_linear(linear, device=device)
+    return (body, linear), (copy.deepcopy(body).to(device), head)
 
 
 def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, custom=None, steps=3, lr=0.3,
-                     schedule=True, seed=0):
+                     schedule=True, seed=0, device="cpu"):
     """Train both for ``steps`` steps of ``accumulate`` micro-batches; return the worst relative errors."""
-    (body_d, linear), (body_f, head) = make_pair(bias, seed)
+    (body_d, linear), (body_f, head) = make_pair(bias, seed, device)
     opts = LOSSES[loss]
     opt_bd = torch.optim.Adam(body_d.parameters(), lr=0.01)
     opt_bf = torch.optim.Adam(body_f.parameters(), lr=0.01)
@@ -56,18 +57,19 @@ def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, cust
             target = torch_targets(kind, m, D, rng, form="tuple" if micro % 2 else "sparse")
             upstream = torch.from_numpy(rng.uniform(0.5, 2.0, m))
             o = linear(body_d(x))
+            x_f, target_f = x.to(device), to_device(target, device)
             if custom is None:
                 L_d = dense_loss(o, target, loss, opts, reduction)
-                L_f = stt.linear_spherical_loss(body_f(x), head, target, loss=loss, reduction=reduction, **opts)
+                L_f = stt.linear_spherical_loss(body_f(x_f), head, target_f, loss=loss, reduction=reduction, **opts)
             else:
                 A_d = o.gather(1, target[:, None])[:, 0]
                 L_d = custom(A_d, (o * o).sum(1), o.sum(1))
-                out = head(body_f(x), target)
+                out = head(body_f(x_f), target_f)
                 L_f = custom(out.A, out.q, out.s)
             errs["loss"] = max(errs["loss"], max_rel(L_f, L_d))
             if reduction == "none":
                 L_d.backward(upstream)
-                L_f.backward(upstream)
+                L_f.backward(upstream.to(device))
             else:
                 L_d.backward()
                 L_f.backward()
@@ -92,34 +94,35 @@ def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, cust
 @pytest.mark.parametrize("kind", ["class", "class_ignore", "csr"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_training_matches_dense(loss, reduction, kind, bias, weight_decay, accumulate):
-    errs = compare_training(loss, reduction, kind, bias, weight_decay, accumulate)
+def test_training_matches_dense(loss, reduction, kind, bias, weight_decay, accumulate, device):
+    errs = compare_training(loss, reduction, kind, bias, weight_decay, accumulate, device=device)
     assert max(errs.values()) < TOL, errs
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_custom_loss_expression(bias):
+def test_custom_loss_expression(bias, device):
     """Any torch expression of (A, q, s) trains exactly, e.g. a hinge on A against the output norm plus a
     penalty on sum(o)."""
 
     def custom(A, q, s):
         return (torch.relu(1.0 - A / torch.sqrt(q + 1.0)) ** 2).sum() + 0.01 * (s * s).mean() + 0.1 * q.mean()
 
-    errs = compare_training("squared_error", "sum", "class", bias, 0.05, 2, custom=custom)
+    errs = compare_training("squared_error", "sum", "class", bias, 0.05, 2, custom=custom, device=device)
     assert max(errs.values()) < TOL, errs
 
 
-def test_many_steps_float64_and_monitoring():
+def test_many_steps_float64_and_monitoring(device):
     """40 steps with the bias and weight decay: still exact, and the stabiliser ran every step."""
-    errs = compare_training("spherical_softmax", "mean", "csr", True, 0.01, 1, steps=40, lr=0.5, schedule=False)
+    errs = compare_training("spherical_softmax", "mean", "csr", True, 0.01, 1, steps=40, lr=0.5, schedule=False,
+                            device=device)
     assert max(errs.values()) < 1e-8, errs
 
 
-def test_float32_against_dense_float32():
+def test_float32_against_dense_float32(device):
     """float32 head vs dense float32: the difference stays at the float32 rounding level of the dense run."""
     torch.manual_seed(3)
     linear = nn.Linear(D_IN, D, bias=True)
-    head = stt.FactoredLinear.from_linear(linear)
+    head = stt.FactoredLinear.from_linear(linear, device=device)
     ref64 = nn.Linear(D_IN, D, bias=True, dtype=torch.float64)
     ref64.load_state_dict({k: v.double() for k, v in linear.state_dict().items()})
     opts = [torch.optim.SGD(linear.parameters(), lr=0.2), stt.FactoredSGD(head, lr=0.2),
@@ -132,7 +135,7 @@ def test_float32_against_dense_float32():
             o.zero_grad()
         dense_loss(linear(h.float()), y, "taylor_softmax", {}, "mean").backward()
         dense_loss(ref64(h), y, "taylor_softmax", {}, "mean").backward()
-        stt.linear_spherical_loss(h.float(), head, y, loss="taylor_softmax").backward()
+        stt.linear_spherical_loss(h.float().to(device), head, y.to(device), loss="taylor_softmax").backward()
         for o in opts:
             o.step()
     dense_err = max_rel(linear.weight, ref64.weight)

@@ -69,5 +69,12 @@ def dense_loss(o: torch.Tensor, target, loss: str, opts: dict, reduction: str, i
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max(1, max |b|)."""
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+def to_device(target, device):
+    """A torch target (class labels, sparse CSR tensor or (crow, col, values) tuple) on ``device``."""
+    if isinstance(target, tuple):
+        return tuple(t.to(device) for t in target)
+    return target.to(device)
