@@ -139,22 +139,15 @@ class CudaCore {
   void poll(std::uintptr_t stream) { enter(stream); }
 
   // Waits for the layer's queued work and raises its error, if any.
-  void synchronize(std::uintptr_t stream) {
-    select_device();
-    ctx_->blas.set_stream(stream_of(stream));
-    check(cudaStreamSynchronize(ctx_->stream()), "synchronize");
-    ctx_->publish();
-    check(cudaStreamSynchronize(ctx_->stream()), "synchronize");
-    raise_reported();
-  }
+  void synchronize(std::uintptr_t stream) { enter_synchronized(stream); }
 
   void refresh(std::uintptr_t stream) {
-    enter(stream);
+    enter_synchronized(stream);
     std::visit([&](auto& st) { sparsetarget::cuda::refresh(*ctx_, st); }, state_);
   }
 
   py::dict correct(std::uintptr_t stream) {
-    enter(stream);
+    enter_synchronized(stream);
     const CorrectionReport r = std::visit([&](auto& st) { return sparsetarget::cuda::correct(*ctx_, st, stabilize); },
                                           state_);
     ctx_->clear();
@@ -169,7 +162,7 @@ class CudaCore {
   }
 
   double inverse_error(std::uintptr_t stream) {
-    enter(stream);
+    enter_synchronized(stream);
     return std::visit([&](const auto& st) { return sparsetarget::cuda::inverse_error(*ctx_, st); }, state_);
   }
 
@@ -215,6 +208,15 @@ class CudaCore {
       finish_pending();
       raise_reported();
     }
+  }
+
+  // The entry of the calls that wait for the device anyway: every queued step has run, so its error (if any) is
+  // raised here rather than cleared by the work that follows.
+  void enter_synchronized(std::uintptr_t stream) {
+    select_device();
+    ctx_->blas.set_stream(stream_of(stream));
+    finish_pending();
+    raise_reported();
   }
 
   // Waits for the device and makes the published status current.

@@ -46,7 +46,7 @@ class FactoredLinear(nn.Module):
             [-1/sqrt(in_features), 1/sqrt(in_features)] like ``nn.Linear``.
         initial_bias: initial b, (out_features,), with ``bias=True`` (copied). Default: uniform like ``nn.Linear``.
         dtype: float32 or float64 (default ``torch.get_default_dtype()``).
-        device: where the state lives (CPU in this build).
+        device: where the state lives: CPU, or a CUDA device when the CUDA backend is usable (see README).
         state_dtype: dtype of the small d x d state (default ``dtype``); float64 drifts less.
         sigma_range, inverse_tol, check_every, refresh_every, min_rcond: stabilisation policy, as in
             :class:`sparsetarget.FactoredOutput`.
