@@ -14,6 +14,7 @@
 #include "kernels.h"
 #include "losses.h"
 #include "stabilize.h"
+#include "stabilize_bindings.h"
 #include "state.h"
 
 namespace py = pybind11;
@@ -415,7 +416,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("make_loss_spec", &make_loss_spec, py::arg("name"), py::arg("eps"), py::arg("a"), py::arg("b"),
         "Check a loss name and its options; raises ValueError naming a bad option.");
 
-  py::class_<Core>(m, "FactoredCore", "In-place operations on the arrays of a factored layer W = V U + 1 omega^T.")
+  py::class_<Core> core_class(m, "FactoredCore", "In-place operations on the arrays of a factored layer W = V U + 1 omega^T.");
+  core_class
       .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array>(),
            py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
            py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"),
@@ -448,17 +450,8 @@ PYBIND11_MODULE(_core, m) {
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), "(values, indices) of the k largest outputs per row.")
-      .def_property("sigma_low", [](const Core& c) { return c.stabilize_.sigma_low; },
-                    [](Core& c, double v) { c.stabilize_.sigma_low = v; })
-      .def_property("sigma_high", [](const Core& c) { return c.stabilize_.sigma_high; },
-                    [](Core& c, double v) { c.stabilize_.sigma_high = v; })
-      .def_property("inverse_tol", [](const Core& c) { return c.stabilize_.inverse_tol; },
-                    [](Core& c, double v) { c.stabilize_.inverse_tol = v; })
-      .def_property("check_every", [](const Core& c) { return c.stabilize_.check_every; },
-                    [](Core& c, std::int64_t v) { c.stabilize_.check_every = v; })
-      .def_property("refresh_every", [](const Core& c) { return c.stabilize_.refresh_every; },
-                    [](Core& c, std::int64_t v) { c.stabilize_.refresh_every = v; })
       .def_readwrite("min_rcond", &Core::min_rcond);
+  def_stabilization(core_class, &Core::stabilize_);
 
   py::enum_<Stat>(m, "Stat", "Indices into the stats array.")
       .value("steps", kStatSteps)

@@ -15,6 +15,7 @@
 
 #include "../factored_step.h"
 #include "../stabilize.h"
+#include "../stabilize_bindings.h"
 #include "../state.h"
 #include "factored_step.cuh"
 #include "stabilize.cuh"
@@ -340,7 +341,8 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
            py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"));
 
-  py::class_<CudaCore>(m, "CudaCore")
+  py::class_<CudaCore> cuda_class(m, "CudaCore");
+  cuda_class
       .def(py::init<const StateAddresses&, std::int64_t, int, bool, bool, int>(), py::arg("state"), py::arg("D"),
            py::arg("d"), py::arg("weight64"), py::arg("state64"), py::arg("device"))
       .def_property_readonly("D", &CudaCore::D)
@@ -361,15 +363,6 @@ PYBIND11_MODULE(_cuda, m) {
       .def("inverse_error", &CudaCore::inverse_error, py::arg("stream"))
       .def_property("tf32", &CudaCore::tf32, &CudaCore::set_tf32)
       .def_property_readonly("workspace_bytes", &CudaCore::workspace_bytes)
-      .def_property("sigma_low", [](const CudaCore& c) { return c.stabilize.sigma_low; },
-                    [](CudaCore& c, double v) { c.stabilize.sigma_low = v; })
-      .def_property("sigma_high", [](const CudaCore& c) { return c.stabilize.sigma_high; },
-                    [](CudaCore& c, double v) { c.stabilize.sigma_high = v; })
-      .def_property("inverse_tol", [](const CudaCore& c) { return c.stabilize.inverse_tol; },
-                    [](CudaCore& c, double v) { c.stabilize.inverse_tol = v; })
-      .def_property("check_every", [](const CudaCore& c) { return c.stabilize.check_every; },
-                    [](CudaCore& c, std::int64_t v) { c.stabilize.check_every = v; })
-      .def_property("refresh_every", [](const CudaCore& c) { return c.stabilize.refresh_every; },
-                    [](CudaCore& c, std::int64_t v) { c.stabilize.refresh_every = v; })
       .def_readwrite("min_rcond", &CudaCore::min_rcond);
+  def_stabilization(cuda_class, &CudaCore::stabilize);
 }
