@@ -287,7 +287,11 @@ class Core {
     }, state_);
   }
 
-  py::tuple topk_py(const py::handle& H, int k) const {
+  py::tuple topk_py(const py::handle& H, int k, const std::string& rank) const {
+    const TopkRank how = rank == "output" ? TopkRank::Output
+                         : rank == "square" ? TopkRank::Square
+                         : rank == "taylor" ? TopkRank::Taylor
+                                            : throw py::value_error("rank must be 'output', 'square' or 'taylor', got '" + rank + "'");
     return std::visit([&](const auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto h = checked_H<TS>(H);
@@ -296,7 +300,7 @@ class Core {
       py::array_t<std::int64_t> indices({h.shape(0), static_cast<py::ssize_t>(k)});
       {
         py::gil_scoped_release release;
-        topk(st, h.data(), static_cast<int>(h.shape(0)), k, values.mutable_data(), indices.mutable_data());
+        topk(st, h.data(), static_cast<int>(h.shape(0)), k, how, values.mutable_data(), indices.mutable_data());
       }
       return py::make_tuple(values, indices);
     }, state_);
@@ -449,7 +453,9 @@ PYBIND11_MODULE(_core, m) {
       .def("inverse_error", &Core::inverse_error_py, "||U U^-1 - I||_F (O(d^3)).")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
-      .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), "(values, indices) of the k largest outputs per row.")
+      .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",
+           "(outputs, indices) of the k best outputs per row, ranked by the output ('output'), its square ('square') "
+           "or 1 + o + o^2/2 ('taylor').")
       .def_readwrite("min_rcond", &Core::min_rcond);
   def_stabilization(core_class, &Core::stabilize_);
 

@@ -79,13 +79,25 @@ void logits(const FactoredState<TV, TS>& st, const TS* H, int m, std::int64_t st
 }
 
 template <class TV, class TS>
-void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TS* values, std::int64_t* indices) {
+void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TopkRank rank, TS* values,
+          std::int64_t* indices) {
   std::vector<TS> UH, Hw, buf;
   hidden_products(st, H, m, UH, Hw);
-  // Per row, a min-heap of the best k (value, -index) pairs seen so far: larger value wins, then smaller index.
-  using Item = std::pair<TS, std::int64_t>;
+  const auto score = [rank](TS o) -> TS {
+    switch (rank) {
+      case TopkRank::Square: return o * o;
+      case TopkRank::Taylor: return 1 + o + o * o / 2;
+      default: return o;
+    }
+  };
+  // Per row, a min-heap of the best k seen so far: larger score wins, then smaller index.
+  struct Item {
+    TS score;
+    std::int64_t index;
+    TS output;
+  };
   const auto better = [](const Item& a, const Item& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+    return a.score > b.score || (a.score == b.score && a.index < b.index);
   };
   std::vector<std::vector<Item>> heaps(m);
   for (auto& h : heaps) h.reserve(k);
@@ -98,7 +110,7 @@ void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TS* values
       auto& heap = heaps[j];
       const TS* row = tile_logits.data() + static_cast<std::ptrdiff_t>(j) * rows;
       for (int r = 0; r < rows; ++r) {
-        const Item item{row[r], r0 + r};
+        const Item item{score(row[r]), r0 + r, row[r]};
         if (static_cast<int>(heap.size()) < k) {
           heap.push_back(item);
           std::push_heap(heap.begin(), heap.end(), better);
@@ -114,8 +126,8 @@ void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TS* values
     auto& heap = heaps[j];
     std::sort_heap(heap.begin(), heap.end(), better);
     for (int i = 0; i < k; ++i) {
-      values[static_cast<std::ptrdiff_t>(j) * k + i] = heap[i].first;
-      indices[static_cast<std::ptrdiff_t>(j) * k + i] = heap[i].second;
+      values[static_cast<std::ptrdiff_t>(j) * k + i] = heap[i].output;
+      indices[static_cast<std::ptrdiff_t>(j) * k + i] = heap[i].index;
     }
   }
 }
@@ -123,7 +135,7 @@ void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TS* values
 #define ST_INSTANTIATE(TV, TS)                                                                                   \
   template void weight_rows<TV, TS>(const FactoredState<TV, TS>&, std::int64_t, std::int64_t, TV*);              \
   template void logits<TV, TS>(const FactoredState<TV, TS>&, const TS*, int, std::int64_t, std::int64_t, TS*);   \
-  template void topk<TV, TS>(const FactoredState<TV, TS>&, const TS*, int, int, TS*, std::int64_t*);
+  template void topk<TV, TS>(const FactoredState<TV, TS>&, const TS*, int, int, TopkRank, TS*, std::int64_t*);
 ST_INSTANTIATE(float, float)
 ST_INSTANTIATE(float, double)
 ST_INSTANTIATE(double, float)

@@ -16,8 +16,14 @@ void weight_rows(const FactoredState<TV, TS>& st, std::int64_t start, std::int64
 template <class TV, class TS>
 void logits(const FactoredState<TV, TS>& st, const TS* H, int m, std::int64_t start, std::int64_t stop, TS* out);
 
-// The k largest outputs of each row of H W^T, in descending order (ties: smaller index first).
+// How topk ranks the outputs o of a row: by o itself, or by a loss's unnormalised probability, which is
+// monotone in o^2 for spherical softmax (o^2 + eps) and equal to 1 + o + o^2/2 for Taylor softmax.
+enum class TopkRank { Output, Square, Taylor };
+
+// The k best outputs of each row of H W^T under `rank`, best first (ties: smaller index first). values holds the
+// outputs o themselves, whatever the ranking.
 template <class TV, class TS>
-void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TS* values, std::int64_t* indices);
+void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TopkRank rank, TS* values,
+          std::int64_t* indices);
 
 }  // namespace sparsetarget

@@ -99,6 +99,10 @@ def test_logits_topk_and_dense_weight_match_cpu():
     tg, tc = gpu.topk(h.cuda(), 5), cpu.topk(h, 5)
     assert torch.equal(tg.indices.cpu(), tc.indices)
     assert max_rel(tg.values, tc.values) < 1e-11
+    for kind in ("spherical_softmax", "taylor_softmax"):
+        tg, tc = gpu.topk(h.cuda(), 5, by="probability", kind=kind), cpu.topk(h, 5, by="probability", kind=kind)
+        assert torch.equal(tg.indices.cpu(), tc.indices)
+        assert max_rel(tg.values, tc.values) < 1e-11
 
 
 def test_singular_step_is_reported_and_changes_nothing():

@@ -145,6 +145,14 @@ def test_dense_views_logits_topk_log_prob():
     assert max_rel(lp_t, ref_t) < 1e-12
     with pytest.raises(ValueError, match="kind"):
         head.log_prob(x, y, "softmax")
+    for kind, num in (("spherical_softmax", o * o + 0.25), ("taylor_softmax", 1 + o + o * o / 2)):
+        top_p = head.topk(x, 6, by="probability", kind=kind, eps=0.25)
+        ref_p = torch.topk(num, 6)
+        assert torch.equal(top_p.indices, ref_p.indices), kind
+        log_p = torch.log(num / num.sum(-1, keepdim=True)).gather(-1, ref_p.indices)
+        assert max_rel(top_p.values, log_p) < 1e-12, kind
+    with pytest.raises(ValueError, match="by must"):
+        head.topk(x, 3, by="p")
     assert make_head(bias=False).dense_bias() is None
 
 

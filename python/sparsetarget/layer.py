@@ -112,6 +112,22 @@ def stabilization_updates(
     return updates
 
 
+def log_prob_of_outputs(kind: str, O: Any, q: Any, s: Any, num_outputs: int, eps: float) -> Any:
+    """log p of outputs O under spherical (``eps``) or Taylor softmax, given the rows' q = ||o||^2 and s = sum(o)
+    broadcast like O (NumPy arrays or torch tensors)."""
+    xp = np if isinstance(O, np.ndarray) else _torch_module()
+    D = float(num_outputs)
+    if kind == "spherical_softmax":
+        return xp.log(O * O + eps) - xp.log(q + D * eps)
+    return xp.log1p(O + 0.5 * O * O) - xp.log(D + s + 0.5 * q)
+
+
+def _torch_module() -> Any:
+    import torch  # only reached with torch tensors, so the NumPy API never imports torch itself
+
+    return torch
+
+
 def diagnostics_from(stats: np.ndarray, U: np.ndarray, inverse_error: float) -> dict[str, float]:
     """The diagnostics dict of a layer from its monitoring scalars, U and ||U U^-1 - I||_F."""
     S = _core.Stat
@@ -398,28 +414,56 @@ class FactoredOutput:
         stop = self.num_outputs if stop is None else stop
         return self._core.logits(h, int(start), int(stop))
 
-    def topk(self, H: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k largest outputs of each row, ``(values, indices)`` each (m, k), best first, in tiles over D."""
-        h, _ = self._hidden(H)
-        return self._core.topk(h, int(k))
+    def topk(self, H: np.ndarray, k: int, *, by: str = "output", kind: str | None = None,
+             eps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k best outputs of each row over all D, ``(values, indices)`` each (m, k), best first, in tiles.
 
-    def log_prob(self, H: np.ndarray, targets: Any, kind: str | None = None) -> np.ndarray:
+        ``by="output"`` ranks by the output o and returns the outputs. ``by="probability"`` ranks by the
+        probability of the distribution ``kind`` (``"spherical_softmax"``: p ~ o^2 + eps, so by |o|;
+        ``"taylor_softmax"``: p ~ 1 + o + o^2/2; default the layer's loss, ``eps`` default the layer's) and returns
+        exact log-probabilities. Ranking by the output is not ranking by the probability for these losses.
+        """
+        h, _ = self._hidden(H)
+        if by == "output":
+            return self._core.topk(h, int(k))
+        if by != "probability":
+            raise ValueError(f"by must be 'output' or 'probability', got {by!r}")
+        kind, eps = self._distribution(kind, eps)
+        outputs, indices = self._core.topk(h, int(k), "square" if kind == "spherical_softmax" else "taylor")
+        q, s = self._norms(h)
+        return log_prob_of_outputs(kind, outputs.astype(np.float64), q[:, None], s[:, None], self.num_outputs,
+                                   eps), indices
+
+    def log_prob(self, H: np.ndarray, targets: Any, kind: str | None = None, *,
+                 eps: float | None = None) -> np.ndarray:
         """Exact log-probabilities of the target entries under spherical or Taylor softmax, O(d^2) per example.
 
-        ``kind`` is ``"spherical_softmax"`` or ``"taylor_softmax"``; default the layer's loss. The normaliser
-        (q + D eps, or D + s + q/2) comes from Q and w_bar, never from the D outputs. Shape as A of :meth:`forward`.
+        ``kind`` is ``"spherical_softmax"`` or ``"taylor_softmax"``; default the layer's loss (``eps`` default the
+        layer's). The normaliser (q + D eps, or D + s + q/2) comes from Q and w_bar, never from the D outputs.
+        Shape as A of :meth:`forward`.
         """
+        kind, eps = self._distribution(kind, eps)
+        A, q, s = self.forward(H, targets)
+        rows = self._rows_of_entries(targets, q.shape[0])
+        return log_prob_of_outputs(kind, A.astype(np.float64), q[rows].astype(np.float64),
+                                   s[rows].astype(np.float64), self.num_outputs, eps)
+
+    def _distribution(self, kind: str | None, eps: float | None) -> tuple[str, float]:
         kind = self._loss if kind is None else kind
         if kind not in ("spherical_softmax", "taylor_softmax"):
-            raise ValueError(f"log_prob needs kind 'spherical_softmax' or 'taylor_softmax', got {kind!r}")
-        A, q, s = self.forward(H, targets)
-        A = A.astype(np.float64)
-        D = float(self.num_outputs)
-        rows = self._rows_of_entries(targets, q.shape[0])
-        if kind == "spherical_softmax":
+            raise ValueError(f"kind must be 'spherical_softmax' or 'taylor_softmax' (the losses that define a "
+                             f"normalised distribution), got {kind!r}")
+        if eps is None:
             eps = self._loss_options.get("eps", LOSS_OPTIONS["spherical_softmax"]["eps"])
-            return np.log(A * A + eps) - np.log(q[rows] + D * eps)
-        return np.log1p(A + 0.5 * A * A) - np.log(D + s[rows] + 0.5 * q[rows])
+        elif not float(eps) > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        return kind, float(eps)
+
+    def _norms(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """q = ||o||^2 and s = sum(o) for each row of h (state dtype), O(m d^2)."""
+        m = h.shape[0]
+        _, q, s = self._core.forward(h, np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return q.astype(np.float64), s.astype(np.float64)
 
     def _rows_of_entries(self, targets: Any, m: int) -> np.ndarray:
         t = self._targets(targets, m)

@@ -69,7 +69,7 @@ class Engine(Protocol):
     def diagnostics(self) -> dict[str, float]: ...
     def weight(self) -> torch.Tensor: ...
     def logits(self, H: torch.Tensor) -> torch.Tensor: ...
-    def topk(self, H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def topk(self, H: torch.Tensor, k: int, rank: str) -> tuple[torch.Tensor, torch.Tensor]: ...
     def synchronize(self) -> None: ...
 
 
@@ -157,8 +157,8 @@ class CpuEngine:
     def logits(self, H: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.layer.logits(as_numpy(H)))
 
-    def topk(self, H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values, indices = self.layer.topk(as_numpy(H), k)
+    def topk(self, H: torch.Tensor, k: int, rank: str) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = self.core.topk(as_numpy(H), k, rank)
         return torch.from_numpy(values), torch.from_numpy(indices)
 
     def synchronize(self) -> None:

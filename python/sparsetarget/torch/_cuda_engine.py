@@ -151,20 +151,24 @@ class CudaEngine:
     def logits(self, H: torch.Tensor) -> torch.Tensor:
         return torch.cat([tile for _, tile in self._logit_tiles(H)], dim=1)
 
-    def topk(self, H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, H: torch.Tensor, k: int, rank: str) -> tuple[torch.Tensor, torch.Tensor]:
         D = self.tensors["V"].shape[0]
         if not 1 <= k <= D:
             raise ValueError(f"k must be in [1, D={D}], got {k}")
-        best_values = best_indices = None
+        score = {"output": lambda o: o, "square": lambda o: o * o, "taylor": lambda o: 1 + o + o * o / 2}[rank]
+        best_scores = best_values = best_indices = None
         for r0, tile in self._logit_tiles(H):
-            values, indices = torch.topk(tile, min(k, tile.shape[1]), dim=1)
+            scores, indices = torch.topk(score(tile), min(k, tile.shape[1]), dim=1)
+            values = torch.gather(tile, 1, indices)
             indices = indices + r0
             if best_values is not None:
+                scores = torch.cat([best_scores, scores], dim=1)
                 values = torch.cat([best_values, values], dim=1)
                 indices = torch.cat([best_indices, indices], dim=1)
-                values, order = torch.topk(values, k, dim=1)
+                scores, order = torch.topk(scores, k, dim=1)
+                values = torch.gather(values, 1, order)
                 indices = torch.gather(indices, 1, order)
-            best_values, best_indices = values, indices
+            best_scores, best_values, best_indices = scores, values, indices
         return best_values, best_indices
 
     def poll(self) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layer import STATE_ARRAYS, initial_small_state
+from ..layer import STATE_ARRAYS, initial_small_state, log_prob_of_outputs
 from ._backend import FLOAT_DTYPES, Engine, PendingUpdate, check_device, engine_for
 from ._function import FactoredHeadFunction
 from ._target import convert_target
@@ -362,11 +362,25 @@ class FactoredLinear(nn.Module):
         return self._engine().logits(H).reshape(*lead, self.out_features)
 
     @torch.no_grad()
-    def topk(self, input: torch.Tensor, k: int) -> torch.return_types.topk:
-        """The k largest outputs of each row, ``(values, indices)`` each (..., k), best first, like ``torch.topk``,
-        without materialising the (m, D) outputs."""
+    def topk(self, input: torch.Tensor, k: int, *, by: str = "output", kind: str = "spherical_softmax",
+             eps: float = 1e-2) -> torch.return_types.topk:
+        """The k best outputs of each row, ``(values, indices)`` each (..., k), best first, like ``torch.topk``,
+        without materialising the (m, D) outputs.
+
+        ``by="output"`` ranks by the output o and returns the outputs. ``by="probability"`` ranks by the
+        probability of ``kind`` (``"spherical_softmax"`` with ``eps``: p ~ o^2 + eps; ``"taylor_softmax"``:
+        p ~ 1 + o + o^2/2) and returns exact log-probabilities, as :meth:`log_prob` would give."""
+        if by not in ("output", "probability"):
+            raise ValueError(f"by must be 'output' or 'probability', got {by!r}")
+        if by == "probability":
+            _check_distribution(kind, eps)
         H, lead = self._inference_input(input)
-        values, indices = self._engine().topk(H, int(k))
+        rank = "output" if by == "output" else ("square" if kind == "spherical_softmax" else "taylor")
+        values, indices = self._engine().topk(H, int(k), rank)
+        if by == "probability":
+            q = ((H @ self.Q) * H).sum(1, keepdim=True)
+            s = (H @ self.w_bar).unsqueeze(1)
+            values = log_prob_of_outputs(kind, values, q, s, self.out_features, eps)
         return torch.return_types.topk((values.reshape(*lead, -1), indices.reshape(*lead, -1)))
 
     def synchronize(self) -> None:
@@ -379,18 +393,21 @@ class FactoredLinear(nn.Module):
         """Exact log-probabilities of the target entries under ``kind`` = ``"spherical_softmax"`` (with ``eps``)
         or ``"taylor_softmax"``, in O(d^2) per example: the normaliser comes from the factored state, never
         from the D outputs. Shaped like ``HeadOutput.A`` (0 on ignored rows); differentiable."""
+        _check_distribution(kind, eps)
         out = self(input, target, ignore_index=ignore_index)
         t = out.target
         rows = partial(entries_of_rows, out)
-        if kind == "spherical_softmax":
-            lp = torch.log(out.A * out.A + eps) - rows(torch.log(out.q + t.num_outputs * eps))
-        elif kind == "taylor_softmax":
-            lp = torch.log1p(out.A + 0.5 * out.A * out.A) - rows(torch.log(t.num_outputs + out.s + 0.5 * out.q))
-        else:
-            raise ValueError(f"kind must be 'spherical_softmax' or 'taylor_softmax', got {kind!r}")
+        lp = log_prob_of_outputs(kind, out.A, rows(out.q), rows(out.s), t.num_outputs, eps)
         if t.rows is None:
             lp = torch.where(t.valid, lp, lp.new_zeros(()))
         return lp
+
+
+def _check_distribution(kind: str, eps: float) -> None:
+    if kind not in ("spherical_softmax", "taylor_softmax"):
+        raise ValueError(f"kind must be 'spherical_softmax' or 'taylor_softmax', got {kind!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
 
 
 class LinearSphericalLoss(nn.Module):
