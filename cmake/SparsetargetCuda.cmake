@@ -73,9 +73,9 @@ set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 find_package(CUDAToolkit REQUIRED)
 
 add_library(sparsetarget_cuda_kernels STATIC
-  csrc/cuda/blas.cu
-  csrc/cuda/factored_step.cu
-  csrc/cuda/stabilize.cu)
+  csrc/cuda/blas_cuda.cu
+  csrc/cuda/backend_cuda.cu
+  csrc/cuda/factored_step_cuda.cu)
 set_target_properties(sparsetarget_cuda_kernels PROPERTIES
   POSITION_INDEPENDENT_CODE ON
   CUDA_RUNTIME_LIBRARY Static
@@ -87,7 +87,7 @@ target_link_libraries(sparsetarget_cuda_kernels PUBLIC sparsetarget_host CUDA::c
                                                        ${SPARSETARGET_CUBLAS_LIBRARY})
 target_compile_options(sparsetarget_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3 -Xcompiler=-Wall>)
 
-pybind11_add_module(_cuda csrc/cuda/bindings.cpp)
+pybind11_add_module(_cuda csrc/cuda/bindings_cuda.cpp)
 target_link_libraries(_cuda PRIVATE sparsetarget_cuda_kernels)
 string(REPLACE ";" "," _st_archs "${CMAKE_CUDA_ARCHITECTURES}")
 target_compile_definitions(_cuda PRIVATE

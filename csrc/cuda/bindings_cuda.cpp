@@ -1,4 +1,5 @@
-// pybind11 bindings of the CUDA backend (module sparsetarget._cuda, host code), mirror of ../bindings.cpp for device memory.
+// pybind11 bindings of the CUDA backend (module sparsetarget._cuda, host code), mirror of ../cpu/bindings_cpu.cpp for
+// device memory.
 // Tensors arrive as raw device addresses with their sizes: the Python side (sparsetarget.torch._cuda) checks
 // shapes, dtypes, devices and contiguity and names the argument in its errors; this layer checks what it can
 // without reading device memory, dispatches on the dtypes and keeps the host-side step bookkeeping.
@@ -13,13 +14,10 @@
 #include <type_traits>
 #include <variant>
 
-#include "../factored_step.h"
-#include "../stabilize.h"
 #include "../stabilize_bindings.h"
 #include "../state.h"
-#include "factored_step.cuh"
-#include "stabilize.cuh"
-#include "state.cuh"
+#include "backend_cuda.cuh"
+#include "factored_step_cuda.cuh"
 
 namespace py = pybind11;
 
@@ -36,21 +34,10 @@ T* ptr(std::uintptr_t address) {
 
 cudaStream_t stream_of(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-bool capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(s, &status), "cudaStreamIsCapturing");
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // The state arrays of a layer, as device addresses (same order as the CPU core: V, U, U_inv, Q, omega, w_bar,
 // probe_max, probe_min, stats).
 struct StateAddresses {
   std::uintptr_t V, U, U_inv, Q, omega, w_bar, probe_max, probe_min, stats;
-};
-
-struct Batch {
-  std::uintptr_t H = 0;
-  DeviceTargets targets;
 };
 
 class CudaCore {
@@ -63,7 +50,7 @@ class CudaCore {
     if (!weight64 && state64) state_ = make<float, double>(a, D, d);
     if (weight64 && !state64) state_ = make<double, float>(a, D, d);
     if (weight64 && state64) state_ = make<double, double>(a, D, d);
-    ctx_.emplace();
+    backend_.emplace();
     sync_step_count();
   }
 
@@ -77,12 +64,13 @@ class CudaCore {
     std::visit([&](auto& st) {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       const int rows = checked_rows(m);
-      project(*ctx_, st, ptr<const TS>(H), rows, ptr<TS>(UH), ptr<TS>(HQ), ptr<TS>(q), ptr<TS>(s), ptr<TS>(Hw));
+      project(*backend_, st, ptr<const TS>(H), rows, ptr<TS>(UH), ptr<TS>(HQ), ptr<TS>(q), ptr<TS>(s),
+              ptr<TS>(Hw));
       const ProjectionsView<TS> p{rows, ptr<const TS>(UH), ptr<const TS>(HQ), ptr<const TS>(q), ptr<const TS>(s),
                                   ptr<const TS>(Hw)};
-      gather_outputs(*ctx_, st, p, targets(m, indptr, indices, nnz), ptr<TS>(A));
+      gather_outputs(*backend_, st, p, targets(m, indptr, indices, nnz), ptr<TS>(A));
     }, state_);
-    ctx_->publish();
+    backend_->publish();
   }
 
   void grad_hidden(std::uintptr_t stream, std::uintptr_t H, std::int64_t m, std::uintptr_t indptr,
@@ -92,7 +80,7 @@ class CudaCore {
     (void)H;
     std::visit([&](auto& st) {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      hidden_gradient(*ctx_, st, targets(m, indptr, indices, nnz), view<TS>(m, projections), ptr<const TS>(dA),
+      hidden_gradient(*backend_, st, targets(m, indptr, indices, nnz), view<TS>(m, projections), ptr<const TS>(dA),
                       ptr<const TS>(dq), ptr<const TS>(ds), ptr<TS>(grad_H));
     }, state_);
   }
@@ -107,33 +95,18 @@ class CudaCore {
     if (lr * weight_decay >= 1)
       throw py::value_error("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
     enter(stream);
-    // A correction asked for by an earlier step's monitoring runs after this step (it keeps W, so one step later
-    // changes nothing; before the step it would invalidate the projections this step was given).
-    const bool correct_after = ctx_->published().needs_correction != 0 && !capturing(ctx_->stream());
     std::visit([&](auto& st) {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       StepOptions opt;
       opt.lr = lr;
       opt.weight_decay = weight_decay;
-      opt.min_rcond = min_rcond >= 0 ? min_rcond : (std::is_same_v<TS, float> ? 3.5e-4 : 1.5e-8);
-      sparsetarget::cuda::backward_step(*ctx_, st, ptr<const TS>(H), targets(m, indptr, indices, nnz),
-                                        view<TS>(m, projections), ptr<const TS>(dA), ptr<const TS>(dq),
-                                        ptr<const TS>(ds), opt, ptr<TS>(grad_H), grad_H_known);
-      ++steps_;
-      if (stabilize.refresh_every > 0 && steps_ % stabilize.refresh_every == 0) {
-        finish_pending();
-        sparsetarget::cuda::refresh(*ctx_, st);
-      } else if (stabilize.check_every > 0 && steps_ % stabilize.check_every == 0) {
-        monitor(*ctx_, st, stabilize);
-      }
-      if (correct_after) {
-        finish_pending();
-        raise_reported();  // a failed step leaves nothing to correct
-        sparsetarget::cuda::correct(*ctx_, st, stabilize);
-        ctx_->clear();
-      }
+      opt.min_rcond = min_rcond >= 0 ? min_rcond : default_min_rcond<TS>();
+      sparsetarget::backward_step(*backend_, st, ptr<const TS>(H), targets(m, indptr, indices, nnz),
+                                  view<TS>(m, projections), ptr<const TS>(dA), ptr<const TS>(dq), ptr<const TS>(ds),
+                                  opt, ptr<TS>(grad_H), grad_H_known);
+      after_step(*backend_, st, stabilize);
     }, state_);
-    ctx_->publish();
+    backend_->publish();
   }
 
   // Raises the error of an earlier step, if the device has reported one by now (never waits otherwise).
@@ -144,35 +117,27 @@ class CudaCore {
 
   void refresh(std::uintptr_t stream) {
     enter_synchronized(stream);
-    std::visit([&](auto& st) { sparsetarget::cuda::refresh(*ctx_, st); }, state_);
+    std::visit([&](auto& st) { sparsetarget::refresh(*backend_, st); }, state_);
   }
 
   py::dict correct(std::uintptr_t stream) {
     enter_synchronized(stream);
-    const CorrectionReport r = std::visit([&](auto& st) { return sparsetarget::cuda::correct(*ctx_, st, stabilize); },
+    const CorrectionReport r = std::visit([&](auto& st) { return sparsetarget::correct(*backend_, st, stabilize); },
                                           state_);
-    ctx_->clear();
-    py::dict out;
-    out["corrected"] = r.corrected;
-    out["values_corrected"] = r.values_corrected;
-    out["sigma_max_before"] = r.sigma_max_before;
-    out["sigma_min_before"] = r.sigma_min_before;
-    out["sigma_max_after"] = r.sigma_max_after;
-    out["sigma_min_after"] = r.sigma_min_after;
-    return out;
+    return report_dict(r);
   }
 
   double inverse_error(std::uintptr_t stream) {
     enter_synchronized(stream);
-    return std::visit([&](const auto& st) { return sparsetarget::cuda::inverse_error(*ctx_, st); }, state_);
+    return std::visit([&](const auto& st) { return sparsetarget::inverse_error(*backend_, st); }, state_);
   }
 
   void set_tf32(bool on) {
     select_device();
-    ctx_->blas.set_tf32(on);
+    backend_->blas.set_tf32(on);
   }
-  bool tf32() const { return ctx_->blas.tf32(); }
-  std::size_t workspace_bytes() const { return ctx_->ws.bytes(); }
+  bool tf32() const { return backend_->blas.tf32(); }
+  std::size_t workspace_bytes() const { return backend_->workspace_bytes(); }
 
   StabilizeOptions stabilize;
   double min_rcond = -1;  // negative: the default for the state dtype
@@ -204,9 +169,9 @@ class CudaCore {
   // Every entry point: the right device, the caller's stream, and the error of an earlier step if known by now.
   void enter(std::uintptr_t stream) {
     select_device();
-    ctx_->blas.set_stream(stream_of(stream));
-    if (ctx_->published().error != kOk) {
-      finish_pending();
+    backend_->set_stream(stream_of(stream));
+    if (backend_->published().error != kOk) {
+      backend_->finish_pending();
       raise_reported();
     }
   }
@@ -215,22 +180,15 @@ class CudaCore {
   // raised here rather than cleared by the work that follows.
   void enter_synchronized(std::uintptr_t stream) {
     select_device();
-    ctx_->blas.set_stream(stream_of(stream));
-    finish_pending();
+    backend_->set_stream(stream_of(stream));
+    backend_->finish_pending();
     raise_reported();
   }
 
-  // Waits for the device and makes the published status current.
-  void finish_pending() {
-    check(cudaDeviceSynchronize(), "synchronize");
-    ctx_->publish();
-    check(cudaStreamSynchronize(ctx_->stream()), "synchronize");
-  }
-
   void raise_reported() {
-    const DeviceStatus status = ctx_->published();
+    const StepFlags status = backend_->published();
     if (status.error == kOk) return;
-    ctx_->clear();
+    backend_->clear();
     sync_step_count();
     char msg[400];
     switch (status.error) {
@@ -259,7 +217,7 @@ class CudaCore {
     std::visit([&](const auto& st) {
       double steps = 0;
       check(cudaMemcpy(&steps, st.stats + kStatSteps, sizeof(double), cudaMemcpyDeviceToHost), "copy to host");
-      steps_ = static_cast<std::int64_t>(steps);
+      backend_->set_steps(static_cast<std::int64_t>(steps));
     }, state_);
   }
 
@@ -268,10 +226,15 @@ class CudaCore {
     return static_cast<int>(m);
   }
 
-  DeviceTargets targets(std::int64_t m, std::uintptr_t indptr, std::uintptr_t indices, std::int64_t nnz) const {
+  Targets targets(std::int64_t m, std::uintptr_t indptr, std::uintptr_t indices, std::int64_t nnz) const {
     checked_rows(m);
     if (nnz < 0) throw py::value_error("targets nnz must be >= 0");
-    return {m, nnz, ptr<const std::int64_t>(indptr), ptr<const std::int64_t>(indices)};
+    Targets t;
+    t.m = m;
+    t.nnz = nnz;
+    t.indptr = ptr<const std::int64_t>(indptr);
+    t.indices = ptr<const std::int64_t>(indices);
+    return t;
   }
 
   template <class TS>
@@ -283,8 +246,7 @@ class CudaCore {
 
   int device_;
   AnyState state_;
-  std::optional<Context> ctx_;
-  std::int64_t steps_ = 0;  // host copy of stats[kStatSteps], for check_every / refresh_every
+  std::optional<CudaBackend> backend_;
 };
 
 // (usable, reason): whether a CUDA device can run this build, and why not.

@@ -1,5 +1,5 @@
-// pybind11 bindings: argument checks (each error names the argument and what was expected) and dispatch on the
-// weight/state dtypes. No maths here.
+// pybind11 bindings of the CPU backend (module sparsetarget._core): argument checks (each error names the argument
+// and what was expected) and dispatch on the weight/state dtypes. No maths here. Mirror of ../cuda/bindings_cuda.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,17 +8,17 @@
 #include <string>
 #include <variant>
 
-#include "blas.h"
-#include "dense_tiles.h"
-#include "factored_step.h"
-#include "kernels.h"
-#include "losses.h"
-#include "stabilize.h"
-#include "stabilize_bindings.h"
-#include "state.h"
+#include "../losses.h"
+#include "../stabilize_bindings.h"
+#include "../state.h"
+#include "blas_cpu.h"
+#include "dense_tiles_cpu.h"
+#include "factored_step_cpu.h"
+#include "kernels_cpu.h"
 
 namespace py = pybind11;
 using namespace sparsetarget;
+using cpu::cpu_backend;
 
 namespace {
 
@@ -77,6 +77,7 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
       throw py::value_error("targets index " + std::to_string(idx[e]) + " is out of range [0, " + std::to_string(D) +
                             ")");
   t.view.m = m;
+  t.view.nnz = nnz;
   t.view.indptr = ip;
   t.view.indices = idx;
   return t;
@@ -88,6 +89,17 @@ void check_scalar(double x, const char* name, bool allow_zero = true) {
                           std::to_string(x));
 }
 
+// The projections of H (docs/algorithm.md §3) into this thread's scratch, valid until the next call on this thread.
+template <class TV, class TS>
+ProjectionsView<TS> project_into_scratch(const FactoredState<TV, TS>& st, const TS* H, int m) {
+  auto& b = cpu_backend();
+  const std::size_t md = static_cast<std::size_t>(m) * st.d;
+  TS *UH = b.scratch<TS>(kSlotUH, md), *HQ = b.scratch<TS>(kSlotHQ, md), *q = b.scratch<TS>(kSlotQ, m),
+     *s = b.scratch<TS>(kSlotS, m), *Hw = b.scratch<TS>(kSlotHw, m);
+  project(b, st, H, m, UH, HQ, q, s, Hw);
+  return {m, UH, HQ, q, s, Hw};
+}
+
 // Inputs of grad_hidden / backward_step, checked: H, targets, the loss partials and optional projections of H.
 template <class TS>
 struct BackwardInputs {
@@ -95,10 +107,10 @@ struct BackwardInputs {
   TargetArrays t;
   std::vector<py::array_t<TS>> given;  // UH, HQ, q, s, Hw from forward(keep_projections=True), or empty
 
-  // The given projections, or those of H computed now (valid until the next project() on this thread).
+  // The given projections, or those of H computed now into this thread's scratch.
   template <class State>
   ProjectionsView<TS> projections(const State& st) const {
-    if (given.empty()) return project(st, h.data(), static_cast<int>(h.shape(0))).view();
+    if (given.empty()) return project_into_scratch(st, h.data(), static_cast<int>(h.shape(0)));
     return {static_cast<int>(h.shape(0)), given[0].data(), given[1].data(), given[2].data(), given[3].data(),
             given[4].data()};
   }
@@ -138,15 +150,19 @@ class Core {
       }
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(m));
-        gather_outputs(st, p.view(), t.view, A.mutable_data());
-        std::copy(p.q.begin(), p.q.end(), q.mutable_data());
-        std::copy(p.s.begin(), p.s.end(), s.mutable_data());
+        auto& b = cpu_backend();
+        const int rows = static_cast<int>(m);
+        ProjectionsView<TS> p;
         if (keep_projections) {
-          std::copy(p.UH.begin(), p.UH.end(), UH.mutable_data());
-          std::copy(p.HQ.begin(), p.HQ.end(), HQ.mutable_data());
-          std::copy(p.Hw.begin(), p.Hw.end(), Hw.mutable_data());
+          project(b, st, h.data(), rows, UH.mutable_data(), HQ.mutable_data(), q.mutable_data(), s.mutable_data(),
+                  Hw.mutable_data());
+          p = {rows, UH.data(), HQ.data(), q.data(), s.data(), Hw.data()};
+        } else {
+          p = project_into_scratch(st, h.data(), rows);
+          std::copy(p.q, p.q + m, q.mutable_data());
+          std::copy(p.s, p.s + m, s.mutable_data());
         }
+        sparsetarget::gather_outputs(b, st, p, t.view, A.mutable_data());
       }
       if (!keep_projections) return py::make_tuple(A, q, s);
       return py::make_tuple(A, q, s, py::make_tuple(UH, HQ, q, s, Hw));
@@ -174,15 +190,16 @@ class Core {
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(m));
+        auto& b = cpu_backend();
+        const auto p = project_into_scratch(st, h.data(), static_cast<int>(m));
         std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
-        gather_outputs(st, p.view(), t.view, A.data());
-        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q.data(), p.s.data(), losses.mutable_data(),
-                      dA.data(), dq.data(), ds.data());
+        sparsetarget::gather_outputs(b, st, p, t.view, A.data());
+        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q, p.s, losses.mutable_data(), dA.data(), dq.data(),
+                      ds.data());
         if (do_step) {
-          backward_step(st, h.data(), t.view, p.view(), dA.data(), dq.data(), ds.data(), step_options(lr, weight_decay),
-                        grad_H.mutable_data());
-          after_step(st, stabilize_);
+          sparsetarget::backward_step(b, st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(),
+                                      step_options(lr, weight_decay), grad_H.mutable_data());
+          after_step(b, st, stabilize_);
         }
       }
       if (!do_step) return losses;
@@ -200,8 +217,8 @@ class Core {
       py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        hidden_gradient(st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
-                        grad_H.mutable_data());
+        sparsetarget::hidden_gradient(cpu_backend(), st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
+                                      in.ds.data(), grad_H.mutable_data());
       }
       return grad_H;
     }, state_);
@@ -226,9 +243,10 @@ class Core {
       }
       {
         py::gil_scoped_release release;
-        backward_step(st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
-                      step_options(lr, weight_decay), grad_H.mutable_data(), known);
-        after_step(st, stabilize_);
+        auto& b = cpu_backend();
+        sparsetarget::backward_step(b, st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
+                                    in.ds.data(), step_options(lr, weight_decay), grad_H.mutable_data(), known);
+        after_step(b, st, stabilize_);
       }
       return grad_H;
     }, state_);
@@ -237,27 +255,20 @@ class Core {
   void refresh_py() {
     std::visit([&](auto& st) {
       py::gil_scoped_release release;
-      refresh(st);
+      sparsetarget::refresh(cpu_backend(), st);
     }, state_);
   }
 
   py::dict correct_py() {
     CorrectionReport r = std::visit([&](auto& st) {
       py::gil_scoped_release release;
-      return correct(st, stabilize_);
+      return sparsetarget::correct(cpu_backend(), st, stabilize_);
     }, state_);
-    py::dict out;
-    out["corrected"] = r.corrected;
-    out["values_corrected"] = r.values_corrected;
-    out["sigma_max_before"] = r.sigma_max_before;
-    out["sigma_min_before"] = r.sigma_min_before;
-    out["sigma_max_after"] = r.sigma_max_after;
-    out["sigma_min_after"] = r.sigma_min_after;
-    return out;
+    return report_dict(r);
   }
 
   double inverse_error_py() const {
-    return std::visit([](const auto& st) { return inverse_error(st); }, state_);
+    return std::visit([](const auto& st) { return sparsetarget::inverse_error(cpu_backend(), st); }, state_);
   }
 
   py::array weight_rows_py(std::int64_t start, std::int64_t stop) const {
@@ -382,7 +393,7 @@ class Core {
     o.lr = lr;
     o.weight_decay = weight_decay;
     const bool single = std::visit([](const auto& s) { return std::is_same_v<typename std::decay_t<decltype(s)>::state_type, float>; }, state_);
-    o.min_rcond = min_rcond >= 0 ? min_rcond : (single ? 3.5e-4 : 1.5e-8);
+    o.min_rcond = min_rcond >= 0 ? min_rcond : (single ? default_min_rcond<float>() : default_min_rcond<double>());
     return o;
   }
 
