@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import sparsetarget as st
 from conftest import CSR, make_targets
-from reference import DenseSGD, dense_loss, dense_targets, rel_err
+from reference import LOSSES, DenseSGD, dense_loss, dense_targets, rel_err
 
-LOSSES = {
-    "squared_error": {},
-    "spherical_softmax": {"eps": 0.05},
-    "taylor_softmax": {},
-    "z_loss": {"a": 0.7, "b": 1.5},
-}
 D, d = 101, 13
 STEPS = 4
 
