@@ -368,8 +368,8 @@ def _stack(records: list[Recorded], cat: Callable[[list[Any]], Any]) -> Recorded
     for r in records:
         parts.append(r.targets.indptr[1:] + offset)
         offset += r.targets.indices.shape[0]
-    targets = CSRTargets(cat(parts), cat([r.targets.indices for r in records]), None, None, False)  # a step needs
-    # only the entries' rows and indices
+    # a step needs only indptr and indices: dA below is already per entry
+    targets = CSRTargets(cat(parts), cat([r.targets.indices for r in records]), None, None, False)
     projections = None
     if all(r.projections is not None for r in records):
         projections = tuple(cat([r.projections[i] for r in records]) for i in range(len(records[0].projections)))
