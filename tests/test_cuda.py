@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 import sparsetarget as st  # noqa: E402
 import sparsetarget.torch as stt  # noqa: E402
 from conftest import cuda_state  # noqa: E402
+from reference import LOSSES  # noqa: E402
 from torch_reference import max_rel, to_device, torch_targets  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -57,7 +58,7 @@ def make_batches(kind, seed=1, sizes=(1, 5, 12, 3), D=D, d_in=D_IN):
 
 
 @pytest.mark.parametrize("kind", ["class", "class_ignore", "csr"])
-@pytest.mark.parametrize("loss", ["squared_error", "spherical_softmax", "taylor_softmax", "z_loss"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_cuda_matches_cpu_float64(kind, loss):
     cpu, gpu = twin_heads()
     batches = make_batches(kind)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import sparsetarget as st  # noqa: E402
 import sparsetarget.torch as stt  # noqa: E402
-from sparsetarget.torch._backend import check_device  # noqa: E402
+from sparsetarget._engine import check_device  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_reference import dense_loss, max_rel, torch_targets  # noqa: E402
 
@@ -256,7 +256,7 @@ def test_state_reaches_the_core_without_copies_and_is_updated_in_place():
     head = make_head(bias=False)
     engine = head._engine()
     for name, tensor in zip(st.layer.STATE_ARRAYS, head._state_tensors()):
-        assert engine.layer._arrays[name].ctypes.data == tensor.data_ptr(), name
+        assert engine.arrays[name].ctypes.data == tensor.data_ptr(), name
     ptrs = [t.data_ptr() for t in head._state_tensors()]
     V0 = head.V.clone()
     opt = stt.FactoredSGD(head, lr=0.5)

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"factorisation: condition of U {diag['condition']:.2f}, ||U U^-1 - I|| {diag['inverse_error']:.1e}, "
           f"{diag['corrections']} corrections")
 
-    W = layer.weight()
+    W = layer.dense_weight()
     dense_times = []
     for _ in range(5):
         pos = rng.integers(2, split, m)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..layer import _check_scalar
+from .._engine import check_lr, check_scalar
 from .modules import FactoredLinear
 
 # Options of torch.optim.SGD and others that need a dense per-coordinate state of W, with why they cannot be exact.
@@ -58,7 +58,7 @@ class FactoredSGD(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr and weight_decay")
         self._head_of: dict[int, FactoredLinear] = {}
-        defaults = {"lr": _check_scalar(lr, "lr"), "weight_decay": _check_scalar(weight_decay, "weight_decay")}
+        defaults = {"lr": check_scalar(lr, "lr"), "weight_decay": check_scalar(weight_decay, "weight_decay")}
         if isinstance(params, FactoredLinear):
             groups: Iterable[Any] = [{"params": [params]}]
         else:
@@ -73,7 +73,7 @@ class FactoredSGD(torch.optim.Optimizer):
         heads = _heads(group["params"])
         for name in ("lr", "weight_decay"):
             if name in group:
-                group[name] = _check_scalar(group[name], name)
+                group[name] = check_scalar(group[name], name)
         # torch.optim keeps tensors: each head is represented by its V buffer.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
@@ -101,10 +101,7 @@ class FactoredSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = _check_scalar(group["lr"], "lr")
-            weight_decay = _check_scalar(group["weight_decay"], "weight_decay")
-            if lr * weight_decay >= 1:
-                raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay}")
+            lr, weight_decay = check_lr(group["lr"], group["weight_decay"])
             for V in group["params"]:
                 self._head(V)._apply_pending(lr, weight_decay)
         return loss
