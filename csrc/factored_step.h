@@ -7,6 +7,7 @@
 //   V[k] <- V[k] - lr sum_j z_jk (h_j^T U_new^-1).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -48,6 +49,16 @@ struct StepOptions {
   double weight_decay = 0;
   double min_rcond = 0;  // refuse the step when rcond(M) (Woodbury: of the m x m system, §5.7) is below this
 };
+
+// lr and weight_decay finite and >= 0 with lr * weight_decay < 1 (so that c = 1 - lr wd > 0, §5.12); throws
+// std::invalid_argument naming the argument.
+inline void check_step_options(double lr, double weight_decay) {
+  if (!std::isfinite(lr) || lr < 0) throw std::invalid_argument("lr must be finite and >= 0, got " + std::to_string(lr));
+  if (!std::isfinite(weight_decay) || weight_decay < 0)
+    throw std::invalid_argument("weight_decay must be finite and >= 0, got " + std::to_string(weight_decay));
+  if (!(lr * weight_decay < 1))
+    throw std::invalid_argument("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
+}
 
 // UH = H U^T, HQ = H Q, q_j = h_j^T Q h_j, s = H w_bar, Hw = H omega (§3).
 template <class B, class TV, class TS>
@@ -104,11 +115,10 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   const int d = st.d, m = p.m;
   const std::size_t md = static_cast<std::size_t>(m) * d, dd = static_cast<std::size_t>(d) * d,
                     mm = static_cast<std::size_t>(m) * m;
+  check_step_options(opt.lr, opt.weight_decay);
   const TS lr = static_cast<TS>(opt.lr);
   const TS c = static_cast<TS>(1.0 - opt.lr * opt.weight_decay);
   const TS D = static_cast<TS>(st.D);
-  if (!(static_cast<double>(c) > 0))
-    throw std::invalid_argument("lr * weight_decay must be < 1 (got " + std::to_string(opt.lr * opt.weight_decay) + ")");
 
   // Inputs the caller could not check without reading device memory.
   b.require_finite_input(H, md, "H");

@@ -59,3 +59,33 @@ def test_lr_and_weight_decay_checked_by_one_function():
     H = np.ones((1, 5))
     with pytest.raises(ValueError, match="lr \\* weight_decay"):
         layer.backward_step(H, np.array([1]), np.ones(1), np.ones(1), np.ones(1), 2.0, 0.5)
+
+
+COMMON_METHODS = ("forward", "grad_hidden", "backward_step", "refresh", "stabilize", "inverse_error", "synchronize",
+                  "poll")
+COMMON_PROPERTIES = ("D", "d", "stream", "tf32", "min_rcond", "sigma_low", "sigma_high", "inverse_tol", "check_every",
+                     "refresh_every")
+
+
+def _signature_and_doc(method) -> tuple[list[str], str]:
+    """Argument names and the docstring body of a pybind11 method (types and module names left out)."""
+    head, _, body = method.__doc__.partition("\n")
+    return re.findall(r"(\w+):", head.split("(", 1)[1]), body.strip()
+
+
+@pytest.mark.skipif(not st.build_info()["cuda"], reason="a CPU-only build has no CUDA module to compare")
+def test_cpu_and_cuda_cores_bind_the_same_methods():
+    cuda = _engine.cuda_module()  # importable without a GPU
+    cpu_core, cuda_core = _engine._core.FactoredCore, cuda.FactoredCore
+    for name in COMMON_METHODS:
+        assert _signature_and_doc(getattr(cpu_core, name)) == _signature_and_doc(getattr(cuda_core, name)), name
+    for name in COMMON_PROPERTIES:
+        assert getattr(cpu_core, name).__doc__ == getattr(cuda_core, name).__doc__, name
+    assert _signature_and_doc(cpu_core.__init__)[0] == _signature_and_doc(cuda_core.__init__)[0]
+
+
+def test_policy_defaults_come_from_the_core():
+    defaults = _engine._core.DEFAULT_STABILIZATION
+    assert _engine.STABILIZATION_DEFAULTS["sigma_range"] == (defaults["sigma_low"], defaults["sigma_high"])
+    assert _engine.default_min_rcond(np.float32) == pytest.approx(np.sqrt(np.finfo(np.float32).eps), rel=1e-6)
+    assert _engine.default_min_rcond(np.float64) == pytest.approx(np.sqrt(np.finfo(np.float64).eps), rel=1e-12)

@@ -9,7 +9,7 @@
 #include <variant>
 
 #include "../losses.h"
-#include "../stabilize_bindings.h"
+#include "../bindings_common.h"
 #include "../state.h"
 #include "blas_cpu.h"
 #include "dense_tiles_cpu.h"
@@ -56,6 +56,11 @@ py::array_t<T> checked(const py::handle& obj, const char* name, std::initializer
   return py::reinterpret_borrow<py::array_t<T>>(a);
 }
 
+py::array as_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
 struct TargetArrays {
   py::array_t<std::int64_t> indptr, indices;
   Targets view;
@@ -81,12 +86,6 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
   t.view.indptr = ip;
   t.view.indices = idx;
   return t;
-}
-
-void check_scalar(double x, const char* name, bool allow_zero = true) {
-  if (!std::isfinite(x) || x < 0 || (!allow_zero && x == 0))
-    throw py::value_error(std::string(name) + " must be finite and " + (allow_zero ? ">= 0" : "> 0") + ", got " +
-                          std::to_string(x));
 }
 
 // The projections of H (docs/algorithm.md §3) into this thread's scratch, valid until the next call on this thread.
@@ -118,9 +117,13 @@ struct BackwardInputs {
 
 class Core {
  public:
-  Core(py::array V, py::array U, py::array U_inv, py::array Q, py::array omega, py::array w_bar, py::array probe_max,
-       py::array probe_min, py::array stats)
-      : arrays_{V, U, U_inv, Q, omega, w_bar, probe_max, probe_min, stats} {
+  Core(py::handle V_, py::handle U_, py::handle U_inv, py::handle Q, py::handle omega, py::handle w_bar,
+       py::handle probe_max, py::handle probe_min, py::handle stats)
+      : arrays_{as_array(V_, "V"),     as_array(U_, "U"),           as_array(U_inv, "U_inv"),
+                as_array(Q, "Q"),      as_array(omega, "omega"),   as_array(w_bar, "w_bar"),
+                as_array(probe_max, "probe_max"), as_array(probe_min, "probe_min"), as_array(stats, "stats")} {
+    const py::array& V = arrays_[0];
+    const py::array& U = arrays_[1];
     const bool v32 = V.dtype().is(py::dtype::of<float>()), v64 = V.dtype().is(py::dtype::of<double>());
     const bool s32 = U.dtype().is(py::dtype::of<float>()), s64 = U.dtype().is(py::dtype::of<double>());
     if (!v32 && !v64) throw py::type_error("V must be float32 or float64, got " + dtype_name(V));
@@ -173,7 +176,7 @@ class Core {
   py::object loss_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                        const py::handle& values, const py::handle& active, const LossSpec& spec, bool do_step,
                        double lr, double weight_decay) {
-    if (do_step) check_step_scalars(lr, weight_decay);
+    if (do_step) check_step_options(lr, weight_decay);
     return std::visit([&](auto& st) -> py::object {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto h = checked_H<TS>(H);
@@ -208,7 +211,7 @@ class Core {
   }
 
   // grad_H for a loss with partials (dA, dq, ds), no state change.
-  py::array grad_hidden_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+  py::array grad_hidden(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                            const py::handle& dA, const py::handle& dq, const py::handle& ds,
                            const py::handle& projections) const {
     return std::visit([&](const auto& st) -> py::array {
@@ -224,10 +227,9 @@ class Core {
     }, state_);
   }
 
-  py::array backward_step_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+  py::array backward_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                              const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
                              double weight_decay, const py::handle& projections, const py::handle& known_grad_H) {
-    check_step_scalars(lr, weight_decay);
     return std::visit([&](auto& st) -> py::array {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto in = checked_backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
@@ -252,14 +254,14 @@ class Core {
     }, state_);
   }
 
-  void refresh_py() {
+  void refresh() {
     std::visit([&](auto& st) {
       py::gil_scoped_release release;
       sparsetarget::refresh(cpu_backend(), st);
     }, state_);
   }
 
-  py::dict correct_py() {
+  py::dict stabilize() {
     CorrectionReport r = std::visit([&](auto& st) {
       py::gil_scoped_release release;
       return sparsetarget::correct(cpu_backend(), st, stabilize_);
@@ -267,7 +269,7 @@ class Core {
     return report_dict(r);
   }
 
-  double inverse_error_py() const {
+  double inverse_error() const {
     return std::visit([](const auto& st) { return sparsetarget::inverse_error(cpu_backend(), st); }, state_);
   }
 
@@ -316,6 +318,14 @@ class Core {
       return py::make_tuple(values, indices);
     }, state_);
   }
+
+  // Nothing is asynchronous on the CPU: errors are raised by the call that meets them.
+  void synchronize() const {}
+  void poll() const {}
+  std::uintptr_t get_stream() const { return 0; }
+  void set_stream(std::uintptr_t) {}
+  bool tf32() const { return false; }
+  void set_tf32(bool) {}
 
   StabilizeOptions stabilize_;
   double min_rcond = -1;  // negative: the default for the state dtype (sqrt of its machine epsilon)
@@ -382,11 +392,6 @@ class Core {
                             std::to_string(D) + "]");
   }
 
-  static void check_step_scalars(double lr, double weight_decay) {
-    check_scalar(lr, "lr");
-    check_scalar(weight_decay, "weight_decay");
-    if (lr * weight_decay >= 1) throw py::value_error("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
-  }
 
   StepOptions step_options(double lr, double weight_decay) const {
     StepOptions o;
@@ -421,6 +426,10 @@ PYBIND11_MODULE(_core, m) {
     info["blas_threads"] = blas::get_num_threads();
     return info;
   }, "How this _core was built: version, BLAS, compiler, CUDA support.");
+  m.attr("DEFAULT_STABILIZATION") = policy_dict(StabilizeOptions{});
+  m.def("default_min_rcond", [](bool float64) {
+    return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
+  }, py::arg("float64"), "The default min_rcond of a state dtype: sqrt of its machine epsilon.");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), "Set the number of BLAS threads.");
   m.def("get_num_threads", &blas::get_num_threads, "Number of BLAS threads.");
 
@@ -432,17 +441,9 @@ PYBIND11_MODULE(_core, m) {
         "Check a loss name and its options; raises ValueError naming a bad option.");
 
   py::class_<Core> core_class(m, "FactoredCore", "In-place operations on the arrays of a factored layer W = V U + 1 omega^T.");
+  def_factored_core(core_class);
+  // The CPU's own: the built-in losses evaluated in C++ (the NumPy API's loss and step) and the dense views.
   core_class
-      .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array>(),
-           py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
-           py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"),
-           "Wrap the state arrays (C-contiguous, writeable; V float32/float64, the rest in the state dtype).")
-      .def_property_readonly("D", &Core::D, "Number of outputs.")
-      .def_property_readonly("d", &Core::d, "Hidden size.")
-      .def("forward", &Core::forward, py::arg("H"), py::arg("indptr"), py::arg("indices"),
-           py::arg("keep_projections") = false,
-           "(A, q, s): outputs at the target entries, ||o||^2 and sum(o) per row; with keep_projections, "
-           "(A, q, s, projections) where projections can be passed to grad_hidden and backward_step.")
       .def("loss", [](Core& c, py::handle H, py::handle ip, py::handle ix, py::handle v, py::handle act, const LossSpec& s) {
              return c.loss_step(H, ip, ix, v, act, s, false, 0, 0);
            }, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
@@ -451,24 +452,11 @@ PYBIND11_MODULE(_core, m) {
                       double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
-      .def("grad_hidden", &Core::grad_hidden_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
-           py::arg("dq"), py::arg("ds"), py::arg("projections") = py::none(),
-           "grad_H = dL/dH for a loss with the given partial derivatives; no state change.")
-      .def("backward_step", &Core::backward_step_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
-           py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"), py::arg("projections") = py::none(),
-           py::arg("grad_H") = py::none(),
-           "grad_H and one exact SGD step for a loss with the given partial derivatives; grad_H from grad_hidden "
-           "(with the same projections) can be passed to skip recomputing it.")
-      .def("refresh", &Core::refresh_py, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
-      .def("correct", &Core::correct_py, "SVD-based correction of U's singular values (one pass over V).")
-      .def("inverse_error", &Core::inverse_error_py, "||U U^-1 - I||_F (O(d^3)).")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",
            "(outputs, indices) of the k best outputs per row, ranked by the output ('output'), its square ('square') "
-           "or 1 + o + o^2/2 ('taylor').")
-      .def_readwrite("min_rcond", &Core::min_rcond);
-  def_stabilization(core_class, &Core::stabilize_);
+           "or 1 + o + o^2/2 ('taylor').");
 
   py::enum_<Stat>(m, "Stat", "Indices into the stats array.")
       .value("steps", kStatSteps)

@@ -1,8 +1,8 @@
-// pybind11 bindings of the CUDA backend (module sparsetarget._cuda, host code), mirror of ../cpu/bindings_cpu.cpp for
-// device memory.
-// Tensors arrive as raw device addresses with their sizes: the Python side (sparsetarget.torch._cuda) checks
-// shapes, dtypes, devices and contiguity and names the argument in its errors; this layer checks what it can
-// without reading device memory, dispatches on the dtypes and keeps the host-side step bookkeeping.
+// pybind11 bindings of the CUDA backend (module sparsetarget._cuda, host code), mirror of ../cpu/bindings_cpu.cpp:
+// the same FactoredCore (../bindings_common.h) over torch CUDA tensors instead of NumPy arrays. Each tensor's dtype,
+// shape, device and contiguity are checked here with errors naming the argument; what only the device can see
+// (NaN/inf, a target index out of range, a singular update) is recorded on the device and raised by a later call
+// (see backend_cuda.cuh). Outputs are allocated by torch (its caching allocator). No maths here.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,8 +13,9 @@
 #include <string>
 #include <type_traits>
 #include <variant>
+#include <vector>
 
-#include "../stabilize_bindings.h"
+#include "../bindings_common.h"
 #include "../state.h"
 #include "backend_cuda.cuh"
 #include "factored_step_cuda.cuh"
@@ -28,28 +29,89 @@ using AnyState = std::variant<FactoredState<float, float>, FactoredState<float, 
                               FactoredState<double, float>, FactoredState<double, double>>;
 
 template <class T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
+const char* torch_dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "torch.float32";
+  if constexpr (std::is_same_v<T, double>) return "torch.float64";
+  return "torch.int64";
 }
 
-cudaStream_t stream_of(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+std::string shape_str(const std::vector<std::int64_t>& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
 
-// The state arrays of a layer, as device addresses (same order as the CPU core: V, U, U_inv, Q, omega, w_bar,
-// probe_max, probe_min, stats).
-struct StateAddresses {
-  std::uintptr_t V, U, U_inv, Q, omega, w_bar, probe_max, probe_min, stats;
+// A CUDA tensor's memory, checked: dtype T, the expected shape (-1: any), contiguous, on a CUDA device.
+struct DeviceTensor {
+  std::uintptr_t address = 0;
+  std::vector<std::int64_t> shape;
+  int device = 0;
 };
 
-class CudaCore {
+DeviceTensor device_tensor(const py::handle& obj, const char* name) {
+  if (!py::hasattr(obj, "data_ptr") || !py::hasattr(obj, "is_cuda"))
+    throw py::type_error(std::string(name) + " must be a torch CUDA tensor, got " +
+                         py::str(py::type::of(obj)).cast<std::string>());
+  if (!obj.attr("is_cuda").cast<bool>()) throw py::value_error(std::string(name) + " must be on a CUDA device");
+  DeviceTensor t;
+  for (const auto& n : obj.attr("shape")) t.shape.push_back(n.cast<std::int64_t>());
+  if (!obj.attr("is_contiguous")().cast<bool>()) throw py::value_error(std::string(name) + " must be contiguous");
+  t.address = obj.attr("data_ptr")().cast<std::uintptr_t>();
+  t.device = obj.attr("device").attr("index").cast<int>();
+  return t;
+}
+
+template <class T>
+T* checked(const py::handle& obj, const char* name, std::initializer_list<std::int64_t> shape) {
+  const DeviceTensor t = device_tensor(obj, name);
+  const std::string dtype = py::str(obj.attr("dtype")).cast<std::string>();
+  if (dtype != torch_dtype_name<T>())
+    throw py::type_error(std::string(name) + " must have dtype " + torch_dtype_name<T>() + ", got " + dtype);
+  if (t.shape.size() != shape.size())
+    throw py::value_error(std::string(name) + " must have " + std::to_string(shape.size()) +
+                          " dimensions, got shape " + shape_str(t.shape));
+  std::size_t i = 0;
+  for (std::int64_t n : shape) {
+    if (n >= 0 && t.shape[i] != n)
+      throw py::value_error(std::string(name) + " has shape " + shape_str(t.shape) + ", expected dimension " +
+                            std::to_string(i) + " to be " + std::to_string(n));
+    ++i;
+  }
+  return reinterpret_cast<T*>(t.address);
+}
+
+// torch.empty(shape, dtype=like.dtype, device=like.device)
+py::object empty_like_device(const py::handle& like, std::initializer_list<std::int64_t> shape) {
+  static py::object empty = py::module_::import("torch").attr("empty");
+  py::tuple dims(shape.size());
+  std::size_t i = 0;
+  for (std::int64_t n : shape) dims[i++] = py::int_(n);
+  return empty(dims, py::arg("dtype") = like.attr("dtype"), py::arg("device") = like.attr("device"));
+}
+
+class Core {
  public:
-  CudaCore(const StateAddresses& a, std::int64_t D, int d, bool weight64, bool state64, int device)
-      : device_(device) {
-    if (D < 1 || d < 1) throw py::value_error("V must have at least one row and one column");
+  Core(py::handle V, py::handle U, py::handle U_inv, py::handle Q, py::handle omega, py::handle w_bar,
+       py::handle probe_max, py::handle probe_min, py::handle stats)
+      : tensors_{py::reinterpret_borrow<py::object>(V),         py::reinterpret_borrow<py::object>(U),
+                 py::reinterpret_borrow<py::object>(U_inv),     py::reinterpret_borrow<py::object>(Q),
+                 py::reinterpret_borrow<py::object>(omega),     py::reinterpret_borrow<py::object>(w_bar),
+                 py::reinterpret_borrow<py::object>(probe_max), py::reinterpret_borrow<py::object>(probe_min),
+                 py::reinterpret_borrow<py::object>(stats)} {
+    const DeviceTensor v = device_tensor(V, "V");
+    if (v.shape.size() != 2 || v.shape[0] < 1 || v.shape[1] < 1)
+      throw py::value_error("V must have at least one row and one column, got shape " + shape_str(v.shape));
+    device_ = v.device;
     select_device();
-    if (!weight64 && !state64) state_ = make<float, float>(a, D, d);
-    if (!weight64 && state64) state_ = make<float, double>(a, D, d);
-    if (weight64 && !state64) state_ = make<double, float>(a, D, d);
-    if (weight64 && state64) state_ = make<double, double>(a, D, d);
+    const std::string vt = py::str(V.attr("dtype")).cast<std::string>();
+    const std::string ut = py::str(U.attr("dtype")).cast<std::string>();
+    const bool v64 = vt == "torch.float64", s64 = ut == "torch.float64";
+    if (!v64 && vt != "torch.float32") throw py::type_error("V must be float32 or float64, got " + vt);
+    if (!s64 && ut != "torch.float32") throw py::type_error("U must be float32 or float64, got " + ut);
+    if (!v64 && !s64) state_ = make<float, float>();
+    if (!v64 && s64) state_ = make<float, double>();
+    if (v64 && !s64) state_ = make<double, float>();
+    if (v64 && s64) state_ = make<double, double>();
     backend_.emplace();
     sync_step_count();
   }
@@ -57,107 +119,160 @@ class CudaCore {
   std::int64_t D() const { return std::visit([](const auto& s) { return s.D; }, state_); }
   int d() const { return std::visit([](const auto& s) { return s.d; }, state_); }
 
-  void forward(std::uintptr_t stream, std::uintptr_t H, std::int64_t m, std::uintptr_t indptr, std::uintptr_t indices,
-               std::int64_t nnz, std::uintptr_t A, std::uintptr_t q, std::uintptr_t s, std::uintptr_t UH,
-               std::uintptr_t HQ, std::uintptr_t Hw) {
-    enter(stream);
-    std::visit([&](auto& st) {
+  py::tuple forward(const py::handle& H, const py::handle& indptr, const py::handle& indices, bool keep_projections) {
+    enter();
+    return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      const int rows = checked_rows(m);
-      project(*backend_, st, ptr<const TS>(H), rows, ptr<TS>(UH), ptr<TS>(HQ), ptr<TS>(q), ptr<TS>(s),
-              ptr<TS>(Hw));
-      const ProjectionsView<TS> p{rows, ptr<const TS>(UH), ptr<const TS>(HQ), ptr<const TS>(q), ptr<const TS>(s),
-                                  ptr<const TS>(Hw)};
-      gather_outputs(*backend_, st, p, targets(m, indptr, indices, nnz), ptr<TS>(A));
-    }, state_);
-    backend_->publish();
-  }
-
-  void grad_hidden(std::uintptr_t stream, std::uintptr_t H, std::int64_t m, std::uintptr_t indptr,
-                   std::uintptr_t indices, std::int64_t nnz, std::uintptr_t dA, std::uintptr_t dq, std::uintptr_t ds,
-                   const std::vector<std::uintptr_t>& projections, std::uintptr_t grad_H) {
-    enter(stream);
-    (void)H;
-    std::visit([&](auto& st) {
-      using TS = typename std::decay_t<decltype(st)>::state_type;
-      hidden_gradient(*backend_, st, targets(m, indptr, indices, nnz), view<TS>(m, projections), ptr<const TS>(dA),
-                      ptr<const TS>(dq), ptr<const TS>(ds), ptr<TS>(grad_H));
+      const std::int64_t m = rows_of(H), d = st.d;
+      const TS* h = checked<TS>(H, "H", {m, d});
+      const Targets t = targets(indptr, indices, m);
+      py::object A = empty_like_device(H, {t.nnz}), q = empty_like_device(H, {m}), s = empty_like_device(H, {m});
+      py::object UH = empty_like_device(H, {m, d}), HQ = empty_like_device(H, {m, d}), Hw = empty_like_device(H, {m});
+      const ProjectionsView<TS> p = view<TS>(m, py::make_tuple(UH, HQ, q, s, Hw));
+      project(*backend_, st, h, static_cast<int>(m), const_cast<TS*>(p.UH), const_cast<TS*>(p.HQ),
+              const_cast<TS*>(p.q), const_cast<TS*>(p.s), const_cast<TS*>(p.Hw));
+      gather_outputs(*backend_, st, p, t, checked<TS>(A, "A", {t.nnz}));
+      backend_->publish();
+      if (!keep_projections) return py::make_tuple(A, q, s);
+      return py::make_tuple(A, q, s, py::make_tuple(UH, HQ, q, s, Hw));
     }, state_);
   }
 
-  void backward_step(std::uintptr_t stream, std::uintptr_t H, std::int64_t m, std::uintptr_t indptr,
-                     std::uintptr_t indices, std::int64_t nnz, std::uintptr_t dA, std::uintptr_t dq, std::uintptr_t ds,
-                     const std::vector<std::uintptr_t>& projections, double lr, double weight_decay,
-                     std::uintptr_t grad_H, bool grad_H_known) {
-    if (!std::isfinite(lr) || lr < 0) throw py::value_error("lr must be finite and >= 0, got " + std::to_string(lr));
-    if (!std::isfinite(weight_decay) || weight_decay < 0)
-      throw py::value_error("weight_decay must be finite and >= 0, got " + std::to_string(weight_decay));
-    if (lr * weight_decay >= 1)
-      throw py::value_error("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
-    enter(stream);
-    std::visit([&](auto& st) {
+  py::object grad_hidden(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                         const py::handle& dA, const py::handle& dq, const py::handle& ds,
+                         const py::handle& projections) {
+    enter();
+    return std::visit([&](auto& st) -> py::object {
       using TS = typename std::decay_t<decltype(st)>::state_type;
+      const auto in = backward_inputs<TS>(H, indptr, indices, dA, dq, ds, projections);
+      py::object grad_H = empty_like_device(H, {in.m, st.d});
+      hidden_gradient(*backend_, st, in.t, in.p, in.dA, in.dq, in.ds, checked<TS>(grad_H, "grad_H", {in.m, st.d}));
+      return grad_H;
+    }, state_);
+  }
+
+  py::object backward_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                           const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
+                           double weight_decay, const py::handle& projections, const py::handle& known_grad_H) {
+    // lr and weight_decay are checked by the step itself (check_step_options), before anything is queued
+    enter();
+    return std::visit([&](auto& st) -> py::object {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      const auto in = backward_inputs<TS>(H, indptr, indices, dA, dq, ds, projections);
+      const bool known = !known_grad_H.is_none();
+      py::object grad_H = known ? py::reinterpret_borrow<py::object>(known_grad_H) : empty_like_device(H, {in.m, st.d});
       StepOptions opt;
       opt.lr = lr;
       opt.weight_decay = weight_decay;
       opt.min_rcond = min_rcond >= 0 ? min_rcond : default_min_rcond<TS>();
-      sparsetarget::backward_step(*backend_, st, ptr<const TS>(H), targets(m, indptr, indices, nnz),
-                                  view<TS>(m, projections), ptr<const TS>(dA), ptr<const TS>(dq), ptr<const TS>(ds),
-                                  opt, ptr<TS>(grad_H), grad_H_known);
-      after_step(*backend_, st, stabilize);
+      sparsetarget::backward_step(*backend_, st, in.h, in.t, in.p, in.dA, in.dq, in.ds, opt,
+                                  checked<TS>(grad_H, "grad_H", {in.m, st.d}), known);
+      after_step(*backend_, st, stabilize_);
+      backend_->publish();
+      return grad_H;
     }, state_);
-    backend_->publish();
   }
 
-  // Raises the error of an earlier step, if the device has reported one by now (never waits otherwise).
-  void poll(std::uintptr_t stream) { enter(stream); }
-
-  // Waits for the layer's queued work and raises its error, if any.
-  void synchronize(std::uintptr_t stream) { enter_synchronized(stream); }
-
-  void refresh(std::uintptr_t stream) {
-    enter_synchronized(stream);
+  void refresh() {
+    enter_synchronized();
     std::visit([&](auto& st) { sparsetarget::refresh(*backend_, st); }, state_);
   }
 
-  py::dict correct(std::uintptr_t stream) {
-    enter_synchronized(stream);
-    const CorrectionReport r = std::visit([&](auto& st) { return sparsetarget::correct(*backend_, st, stabilize); },
-                                          state_);
-    return report_dict(r);
+  py::dict stabilize() {
+    enter_synchronized();
+    return report_dict(std::visit([&](auto& st) { return sparsetarget::correct(*backend_, st, stabilize_); }, state_));
   }
 
-  double inverse_error(std::uintptr_t stream) {
-    enter_synchronized(stream);
+  double inverse_error() {
+    enter_synchronized();
     return std::visit([&](const auto& st) { return sparsetarget::inverse_error(*backend_, st); }, state_);
   }
 
+  // Waits for the layer's queued work and raises its error, if any.
+  void synchronize() { enter_synchronized(); }
+  // Raises the error of an earlier step, if the device has reported one by now (never waits otherwise).
+  void poll() { enter(); }
+
+  std::uintptr_t get_stream() const { return stream_; }
+  void set_stream(std::uintptr_t s) { stream_ = s; }
+  bool tf32() const { return backend_->blas.tf32(); }
   void set_tf32(bool on) {
     select_device();
     backend_->blas.set_tf32(on);
   }
-  bool tf32() const { return backend_->blas.tf32(); }
   std::size_t workspace_bytes() const { return backend_->workspace_bytes(); }
 
-  StabilizeOptions stabilize;
+  StabilizeOptions stabilize_;
   double min_rcond = -1;  // negative: the default for the state dtype
 
  private:
   template <class TV, class TS>
-  static FactoredState<TV, TS> make(const StateAddresses& a, std::int64_t D, int d) {
+  FactoredState<TV, TS> make() {
     FactoredState<TV, TS> st;
-    st.D = D;
-    st.d = d;
-    st.V = ptr<TV>(a.V);
-    st.U = ptr<TS>(a.U);
-    st.U_inv = ptr<TS>(a.U_inv);
-    st.Q = ptr<TS>(a.Q);
-    st.omega = ptr<TS>(a.omega);
-    st.w_bar = ptr<TS>(a.w_bar);
-    st.probe_max = ptr<TS>(a.probe_max);
-    st.probe_min = ptr<TS>(a.probe_min);
-    st.stats = ptr<double>(a.stats);
+    const DeviceTensor v = device_tensor(tensors_[0], "V");
+    st.D = v.shape[0];
+    st.d = static_cast<int>(v.shape[1]);
+    const std::int64_t d = st.d;
+    st.V = checked<TV>(tensors_[0], "V", {st.D, d});
+    st.U = checked<TS>(tensors_[1], "U", {d, d});
+    st.U_inv = checked<TS>(tensors_[2], "U_inv", {d, d});
+    st.Q = checked<TS>(tensors_[3], "Q", {d, d});
+    st.omega = checked<TS>(tensors_[4], "omega", {d});
+    st.w_bar = checked<TS>(tensors_[5], "w_bar", {d});
+    st.probe_max = checked<TS>(tensors_[6], "probe_max", {d});
+    st.probe_min = checked<TS>(tensors_[7], "probe_min", {d});
+    st.stats = checked<double>(tensors_[8], "stats", {kStatCount});
+    for (int i = 1; i < 9; ++i)
+      if (device_tensor(tensors_[i], "state").device != device_)
+        throw py::value_error("the state tensors must all be on the device of V (cuda:" + std::to_string(device_) + ")");
     return st;
+  }
+
+  // The inputs of grad_hidden and backward_step, checked.
+  template <class TS>
+  struct BackwardInputs {
+    std::int64_t m;
+    const TS* h;
+    Targets t;
+    ProjectionsView<TS> p;
+    const TS *dA, *dq, *ds;
+  };
+
+  template <class TS>
+  BackwardInputs<TS> backward_inputs(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                                     const py::handle& dA, const py::handle& dq, const py::handle& ds,
+                                     const py::handle& projections) const {
+    const std::int64_t m = rows_of(H);
+    const Targets t = targets(indptr, indices, m);
+    return {m, checked<TS>(H, "H", {m, d()}), t, view<TS>(m, projections), checked<TS>(dA, "dA", {t.nnz}),
+            checked<TS>(dq, "dq", {m}), checked<TS>(ds, "ds", {m})};
+  }
+
+  static std::int64_t rows_of(const py::handle& H) {
+    const DeviceTensor h = device_tensor(H, "H");
+    if (h.shape.size() != 2 || h.shape[0] < 1 || h.shape[0] > (std::int64_t{1} << 31) - 1)
+      throw py::value_error("H must have shape (m, d) with 1 <= m < 2^31, got " + shape_str(h.shape));
+    return h.shape[0];
+  }
+
+  Targets targets(const py::handle& indptr, const py::handle& indices, std::int64_t m) const {
+    Targets t;
+    t.m = m;
+    t.indptr = checked<std::int64_t>(indptr, "targets indptr", {m + 1});
+    t.nnz = device_tensor(indices, "targets indices").shape.at(0);
+    t.indices = checked<std::int64_t>(indices, "targets indices", {t.nnz});
+    return t;
+  }
+
+  template <class TS>
+  ProjectionsView<TS> view(std::int64_t m, const py::handle& projections) const {
+    if (!py::isinstance<py::tuple>(projections) || py::len(projections) != 5)
+      throw py::type_error("projections must be the tuple (UH, HQ, q, s, Hw) returned by forward");
+    const auto p = py::reinterpret_borrow<py::tuple>(projections);
+    const std::int64_t d = this->d();
+    return {static_cast<int>(m), checked<TS>(p[0], "projections UH", {m, d}), checked<TS>(p[1], "projections HQ", {m, d}),
+            checked<TS>(p[2], "projections q", {m}), checked<TS>(p[3], "projections s", {m}),
+            checked<TS>(p[4], "projections Hw", {m})};
   }
 
   void select_device() const {
@@ -167,9 +282,9 @@ class CudaCore {
   }
 
   // Every entry point: the right device, the caller's stream, and the error of an earlier step if known by now.
-  void enter(std::uintptr_t stream) {
+  void enter() {
     select_device();
-    backend_->set_stream(stream_of(stream));
+    backend_->set_stream(reinterpret_cast<cudaStream_t>(stream_));
     if (backend_->published().error != kOk) {
       backend_->finish_pending();
       raise_reported();
@@ -178,9 +293,9 @@ class CudaCore {
 
   // The entry of the calls that wait for the device anyway: every queued step has run, so its error (if any) is
   // raised here rather than cleared by the work that follows.
-  void enter_synchronized(std::uintptr_t stream) {
+  void enter_synchronized() {
     select_device();
-    backend_->set_stream(stream_of(stream));
+    backend_->set_stream(reinterpret_cast<cudaStream_t>(stream_));
     backend_->finish_pending();
     raise_reported();
   }
@@ -221,30 +336,9 @@ class CudaCore {
     }, state_);
   }
 
-  int checked_rows(std::int64_t m) const {
-    if (m < 1 || m > (std::int64_t{1} << 31) - 1) throw py::value_error("H must have between 1 and 2^31-1 rows");
-    return static_cast<int>(m);
-  }
-
-  Targets targets(std::int64_t m, std::uintptr_t indptr, std::uintptr_t indices, std::int64_t nnz) const {
-    checked_rows(m);
-    if (nnz < 0) throw py::value_error("targets nnz must be >= 0");
-    Targets t;
-    t.m = m;
-    t.nnz = nnz;
-    t.indptr = ptr<const std::int64_t>(indptr);
-    t.indices = ptr<const std::int64_t>(indices);
-    return t;
-  }
-
-  template <class TS>
-  ProjectionsView<TS> view(std::int64_t m, const std::vector<std::uintptr_t>& p) const {
-    if (p.size() != 5) throw py::value_error("projections must be the 5 addresses (UH, HQ, q, s, Hw)");
-    return {checked_rows(m), ptr<const TS>(p[0]), ptr<const TS>(p[1]), ptr<const TS>(p[2]), ptr<const TS>(p[3]),
-            ptr<const TS>(p[4])};
-  }
-
-  int device_;
+  int device_ = 0;
+  std::uintptr_t stream_ = 0;  // cudaStream_t of the caller (torch's current stream), set before each call
+  std::vector<py::object> tensors_;  // keeps the state tensors alive
   AnyState state_;
   std::optional<CudaBackend> backend_;
 };
@@ -297,34 +391,9 @@ PYBIND11_MODULE(_cuda, m) {
     return v;
   }, "CUDA runtime version this module was linked with (major * 1000 + minor * 10).");
 
-  py::class_<StateAddresses>(m, "StateAddresses")
-      .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
-                    std::uintptr_t, std::uintptr_t, std::uintptr_t>(),
-           py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
-           py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"));
-
-  py::class_<CudaCore> cuda_class(m, "CudaCore");
-  cuda_class
-      .def(py::init<const StateAddresses&, std::int64_t, int, bool, bool, int>(), py::arg("state"), py::arg("D"),
-           py::arg("d"), py::arg("weight64"), py::arg("state64"), py::arg("device"))
-      .def_property_readonly("D", &CudaCore::D)
-      .def_property_readonly("d", &CudaCore::d)
-      .def("forward", &CudaCore::forward, py::arg("stream"), py::arg("H"), py::arg("m"), py::arg("indptr"),
-           py::arg("indices"), py::arg("nnz"), py::arg("A"), py::arg("q"), py::arg("s"), py::arg("UH"), py::arg("HQ"),
-           py::arg("Hw"))
-      .def("grad_hidden", &CudaCore::grad_hidden, py::arg("stream"), py::arg("H"), py::arg("m"), py::arg("indptr"),
-           py::arg("indices"), py::arg("nnz"), py::arg("dA"), py::arg("dq"), py::arg("ds"), py::arg("projections"),
-           py::arg("grad_H"))
-      .def("backward_step", &CudaCore::backward_step, py::arg("stream"), py::arg("H"), py::arg("m"),
-           py::arg("indptr"), py::arg("indices"), py::arg("nnz"), py::arg("dA"), py::arg("dq"), py::arg("ds"),
-           py::arg("projections"), py::arg("lr"), py::arg("weight_decay"), py::arg("grad_H"), py::arg("grad_H_known"))
-      .def("poll", &CudaCore::poll, py::arg("stream"))
-      .def("synchronize", &CudaCore::synchronize, py::arg("stream"))
-      .def("refresh", &CudaCore::refresh, py::arg("stream"))
-      .def("correct", &CudaCore::correct, py::arg("stream"))
-      .def("inverse_error", &CudaCore::inverse_error, py::arg("stream"))
-      .def_property("tf32", &CudaCore::tf32, &CudaCore::set_tf32)
-      .def_property_readonly("workspace_bytes", &CudaCore::workspace_bytes)
-      .def_readwrite("min_rcond", &CudaCore::min_rcond);
-  def_stabilization(cuda_class, &CudaCore::stabilize);
+  py::class_<Core> core_class(m, "FactoredCore",
+                              "In-place operations on the CUDA tensors of a factored layer W = V U + 1 omega^T.");
+  def_factored_core(core_class);
+  // The GPU's own: how much scratch memory the layer holds on the device.
+  core_class.def_property_readonly("workspace_bytes", &Core::workspace_bytes, "Device scratch memory held, in bytes.");
 }

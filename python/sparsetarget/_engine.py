@@ -50,11 +50,12 @@ DISTRIBUTIONS = ("spherical_softmax", "taylor_softmax")
 STATE_ARRAYS = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_min", "stats")
 """Names of the state arrays, in the order the cores take them."""
 
+_POLICY = _core.DEFAULT_STABILIZATION  # the core's own defaults (csrc/stabilize_policy.h)
 STABILIZATION_DEFAULTS: dict[str, Any] = {
-    "sigma_range": (0.5, 2.0),
-    "inverse_tol": 1e-3,
-    "check_every": 1,
-    "refresh_every": 0,
+    "sigma_range": (_POLICY["sigma_low"], _POLICY["sigma_high"]),
+    "inverse_tol": _POLICY["inverse_tol"],
+    "check_every": _POLICY["check_every"],
+    "refresh_every": _POLICY["refresh_every"],
     "min_rcond": None,  # sqrt of the state dtype's machine epsilon (default_min_rcond)
 }
 """The default stabilisation policy of both front ends (see ``FactoredOutput``'s docstring for each option)."""
@@ -122,7 +123,7 @@ def check_distribution(kind: str, eps: float) -> tuple[str, float]:
 def default_min_rcond(state_dtype: Any) -> float:
     """The default ``min_rcond`` of a state dtype: sqrt of its machine epsilon (a step may cost at most half of the
     state's digits)."""
-    return float(np.sqrt(np.finfo(state_dtype).eps))
+    return float(_core.default_min_rcond(np.dtype(state_dtype) == np.float64))
 
 
 def stabilization_updates(
@@ -353,11 +354,6 @@ def _torch() -> Any:
     return torch
 
 
-def _core_stabilize(core: Any, *args: Any) -> dict[str, Any]:
-    """The cores' correction of U now (named ``correct`` in the bindings)."""
-    return dict(core.correct(*args))
-
-
 def _stack(records: list[Recorded], cat: Callable[[list[Any]], Any]) -> Recorded:
     """Several recorded minibatches as one (gradient accumulation: one exact step on their summed gradient), with
     dL/dA per entry of the stacked targets."""
@@ -516,7 +512,7 @@ class CpuEngine(Engine):
 
     def stabilize(self) -> dict[str, Any]:
         """Correct U now (W unchanged); returns what was done."""
-        return _core_stabilize(self.core)
+        return dict(self.core.stabilize())
 
     def diagnostics(self) -> dict[str, float]:
         """See ``FactoredOutput.diagnostics``."""
@@ -558,10 +554,11 @@ def _np(x: Any) -> Any:
 class CudaEngine(Engine):
     """The CUDA backend working in place on torch CUDA state tensors (all on one device).
 
-    Tensors are handed over by address after their dtype, device, shape and contiguity were checked; outputs are
-    allocated by torch (its caching allocator, on the current stream) and written by the backend, which queues all
-    its work on ``torch.cuda.current_stream()``. A training step never waits for the device, so it can be captured
-    in a CUDA graph once one step has run (the backend's scratch then exists).
+    ``_cuda.FactoredCore`` binds the methods of ``_core.FactoredCore`` over torch CUDA tensors (it checks their
+    dtype, device, shape and contiguity); its outputs are allocated by torch (its caching allocator) and all its
+    work is queued on ``torch.cuda.current_stream()``, set as the core's ``stream`` before each call. A training
+    step never waits for the device, so it can be captured in a CUDA graph once one step has run (the backend's
+    scratch then exists).
 
     Errors that only the device can see are reported by the next call once the failing work has run: a singular
     update factor, NaN or inf in a step, or a class index outside [0, D) in targets on the GPU. The failing step and
@@ -581,48 +578,33 @@ class CudaEngine(Engine):
                 raise ValueError(f"{name} is on {t.device}, expected {self.device} like V")
         self.out_features, self.in_features = V.shape
         self.state_dtype = U.dtype
-        addresses = cuda.StateAddresses(*(_address(self.tensors[name]) for name in STATE_ARRAYS))
         with torch.cuda.device(self.device):
-            self.core = cuda.CudaCore(addresses, V.shape[0], V.shape[1], V.dtype == torch.float64,
-                                      U.dtype == torch.float64, self.device.index or 0)
+            self.core = cuda.FactoredCore(*(self.tensors[name] for name in STATE_ARRAYS))
         self._numpy_state_dtype = np.dtype(np.float64 if U.dtype == torch.float64 else np.float32)
         self._torch = torch
         self._set_initial_policy(policy)
 
-    def _stream(self) -> int:
-        return self._torch.cuda.current_stream(self.device).cuda_stream
+    def _on_stream(self) -> Any:
+        """The core, set to queue its work on torch's current stream."""
+        self.core.stream = self._torch.cuda.current_stream(self.device).cuda_stream
+        return self.core
 
     # training
     def forward(self, H: Any, targets: DeviceCSR, keep_projections: bool = True) -> tuple[Any, Any, Any, Any]:
-        m, d = H.shape
-        nnz = targets.indices.numel()
-        new = dict(dtype=H.dtype, device=self.device)
-        A, q, s, Hw = (self._torch.empty(n, **new) for n in (nnz, m, m, m))
-        UH, HQ = self._torch.empty(m, d, **new), self._torch.empty(m, d, **new)
-        self.core.forward(self._stream(), _address(H), m, _address(targets.indptr), _address(targets.indices), nnz,
-                          _address(A), _address(q), _address(s), _address(UH), _address(HQ), _address(Hw))
-        return rows_from_entries(A, targets), q, s, (UH, HQ, q, s, Hw)
+        A, q, s, projections = self._on_stream().forward(H, targets.indptr, targets.indices, True)
+        return rows_from_entries(A, targets), q, s, projections
 
     def grad_hidden(self, H: Any, targets: DeviceCSR, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:
-        m, d = H.shape
         dA = entries_from_rows(dA, targets)
-        grad_H = self._torch.empty(m, d, dtype=H.dtype, device=self.device)
-        self.core.grad_hidden(self._stream(), _address(H), m, _address(targets.indptr), _address(targets.indices),
-                              targets.indices.numel(), _address(dA), _address(dq), _address(ds),
-                              [_address(p) for p in projections], _address(grad_H))
-        return grad_H
+        return self._on_stream().grad_hidden(H, targets.indptr, targets.indices, dA, dq, ds, projections)
 
     def _backward_step(self, r: Recorded, lr: float, weight_decay: float) -> Any:
         if r.projections is None:
             raise ValueError("internal error: the CUDA engine steps on recorded projections")
-        known = r.grad_H is not None
-        grad_H = r.grad_H if known else self._torch.empty_like(r.H)
-        self.core.tf32 = bool(self._torch.backends.cuda.matmul.allow_tf32)
-        self.core.backward_step(self._stream(), _address(r.H), r.H.shape[0], _address(r.targets.indptr),
-                                _address(r.targets.indices), r.targets.indices.numel(), _address(r.dA),
-                                _address(r.dq), _address(r.ds), [_address(p) for p in r.projections], float(lr),
-                                float(weight_decay), _address(grad_H), known)
-        return grad_H
+        core = self._on_stream()
+        core.tf32 = bool(self._torch.backends.cuda.matmul.allow_tf32)
+        return core.backward_step(r.H, r.targets.indptr, r.targets.indices, r.dA, r.dq, r.ds, float(lr),
+                                  float(weight_decay), r.projections, r.grad_H)
 
     def _cat(self, parts: list[Any]) -> Any:
         return self._torch.cat(parts)
@@ -630,24 +612,24 @@ class CudaEngine(Engine):
     # maintenance (these synchronise)
     def synchronize(self) -> None:
         """Wait for the queued work and raise the error of a failed step."""
-        self.core.synchronize(self._stream())
+        self._on_stream().synchronize()
 
     def poll(self) -> None:
         """Raise the error of an earlier step if the device has reported one (never waits)."""
-        self.core.poll(self._stream())
+        self._on_stream().poll()
 
     def refresh(self) -> None:
         """As :meth:`CpuEngine.refresh`."""
-        self.core.refresh(self._stream())
+        self._on_stream().refresh()
 
     def stabilize(self) -> dict[str, Any]:
         """As :meth:`CpuEngine.stabilize`."""
-        return _core_stabilize(self.core, self._stream())
+        return dict(self._on_stream().stabilize())
 
     def diagnostics(self) -> dict[str, float]:
         """As :meth:`CpuEngine.diagnostics`."""
         self.synchronize()
-        error = self.core.inverse_error(self._stream())
+        error = self._on_stream().inverse_error()
         return diagnostics_from(self.tensors["stats"].cpu().numpy(), self.tensors["U"].double().cpu().numpy(), error)
 
     # dense views, in row tiles of V
@@ -706,8 +688,3 @@ def _row_range(start: int, stop: int | None, D: int) -> tuple[int, int]:
         raise ValueError(f"row range [{start}, {stop}) is not within [0, D={D}]")
     return start, stop
 
-
-def _address(t: Any) -> int:
-    if not t.is_contiguous():
-        raise ValueError("internal error: a tensor handed to the CUDA backend must be contiguous")
-    return t.data_ptr()
