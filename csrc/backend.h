@@ -17,7 +17,7 @@
 //   stage(dst, n, slot, keep) / commit(staged, dst, n)
 //                                       where the new state is written: the CPU writes in place after every check
 //                                       passed; CUDA writes a copy and commits it only if no failure was recorded
-//   count_step, steps, flags, correction_requested, correction_done, synchronize, download, upload,
+//   count_step, steps, flags, correction_requested, correction_done, synchronize, can_wait, download, upload,
 //   accumulate_gram, exact_math         bookkeeping of the stabilisation policy
 #pragma once
 

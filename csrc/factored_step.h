@@ -53,7 +53,8 @@ struct StepOptions {
 // lr and weight_decay finite and >= 0 with lr * weight_decay < 1 (so that c = 1 - lr wd > 0, §5.12); throws
 // std::invalid_argument naming the argument.
 inline void check_step_options(double lr, double weight_decay) {
-  if (!std::isfinite(lr) || lr < 0) throw std::invalid_argument("lr must be finite and >= 0, got " + std::to_string(lr));
+  if (!std::isfinite(lr) || lr < 0)
+    throw std::invalid_argument("lr must be finite and >= 0, got " + std::to_string(lr));
   if (!std::isfinite(weight_decay) || weight_decay < 0)
     throw std::invalid_argument("weight_decay must be finite and >= 0, got " + std::to_string(weight_decay));
   if (!(lr * weight_decay < 1))
@@ -104,8 +105,9 @@ void hidden_gradient(B& b, const FactoredState<TV, TS>& st, const Targets& t, co
 }
 
 // One exact SGD step W <- (1 - lr wd) W - lr dL/dW for a loss with per-example partials dA (per target entry), dq
-// and ds evaluated at the current weights (§5; order and commit: §5.13). Writes grad_H = dL/dH (m x d) at the weights before the step; with
-// grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch and weights) and is reused.
+// and ds evaluated at the current weights (§5; order and commit: §5.13). Writes grad_H = dL/dH (m x d) at the
+// weights before the step; with grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch
+// and weights) and is reused.
 // All-or-nothing: every check runs before the first write to the state (CPU), or the commit is skipped on the device
 // when one failed (CUDA).
 template <class B, class TV, class TS>
@@ -130,7 +132,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* WZ = b.template scratch<TS>(kSlotWZ, md);
   if (grad_H_known) {
     b.require_finite_input(grad_H, md, "grad_H");
-    b.target_row_sums(t, dA, z_sum);
+    b.target_row_sums(t, st.D, dA, z_sum);
     b.for_rows(m, d, parts::WZFromKnown<TS>{dq, ds, p.HQ, st.w_bar, grad_H, WZ, d});
   } else {
     detail::hidden_gradient_parts(b, st, t, p, dA, dq, ds, grad_H, z_sum, WZ);
@@ -146,7 +148,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
   b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
   const auto order = b.order_targets(t, st.D);
-  b.add_target_overlaps(t, dA, order, G);
+  b.add_target_overlaps(t, st.D, dA, order, G);
 
   TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
   b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});

@@ -138,16 +138,23 @@ double inverse_error(B& b, const FactoredState<TV, TS>& st) {
 }
 
 // The policy after a step: a refresh every refresh_every steps, else monitoring every check_every steps, and a
-// correction when one has been requested and the backend can run it now.
+// correction when one has been requested and the backend can run it now. A refresh needs to wait for the device, so
+// a GPU skips it while a CUDA graph is being captured; a correction that fails (U singular) is not asked for again.
 template <class B, class TV, class TS>
 void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
   const std::int64_t steps = b.steps(st);
-  if (opt.refresh_every > 0 && steps % opt.refresh_every == 0) {
+  if (opt.refresh_every > 0 && steps % opt.refresh_every == 0 && b.can_wait()) {
     refresh(b, st);
     return;
   }
   if (opt.check_every > 0 && steps % opt.check_every == 0) monitor(b, st, opt);
-  if (b.correction_requested()) correct(b, st, opt);
+  if (!b.correction_requested()) return;
+  try {
+    correct(b, st, opt);
+  } catch (...) {
+    b.correction_done();
+    throw;
+  }
 }
 
 }  // namespace sparsetarget

@@ -156,7 +156,7 @@ class CpuBackend {
     }
   }
   template <class TS>
-  void target_row_sums(const Targets& t, const TS* dA, TS* z_sum) {
+  void target_row_sums(const Targets& t, std::int64_t /*D*/, const TS* dA, TS* z_sum) {
     for (std::int64_t j = 0; j < t.m; ++j) {
       TS zs = 0;
       for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) zs += dA[e];
@@ -167,7 +167,7 @@ class CpuBackend {
   // G_ij += sum over target entries of rows i and j that share an index of z z' (duplicates included), grouping
   // entries by index: O(nnz log nnz + sum_k n_k^2).
   template <class TS>
-  void add_target_overlaps(const Targets& t, const TS* dA, const TargetOrder&, TS* G) {
+  void add_target_overlaps(const Targets& t, std::int64_t /*D*/, const TS* dA, const TargetOrder&, TS* G) {
     struct Entry {
       std::int64_t index;
       std::int64_t row;
@@ -218,6 +218,7 @@ class CpuBackend {
   bool correction_requested() { return std::exchange(flags_.needs_correction, 0) != 0; }
   void correction_done() { flags_.needs_correction = 0; }
   void synchronize() {}
+  bool can_wait() const { return true; }
   template <class T>
   std::vector<T> download(const T* src, std::size_t n) {
     return std::vector<T>(src, src + n);

@@ -80,16 +80,15 @@ void CudaBackend::publish() {
         "status copy");
 }
 
+// Stream waits, not device-wide ones: other streams (a communication library's, say) are left alone.
 void CudaBackend::finish_pending() {
-  check(cudaDeviceSynchronize(), "synchronize");
   publish();
   check(cudaStreamSynchronize(stream()), "synchronize");
 }
 
 void CudaBackend::clear() {
-  check(cudaDeviceSynchronize(), "synchronize");
-  check(cudaMemset(flags_.get(), 0, sizeof(StepFlags)), "cudaMemset");
-  check(cudaDeviceSynchronize(), "synchronize");
+  check(cudaMemsetAsync(flags_.get(), 0, sizeof(StepFlags), stream()), "cudaMemset");
+  check(cudaStreamSynchronize(stream()), "synchronize");
   *host_flags_.get() = StepFlags{};
 }
 

@@ -121,10 +121,10 @@ class CudaBackend {
   template <class TV, class TS>
   void combine_target_rows(const TV* V, std::int64_t D, int d, const Targets& t, const TS* dA, TS* Zv, TS* z_sum);
   template <class TS>
-  void target_row_sums(const Targets& t, const TS* dA, TS* z_sum);
+  void target_row_sums(const Targets& t, std::int64_t D, const TS* dA, TS* z_sum);
   TargetOrder order_targets(const Targets& t, std::int64_t D);
   template <class TS>
-  void add_target_overlaps(const Targets& t, const TS* dA, const TargetOrder& order, TS* G);
+  void add_target_overlaps(const Targets& t, std::int64_t D, const TS* dA, const TargetOrder& order, TS* G);
   template <class TV, class TS>
   void scatter_rows(TV* V, std::int64_t D, int d, const Targets& t, const TS* dA, const TargetOrder& order,
                     const TS* X, TS alpha);
@@ -146,6 +146,8 @@ class CudaBackend {
   // A correction asked for by an earlier step's monitoring (as far as the host knows without waiting); runs after
   // the step that sees it, never while a CUDA graph is being captured or after a failed step.
   bool correction_requested();
+  // Whether the host may wait for the device now (not while a CUDA graph is being captured).
+  bool can_wait() const { return !capturing(); }
   void correction_done() { clear(); }
   void synchronize();
   template <class T>

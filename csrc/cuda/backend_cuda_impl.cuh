@@ -86,6 +86,19 @@ __global__ void gather_kernel(const TV* V, std::int64_t D, int d, const TS* UH, 
   if (lane == 0) A[e] = acc + Hw[j];
 }
 
+// sum_k z_jk over the entries of row j; an index outside [0, D) is recorded as kBadTarget (the step commits nothing).
+template <class TS>
+__device__ TS checked_row_sum(const std::int64_t* indptr, const std::int64_t* indices, std::int64_t D, const TS* dA,
+                              std::int64_t j, StepFlags* flags) {
+  TS zs = 0;
+  for (std::int64_t e = indptr[j]; e < indptr[j + 1]; ++e) {
+    zs += dA[e];
+    const std::int64_t k = indices[e];
+    if ((k < 0 || k >= D) && atomicCAS(&flags->error, kOk, kBadTarget) == kOk) flags->bad_index = k;
+  }
+  return zs;
+}
+
 // Row j of Zv = sum_k z_jk V[k] and z_sum_j = sum_k z_jk; one block per row.
 template <class TV, class TS>
 __global__ void zv_rows_kernel(const TV* V, std::int64_t D, int d, const std::int64_t* indptr,
@@ -101,38 +114,28 @@ __global__ void zv_rows_kernel(const TV* V, std::int64_t D, int d, const std::in
     }
     Zv[j * d + i] = acc;
   }
-  if (threadIdx.x == 0) {
-    TS zs = 0;
-    for (std::int64_t e = lo; e < hi; ++e) {
-      zs += dA[e];
-      const std::int64_t k = indices[e];
-      if ((k < 0 || k >= D) && atomicCAS(&flags->error, kOk, kBadTarget) == kOk) flags->bad_index = k;
-    }
-    z_sum[j] = zs;
-  }
+  if (threadIdx.x == 0) z_sum[j] = checked_row_sum(indptr, indices, D, dA, j, flags);
 }
 
+// z_sum_j = sum_k z_jk, flagging a target index outside [0, D).
 template <class TS>
-__global__ void row_sums_kernel(const std::int64_t* indptr, const TS* dA, std::int64_t m, TS* z_sum) {
-  ST_GRID_LOOP(j, static_cast<std::size_t>(m)) {
-    TS zs = 0;
-    for (std::int64_t e = indptr[j]; e < indptr[j + 1]; ++e) zs += dA[e];
-    z_sum[j] = zs;
-  }
+__global__ void row_sums_kernel(const std::int64_t* indptr, const std::int64_t* indices, std::int64_t D,
+                                const TS* dA, std::int64_t m, TS* z_sum, StepFlags* flags) {
+  ST_GRID_LOOP(j, static_cast<std::size_t>(m)) z_sum[j] = checked_row_sum(indptr, indices, D, dA, j, flags);
 }
 
 // G_ij += sum of z_ik z_jk over indices k shared by rows i and j (duplicates included); one thread per row i,
 // walking the entries of each of its indices in sorted order.
 template <class TS>
 __global__ void overlaps_kernel(const std::int64_t* indptr, const std::int64_t* indices, std::int64_t m,
-                                std::int64_t nnz, const TS* dA, const std::int64_t* sorted_keys,
+                                std::int64_t nnz, std::int64_t D, const TS* dA, const std::int64_t* sorted_keys,
                                 const std::int64_t* sorted_ids, TS* G) {
   ST_GRID_LOOP(i, static_cast<std::size_t>(m)) {
     TS* row = G + i * m;
     for (std::int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
       const TS z = dA[e];
       const std::int64_t k = indices[e];
-      if (z == TS(0)) continue;
+      if (z == TS(0) || k < 0 || k >= D) continue;  // out of range: flagged, the step commits nothing
       const std::int64_t hi = upper_bound(sorted_keys, nnz, k);
       for (std::int64_t p = lower_bound(sorted_keys, nnz, k); p < hi; ++p) {
         const std::int64_t f = sorted_ids[p];
@@ -263,17 +266,18 @@ void CudaBackend::combine_target_rows(const TV* V, std::int64_t D, int d, const 
 }
 
 template <class TS>
-void CudaBackend::target_row_sums(const Targets& t, const TS* dA, TS* z_sum) {
-  row_sums_kernel<TS><<<blocks_for(static_cast<std::size_t>(t.m), kThreads), kThreads, 0, stream()>>>(t.indptr, dA,
-                                                                                                       t.m, z_sum);
+void CudaBackend::target_row_sums(const Targets& t, std::int64_t D, const TS* dA, TS* z_sum) {
+  row_sums_kernel<TS><<<blocks_for(static_cast<std::size_t>(t.m), kThreads), kThreads, 0, stream()>>>(
+      t.indptr, t.indices, D, dA, t.m, z_sum, flags());
   check_launch("row_sums");
 }
 
 template <class TS>
-void CudaBackend::add_target_overlaps(const Targets& t, const TS* dA, const TargetOrder& order, TS* G) {
+void CudaBackend::add_target_overlaps(const Targets& t, std::int64_t D, const TS* dA, const TargetOrder& order,
+                                      TS* G) {
   if (t.nnz == 0) return;
   overlaps_kernel<TS><<<blocks_for(static_cast<std::size_t>(t.m), 128), 128, 0, stream()>>>(
-      t.indptr, t.indices, t.m, t.nnz, dA, order.keys, order.ids, G);
+      t.indptr, t.indices, t.m, t.nnz, D, dA, order.keys, order.ids, G);
   check_launch("overlaps");
 }
 
@@ -300,18 +304,21 @@ void CudaBackend::commit(const T* staged, T* dst, std::size_t n) {
   check_launch("commit");
 }
 
+// Both on the caller's stream and waited for: a plain cudaMemcpy runs on the legacy default stream, which a
+// non-blocking caller stream is not ordered with.
 template <class T>
 std::vector<T> CudaBackend::download(const T* src, std::size_t n) {
   std::vector<T> out(n);
+  check(cudaMemcpyAsync(out.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost, stream()), "copy to host");
   check(cudaStreamSynchronize(stream()), "synchronize");
-  check(cudaMemcpy(out.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost), "copy to host");
   return out;
 }
 
 template <class T>
 void CudaBackend::upload(const std::vector<T>& src, T* dst) {
+  check(cudaMemcpyAsync(dst, src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice, stream()),
+        "copy to device");
   check(cudaStreamSynchronize(stream()), "synchronize");
-  check(cudaMemcpy(dst, src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice), "copy to device");
 }
 
 template <class TV>

@@ -41,7 +41,8 @@ std::string shape_str(const std::vector<std::int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-// A CUDA tensor's memory, checked: dtype T, the expected shape (-1: any), contiguous, on a CUDA device.
+// A CUDA tensor's memory, checked: dtype T, the expected shape (-1: any), contiguous, on a CUDA device (the layer's,
+// when device >= 0).
 struct DeviceTensor {
   std::uintptr_t address = 0;
   std::vector<std::int64_t> shape;
@@ -62,8 +63,11 @@ DeviceTensor device_tensor(const py::handle& obj, const char* name) {
 }
 
 template <class T>
-T* checked(const py::handle& obj, const char* name, std::initializer_list<std::int64_t> shape) {
+T* checked(const py::handle& obj, const char* name, std::initializer_list<std::int64_t> shape, int device = -1) {
   const DeviceTensor t = device_tensor(obj, name);
+  if (device >= 0 && t.device != device)
+    throw py::value_error(std::string(name) + " is on cuda:" + std::to_string(t.device) + ", the layer on cuda:" +
+                          std::to_string(device));
   const std::string dtype = py::str(obj.attr("dtype")).cast<std::string>();
   if (dtype != torch_dtype_name<T>())
     throw py::type_error(std::string(name) + " must have dtype " + torch_dtype_name<T>() + ", got " + dtype);
@@ -82,7 +86,7 @@ T* checked(const py::handle& obj, const char* name, std::initializer_list<std::i
 
 // torch.empty(shape, dtype=like.dtype, device=like.device)
 py::object empty_like_device(const py::handle& like, std::initializer_list<std::int64_t> shape) {
-  static py::object empty = py::module_::import("torch").attr("empty");
+  static py::handle empty = py::object(py::module_::import("torch").attr("empty")).release();  // kept to exit
   py::tuple dims(shape.size());
   std::size_t i = 0;
   for (std::int64_t n : shape) dims[i++] = py::int_(n);
@@ -124,14 +128,14 @@ class Core {
     return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       const std::int64_t m = rows_of(H), d = st.d;
-      const TS* h = checked<TS>(H, "H", {m, d});
+      const TS* h = checked<TS>(H, "H", {m, d}, device_);
       const Targets t = targets(indptr, indices, m);
       py::object A = empty_like_device(H, {t.nnz}), q = empty_like_device(H, {m}), s = empty_like_device(H, {m});
       py::object UH = empty_like_device(H, {m, d}), HQ = empty_like_device(H, {m, d}), Hw = empty_like_device(H, {m});
       const ProjectionsView<TS> p = view<TS>(m, py::make_tuple(UH, HQ, q, s, Hw));
       project(*backend_, st, h, static_cast<int>(m), const_cast<TS*>(p.UH), const_cast<TS*>(p.HQ),
               const_cast<TS*>(p.q), const_cast<TS*>(p.s), const_cast<TS*>(p.Hw));
-      gather_outputs(*backend_, st, p, t, checked<TS>(A, "A", {t.nnz}));
+      gather_outputs(*backend_, st, p, t, checked<TS>(A, "A", {t.nnz}, device_));
       backend_->publish();
       if (!keep_projections) return py::make_tuple(A, q, s);
       return py::make_tuple(A, q, s, py::make_tuple(UH, HQ, q, s, Hw));
@@ -144,9 +148,10 @@ class Core {
     enter();
     return std::visit([&](auto& st) -> py::object {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      const auto in = backward_inputs<TS>(H, indptr, indices, dA, dq, ds, projections);
+      const auto in = backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
       py::object grad_H = empty_like_device(H, {in.m, st.d});
-      hidden_gradient(*backend_, st, in.t, in.p, in.dA, in.dq, in.ds, checked<TS>(grad_H, "grad_H", {in.m, st.d}));
+      hidden_gradient(*backend_, st, in.t, in.p, in.dA, in.dq, in.ds,
+                      checked<TS>(grad_H, "grad_H", {in.m, st.d}, device_));
       return grad_H;
     }, state_);
   }
@@ -158,7 +163,7 @@ class Core {
     enter();
     return std::visit([&](auto& st) -> py::object {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      const auto in = backward_inputs<TS>(H, indptr, indices, dA, dq, ds, projections);
+      const auto in = backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
       const bool known = !known_grad_H.is_none();
       py::object grad_H = known ? py::reinterpret_borrow<py::object>(known_grad_H) : empty_like_device(H, {in.m, st.d});
       StepOptions opt;
@@ -166,7 +171,7 @@ class Core {
       opt.weight_decay = weight_decay;
       opt.min_rcond = min_rcond >= 0 ? min_rcond : default_min_rcond<TS>();
       sparsetarget::backward_step(*backend_, st, in.h, in.t, in.p, in.dA, in.dq, in.ds, opt,
-                                  checked<TS>(grad_H, "grad_H", {in.m, st.d}), known);
+                                  checked<TS>(grad_H, "grad_H", {in.m, st.d}, device_), known);
       after_step(*backend_, st, stabilize_);
       backend_->publish();
       return grad_H;
@@ -213,18 +218,15 @@ class Core {
     st.D = v.shape[0];
     st.d = static_cast<int>(v.shape[1]);
     const std::int64_t d = st.d;
-    st.V = checked<TV>(tensors_[0], "V", {st.D, d});
-    st.U = checked<TS>(tensors_[1], "U", {d, d});
-    st.U_inv = checked<TS>(tensors_[2], "U_inv", {d, d});
-    st.Q = checked<TS>(tensors_[3], "Q", {d, d});
-    st.omega = checked<TS>(tensors_[4], "omega", {d});
-    st.w_bar = checked<TS>(tensors_[5], "w_bar", {d});
-    st.probe_max = checked<TS>(tensors_[6], "probe_max", {d});
-    st.probe_min = checked<TS>(tensors_[7], "probe_min", {d});
-    st.stats = checked<double>(tensors_[8], "stats", {kStatCount});
-    for (int i = 1; i < 9; ++i)
-      if (device_tensor(tensors_[i], "state").device != device_)
-        throw py::value_error("the state tensors must all be on the device of V (cuda:" + std::to_string(device_) + ")");
+    st.V = checked<TV>(tensors_[0], "V", {st.D, d}, device_);
+    st.U = checked<TS>(tensors_[1], "U", {d, d}, device_);
+    st.U_inv = checked<TS>(tensors_[2], "U_inv", {d, d}, device_);
+    st.Q = checked<TS>(tensors_[3], "Q", {d, d}, device_);
+    st.omega = checked<TS>(tensors_[4], "omega", {d}, device_);
+    st.w_bar = checked<TS>(tensors_[5], "w_bar", {d}, device_);
+    st.probe_max = checked<TS>(tensors_[6], "probe_max", {d}, device_);
+    st.probe_min = checked<TS>(tensors_[7], "probe_min", {d}, device_);
+    st.stats = checked<double>(tensors_[8], "stats", {kStatCount}, device_);
     return st;
   }
 
@@ -238,14 +240,27 @@ class Core {
     const TS *dA, *dq, *ds;
   };
 
-  template <class TS>
-  BackwardInputs<TS> backward_inputs(const py::handle& H, const py::handle& indptr, const py::handle& indices,
-                                     const py::handle& dA, const py::handle& dq, const py::handle& ds,
-                                     const py::handle& projections) const {
-    const std::int64_t m = rows_of(H);
+  // Without projections (the engine always passes those of its forward), they are computed now into scratch.
+  template <class TS, class State>
+  BackwardInputs<TS> backward_inputs(const State& st, const py::handle& H, const py::handle& indptr,
+                                     const py::handle& indices, const py::handle& dA, const py::handle& dq,
+                                     const py::handle& ds, const py::handle& projections) {
+    const std::int64_t m = rows_of(H), d = st.d;
     const Targets t = targets(indptr, indices, m);
-    return {m, checked<TS>(H, "H", {m, d()}), t, view<TS>(m, projections), checked<TS>(dA, "dA", {t.nnz}),
-            checked<TS>(dq, "dq", {m}), checked<TS>(ds, "ds", {m})};
+    const TS* h = checked<TS>(H, "H", {m, d}, device_);
+    ProjectionsView<TS> p;
+    if (projections.is_none()) {
+      const std::size_t md = static_cast<std::size_t>(m) * d;
+      TS *UH = backend_->scratch<TS>(kSlotUH, md), *HQ = backend_->scratch<TS>(kSlotHQ, md);
+      TS *q = backend_->scratch<TS>(kSlotQ, m), *s = backend_->scratch<TS>(kSlotS, m);
+      TS* Hw = backend_->scratch<TS>(kSlotHw, m);
+      project(*backend_, st, h, static_cast<int>(m), UH, HQ, q, s, Hw);
+      p = {static_cast<int>(m), UH, HQ, q, s, Hw};
+    } else {
+      p = view<TS>(m, projections);
+    }
+    return {m, h, t, p, checked<TS>(dA, "dA", {t.nnz}, device_), checked<TS>(dq, "dq", {m}, device_),
+            checked<TS>(ds, "ds", {m}, device_)};
   }
 
   static std::int64_t rows_of(const py::handle& H) {
@@ -258,9 +273,9 @@ class Core {
   Targets targets(const py::handle& indptr, const py::handle& indices, std::int64_t m) const {
     Targets t;
     t.m = m;
-    t.indptr = checked<std::int64_t>(indptr, "targets indptr", {m + 1});
+    t.indptr = checked<std::int64_t>(indptr, "targets indptr", {m + 1}, device_);
     t.nnz = device_tensor(indices, "targets indices").shape.at(0);
-    t.indices = checked<std::int64_t>(indices, "targets indices", {t.nnz});
+    t.indices = checked<std::int64_t>(indices, "targets indices", {t.nnz}, device_);
     return t;
   }
 
@@ -270,9 +285,9 @@ class Core {
       throw py::type_error("projections must be the tuple (UH, HQ, q, s, Hw) returned by forward");
     const auto p = py::reinterpret_borrow<py::tuple>(projections);
     const std::int64_t d = this->d();
-    return {static_cast<int>(m), checked<TS>(p[0], "projections UH", {m, d}), checked<TS>(p[1], "projections HQ", {m, d}),
-            checked<TS>(p[2], "projections q", {m}), checked<TS>(p[3], "projections s", {m}),
-            checked<TS>(p[4], "projections Hw", {m})};
+    return {static_cast<int>(m), checked<TS>(p[0], "projections UH", {m, d}, device_),
+            checked<TS>(p[1], "projections HQ", {m, d}, device_), checked<TS>(p[2], "projections q", {m}, device_),
+            checked<TS>(p[3], "projections s", {m}, device_), checked<TS>(p[4], "projections Hw", {m}, device_)};
   }
 
   void select_device() const {
@@ -330,9 +345,7 @@ class Core {
 
   void sync_step_count() {
     std::visit([&](const auto& st) {
-      double steps = 0;
-      check(cudaMemcpy(&steps, st.stats + kStatSteps, sizeof(double), cudaMemcpyDeviceToHost), "copy to host");
-      backend_->set_steps(static_cast<std::int64_t>(steps));
+      backend_->set_steps(static_cast<std::int64_t>(backend_->download(st.stats + kStatSteps, 1)[0]));
     }, state_);
   }
 
