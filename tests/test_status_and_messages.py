@@ -97,3 +97,40 @@ def test_singular_update_error_has_its_own_docstring():
     doc = st.SingularUpdateError.__doc__ or ""
     assert "singular" in doc and "lr" in doc and "left as it was" in doc
     assert issubclass(st.SingularUpdateError, ValueError)
+
+
+DEMO_ARGS = ["--steps", "4", "--vocab", "1500", "--hidden", "16", "--batch", "8", "--tokens", "60000",
+             "--check-steps", "3"]
+
+
+def test_demo_checks_what_it_prints(capsys):
+    from sparsetarget import demo
+
+    demo.main(DEMO_ARGS)
+    out = capsys.readouterr().out
+    assert "-> the factored steps are dense SGD up to float32 rounding" in out
+    factored = float(out.split("factored layer (float32): weights differ by ")[1].split(",")[0])
+    moved = float(out.split("these steps moved W by ")[1].split(")")[0])
+    assert factored < 100 * 1.2e-7 and moved > 1e3 * factored
+
+
+def test_demo_reports_a_step_that_is_not_dense_sgd(monkeypatch, capsys):
+    from sparsetarget import demo
+
+    exact_step = demo.dense_step
+    monkeypatch.setattr(demo, "dense_step", lambda W, H, y, lr: exact_step(W, H, y, 1.001 * lr))
+    with pytest.raises(SystemExit) as stop:
+        demo.main(DEMO_ARGS)
+    assert stop.value.code == 1 and "-> NOT exact" in capsys.readouterr().out
+
+
+def test_demo_help_names_the_command_and_defaults(capsys):
+    from sparsetarget import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m sparsetarget.demo") and "(default: 400)" in out
+    with pytest.raises(SystemExit):
+        demo.main(["--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
