@@ -62,6 +62,12 @@ else()
 endif()
 set(_st_cublas_dirs ${SPARSETARGET_CUBLAS_ROOT} ${_st_toolkit} ${_st_toolkit}/targets/x86_64-linux
                     ${_st_toolkit}/targets/sbsa-linux ${_st_wheel_dirs})
+# A cached result may point into a build environment that is gone (pip's isolated builds are temporary).
+foreach(_st_var SPARSETARGET_CUBLAS_INCLUDE_DIR SPARSETARGET_CUBLAS_LIBRARY)
+  if(${_st_var} AND NOT EXISTS "${${_st_var}}")
+    unset(${_st_var} CACHE)
+  endif()
+endforeach()
 find_path(SPARSETARGET_CUBLAS_INCLUDE_DIR cublas_v2.h PATHS ${_st_cublas_dirs} PATH_SUFFIXES include NO_DEFAULT_PATH)
 if(SPARSETARGET_CUBLAS_INCLUDE_DIR)
   # The library beside that header (wheels ship only the versioned name).
@@ -114,8 +120,12 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(_cuda PRIVATE -Wall -Wextra -O3)
 endif()
 # Installed wheel: site-packages/sparsetarget/_cuda.so finds cuBLAS in the nvidia-cublas wheel beside it, else
-# where it was found at build time (a toolkit).
+# where it was found at build time when that is a toolkit (not a wheel, which may be in pip's temporary build
+# environment: tools/build_backend makes the nvidia-cublas wheel a dependency of such a build).
 get_filename_component(_st_cublas_libdir "${SPARSETARGET_CUBLAS_LIBRARY}" DIRECTORY)
+if(_st_cublas_libdir MATCHES "/nvidia/(cu1[0-9]|cublas)/lib$")
+  set(_st_cublas_libdir "")
+endif()
 set_target_properties(_cuda PROPERTIES INSTALL_RPATH
   "$ORIGIN/../nvidia/cu13/lib;$ORIGIN/../nvidia/cu12/lib;$ORIGIN/../nvidia/cublas/lib;${SPARSETARGET_BLAS_RPATH};${_st_cublas_libdir}")
 install(TARGETS _cuda LIBRARY DESTINATION sparsetarget)
