@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import glob
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -21,10 +22,8 @@ import subprocess
 import tempfile
 import zipfile
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Optional, Union
-
-from scikit_build_core import build as _backend
-from scikit_build_core.build import build_sdist, get_requires_for_build_sdist
 
 __all__ = [
     "build_editable",
@@ -42,6 +41,21 @@ ConfigSettings = Optional[Mapping[str, Union[str, list[str]]]]
 
 # The cuBLAS wheel of each CUDA major version (CUDA 13 dropped the -cuXX suffix).
 CUBLAS_WHEELS = {12: "nvidia-cublas-cu12>=12,<13", 13: "nvidia-cublas>=13,<14"}
+
+
+def _skbuild() -> ModuleType:
+    """scikit-build-core's backend, imported when a hook runs (so cuda_requirements() is usable without it)."""
+    return importlib.import_module("scikit_build_core.build")
+
+
+def build_sdist(sdist_directory: str, config_settings: ConfigSettings = None) -> str:
+    """scikit-build-core's sdist (it includes this backend, which ``backend-path`` names)."""
+    return _skbuild().build_sdist(sdist_directory, config_settings)
+
+
+def get_requires_for_build_sdist(config_settings: ConfigSettings = None) -> list[str]:
+    """scikit-build-core's requirements for an sdist."""
+    return _skbuild().get_requires_for_build_sdist(config_settings)
 
 
 def _setting(config_settings: ConfigSettings, name: str) -> str:
@@ -91,12 +105,12 @@ def cuda_requirements(config_settings: ConfigSettings = None, environ: Mapping[s
 
 def get_requires_for_build_wheel(config_settings: ConfigSettings = None) -> list[str]:
     """scikit-build-core's requirements, plus the cuBLAS wheel when a CUDA build needs one (module docstring)."""
-    return [*_backend.get_requires_for_build_wheel(config_settings), *cuda_requirements(config_settings)]
+    return [*_skbuild().get_requires_for_build_wheel(config_settings), *cuda_requirements(config_settings)]
 
 
 def get_requires_for_build_editable(config_settings: ConfigSettings = None) -> list[str]:
     """As :func:`get_requires_for_build_wheel`, for ``pip install -e``."""
-    return [*_backend.get_requires_for_build_editable(config_settings), *cuda_requirements(config_settings)]
+    return [*_skbuild().get_requires_for_build_editable(config_settings), *cuda_requirements(config_settings)]
 
 
 def _with_requirements(metadata: str, requirements: list[str]) -> str:
@@ -143,7 +157,8 @@ def _add_dependencies(wheel_path: str, requirements: list[str], needs: str) -> N
 
 
 def _prepare(metadata_directory: str, config_settings: ConfigSettings, editable: bool) -> str:
-    prepare = _backend.prepare_metadata_for_build_editable if editable else _backend.prepare_metadata_for_build_wheel
+    backend = _skbuild()
+    prepare = backend.prepare_metadata_for_build_editable if editable else backend.prepare_metadata_for_build_wheel
     dist_info = prepare(metadata_directory, config_settings)
     path = os.path.join(metadata_directory, dist_info, "METADATA")
     with open(path, encoding="utf-8") as f:
@@ -168,7 +183,7 @@ def build_wheel(wheel_directory: str, config_settings: ConfigSettings = None,
     """scikit-build-core's wheel; when it holds the CUDA backend linked to the cuBLAS wheel, that wheel is one of
     its dependencies."""
     # Not metadata_directory: scikit-build-core would refuse the added dependency as a mismatch with its own.
-    name = _backend.build_wheel(wheel_directory, config_settings, None)
+    name = _skbuild().build_wheel(wheel_directory, config_settings, None)
     _add_dependencies(os.path.join(wheel_directory, name), cuda_requirements(config_settings), r"/_cuda\.[^/]*so$")
     return name
 
@@ -176,6 +191,6 @@ def build_wheel(wheel_directory: str, config_settings: ConfigSettings = None,
 def build_editable(wheel_directory: str, config_settings: ConfigSettings = None,
                    metadata_directory: str | None = None) -> str:
     """As :func:`build_wheel`, for ``pip install -e`` (the extension modules are in the editable wheel too)."""
-    name = _backend.build_editable(wheel_directory, config_settings, None)
+    name = _skbuild().build_editable(wheel_directory, config_settings, None)
     _add_dependencies(os.path.join(wheel_directory, name), cuda_requirements(config_settings), r"/_cuda\.[^/]*so$")
     return name
