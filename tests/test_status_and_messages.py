@@ -19,20 +19,13 @@ def fake_cuda(status: tuple[bool, str] = (False, INSUFFICIENT), runtime: int = 1
 
 
 class FakeLibcuda:
-    """A stand-in for libcuda.so.1 (the NVIDIA driver) supporting CUDA `version` with `count` GPUs."""
+    """A stand-in for libcuda.so.1 (the NVIDIA driver) supporting CUDA `version`."""
 
-    def __init__(self, version: int, count: int = 1) -> None:
-        self.version, self.count = version, count
+    def __init__(self, version: int) -> None:
+        self.version = version
 
     def cuDriverGetVersion(self, out: ctypes._CArgObject) -> int:  # noqa: N802 (the driver API's name)
         out._obj.value = self.version
-        return 0
-
-    def cuInit(self, flags: int) -> int:  # noqa: N802
-        return 0
-
-    def cuDeviceGetCount(self, out: ctypes._CArgObject) -> int:  # noqa: N802
-        out._obj.value = self.count
         return 0
 
 
@@ -64,20 +57,22 @@ def test_other_device_errors_pass_through(monkeypatch):
 def test_gpu_visible_but_cpu_only_build_says_so_and_why(monkeypatch):
     monkeypatch.setattr(st, "_cuda_compiled", lambda: False)
     monkeypatch.setattr(st, "_cuda_note", lambda: "no CUDA compiler (nvcc) was found")
-    monkeypatch.setattr(st, "_libcuda", lambda: FakeLibcuda(13000, count=2))
+    monkeypatch.setattr(st, "_visible_gpus", lambda: 2)
     usable, reason = st.cuda_status()
     assert not usable
     assert reason.startswith("2 NVIDIA GPU(s) are visible, but this sparsetarget was compiled without CUDA")
     assert "(no CUDA compiler (nvcc) was found)" in reason and "pip install -v" in reason
     with pytest.raises(RuntimeError, match="2 NVIDIA GPU"):
         st._cuda_module()
-    monkeypatch.setattr(st, "_libcuda", lambda: None)  # no GPU: no rebuild advice about a GPU
+    monkeypatch.setattr(st, "_visible_gpus", lambda: 0)  # no GPU: no advice about a GPU
     usable, reason = st.cuda_status()
     assert reason.startswith("sparsetarget was compiled without CUDA (no CUDA compiler")
 
 
 def test_this_machine_status_is_consistent():
     usable, reason = st.cuda_status()
+    assert st._visible_gpus() == (len(os.listdir("/proc/driver/nvidia/gpus"))
+                                  if os.path.isdir("/proc/driver/nvidia/gpus") else 0)
     if not os.path.exists("/dev/nvidiactl") and st._libcuda() is None:
         assert not usable and "insufficient" not in reason
         if st.build_info()["cuda"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import os
 from types import ModuleType
 
 # Load OpenBLAS from the scipy-openblas32 wheel before _core: it resolves the library both for an installed
@@ -59,12 +60,12 @@ def _driver_version() -> int | None:
 
 
 def _visible_gpus() -> int:
-    """Number of NVIDIA GPUs the driver shows to this process (0 without a driver), through libcuda alone."""
-    lib = _libcuda()
-    count = ctypes.c_int(0)
-    if lib is None or lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+    """Number of NVIDIA GPUs the driver lists on this machine (/proc/driver/nvidia/gpus; 0 without a driver). Read
+    from the file system, not through CUDA: initialising CUDA here would break it in processes forked later."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
         return 0
-    return count.value
 
 
 def _cuda_version(v: int) -> str:
