@@ -78,8 +78,8 @@ def _not_compiled_reason() -> str:
     gpus = _visible_gpus()
     if gpus:
         return (f"{gpus} NVIDIA GPU(s) are visible, but this sparsetarget was compiled without CUDA{why}. Rebuild it "
-                "from source with nvcc on PATH: `pip install -v --force-reinstall --no-binary sparsetarget .` in the "
-                "source tree (`-v` shows the configure step's CUDA line); see the README's CUDA section")
+                "from source with nvcc (the CUDA toolkit) on PATH: `pip install -v --force-reinstall .` in the source "
+                "tree (`-v` shows the configure step's CUDA line); see the README's CUDA section")
     return (f"sparsetarget was compiled without CUDA{why}: reinstall it from source on a machine with nvcc (cuBLAS "
             "comes from the toolkit or the nvidia-cublas wheel); see build_info() and the README's CUDA section")
 
