@@ -18,7 +18,8 @@ if(SPARSETARGET_WITH_CUDA STREQUAL "OFF")
 endif()
 
 # sparsetarget_cuda_missing(<text>...): the reason for a CPU-only build, in as many strings as convenient (they are
-# joined, so they must not contain ';'). An error with SPARSETARGET_WITH_CUDA=ON, else a status line and SPARSETARGET_CUDA_NOTE.
+# joined, so they must not contain ';'). An error with SPARSETARGET_WITH_CUDA=ON, else a status line and
+# SPARSETARGET_CUDA_NOTE.
 function(sparsetarget_cuda_missing)
   string(CONCAT why ${ARGN})
   if(SPARSETARGET_WITH_CUDA STREQUAL "ON")
@@ -76,9 +77,9 @@ if(SPARSETARGET_CUBLAS_INCLUDE_DIR)
                PATHS "${_st_cublas_root}" PATH_SUFFIXES lib lib64 NO_DEFAULT_PATH)
 endif()
 if(NOT SPARSETARGET_CUBLAS_INCLUDE_DIR OR NOT SPARSETARGET_CUBLAS_LIBRARY)
-  sparsetarget_cuda_missing("nvcc ${_st_toolkit}/bin/nvcc was found but not cuBLAS (looked in that CUDA toolkit, in "
-                            "SPARSETARGET_CUBLAS_ROOT and for the nvidia-cublas wheel). To fix: `pip install nvidia-cublas` "
-                            "(CUDA 13, or nvidia-cublas-cu12 for CUDA 12) and reinstall, or set "
+  sparsetarget_cuda_missing("nvcc ${_st_toolkit}/bin/nvcc was found but not cuBLAS (looked in that CUDA toolkit, "
+                            "in SPARSETARGET_CUBLAS_ROOT and for the nvidia-cublas wheel). To fix: `pip install "
+                            "nvidia-cublas` (CUDA 13, or nvidia-cublas-cu12 for CUDA 12) and reinstall, or set "
                             "SPARSETARGET_CUBLAS_ROOT")
   unset(SPARSETARGET_CUBLAS_INCLUDE_DIR CACHE)
   unset(SPARSETARGET_CUBLAS_LIBRARY CACHE)
