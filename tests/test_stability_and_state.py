@@ -1,4 +1,4 @@
-"""Stabilisation keeps W, state save/load resumes bit-exactly, dense views match, and a soak run reports drift."""
+"""Stabilisation keeps W, state save/load resumes bit-exactly, dense views match, and a soak run checks drift."""
 
 import numpy as np
 import pytest
@@ -142,8 +142,8 @@ def test_random_init_like_nn_linear():
 
 
 @pytest.mark.parametrize("dtype,consistency_limit", [(np.float64, 1e-12), (np.float32, 1e-4)])
-def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
-    """400 steps with |h| ~ 1, Zipf targets and weight decay; reports drift against dense float64 SGD.
+def test_soak_drift_against_dense(dtype, consistency_limit):
+    """400 steps with |h| ~ 1, Zipf targets and weight decay; checks the drift against dense float64 SGD.
 
     Training is sensitive to rounding (a dense run started 1e-15 away drifts too), so W is compared with the
     spread of same-precision dense runs: a 1-ulp perturbed float64 run, or plain float32 SGD for float32.
@@ -176,9 +176,8 @@ def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
         "inverse_error": layer.diagnostics()["inverse_error"],
         "corrections": layer.diagnostics()["corrections"],
     }
-    with capsys.disabled():
-        print(f"\nsoak drift after 400 steps, {np.dtype(dtype)}: " + ", ".join(
-            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in drift.items()))
+    # W: relative distance to the dense float64 run; it may be large in absolute terms (the run is chaotic), but no
+    # larger than the distance of a same-precision dense run, which is what rounding alone does.
     assert drift["W"] < 3 * drift["W_same_precision_dense"] + 1e-12, drift
     assert drift["Q_vs_WtW"] < consistency_limit and drift["w_bar_vs_W1"] < consistency_limit, drift
     assert drift["inverse_error"] < 100 * consistency_limit, drift
