@@ -7,7 +7,7 @@ from types import ModuleType
 
 import scipy_openblas32 as _scipy_openblas32  # noqa: F401
 
-from . import _core
+from . import _core, _threads
 from ._core import SingularUpdateError
 from .layer import LOSS_OPTIONS, FactoredOutput
 
@@ -44,10 +44,12 @@ def cuda_status() -> tuple[bool, str]:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of BLAS threads the core uses (OpenBLAS; default: all cores or OPENBLAS_NUM_THREADS)."""
+    """Set the number of BLAS threads the core uses (OpenBLAS; default: all cores or OPENBLAS_NUM_THREADS, and 1
+    once ``sparsetarget.torch`` is imported unless set here or by OPENBLAS_NUM_THREADS: see ``_threads``)."""
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     _core.set_num_threads(int(n))
+    _threads.mark_chosen()
 
 
 def get_num_threads() -> int:
