@@ -37,7 +37,11 @@ def lm_run(tmp_path_factory):
     out = tmp / "out"
     argv = ["--corpus", str(corpus), "--vocab-size", "100", "--budget-s", "0.6", "--slices", "2", "--out", str(out),
             "--dim", "16", "--embed", "8", "--hidden", "32", "--batch", "16", "--samples", "8", "--eval-words", "200",
-            "--threads", "1", "--lr", "softmax=0.3", "--lr", "z_loss=0.05"]
+            "--threads", "1"]
+    lrs = {"spherical_softmax": 0.1, "taylor_softmax": 0.1, "z_loss": 0.05, "softmax": 0.3, "dense_spherical": 0.1,
+           "adaptive_softmax": 0.1, "sampled_softmax": 0.1}
+    for head, lr in lrs.items():
+        argv += ["--lr", f"{head}={lr}"]
     return lm.main(argv), out, argv
 
 
@@ -120,7 +124,7 @@ def test_reverse_dictionary_end_to_end(tmp_path):
     results = reverse_dictionary.main([
         "--gcide", str(gcide), "--wordnet", str(wn), "--budget-s", "1.0", "--slices", "2", "--out", str(out),
         "--embed", "16", "--dim", "16", "--batch", "8", "--test-glosses", "5", "--threads", "1",
-        "--lr", "squared_error=0.01", "--lr", "bce=0.05"])
+        "--lr", "squared_error=0.01", "--lr", "spherical_softmax=0.1", "--lr", "softmax=0.1", "--lr", "bce=0.05"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["vocab_size"] == len(WORDS)
     config = on_disk["config"]

@@ -193,6 +193,7 @@ class Trainer:
         self.first_losses: list[float] = []
         self.train_loss: list[dict[str, float]] = []
         self.step_peak_mib = 0.0
+        self.failed = ""  # why training stopped early, if it did
         self._window: list[float] = []
 
     def train_step(self, step: int) -> float:
@@ -238,13 +239,14 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         return {"state": self.state(), "steps": self.steps, "wall_s": self.wall_s, "curve": self.curve,
                 "first_losses": self.first_losses, "train_loss": self.train_loss,
-                "step_peak_mib": self.step_peak_mib, "window": self._window}
+                "step_peak_mib": self.step_peak_mib, "window": self._window, "failed": self.failed}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.load_state(ckpt["state"])
         self.steps, self.wall_s, self.curve = ckpt["steps"], ckpt["wall_s"], ckpt["curve"]
         self.first_losses, self.train_loss = ckpt["first_losses"], ckpt["train_loss"]
         self.step_peak_mib, self._window = ckpt["step_peak_mib"], ckpt["window"]
+        self.failed = ckpt.get("failed", "")
 
 
 def round_robin(trainers: Sequence[Trainer], budget_s: float, slices: int, out: str,
@@ -252,7 +254,9 @@ def round_robin(trainers: Sequence[Trainer], budget_s: float, slices: int, out: 
     """Train every head for ``budget_s`` seconds of its own clock, in ``slices`` turns (head 1 slice 1, head 2
     slice 1, ..., head 1 slice 2, ...) so that a change of the machine's load hits all heads alike; evaluate each
     head after each of its slices (a curve point) and checkpoint it to ``out/<head>.pt``. Heads restored from a
-    checkpoint continue where they stopped. ``on_point()`` is called after every point (e.g. to write results)."""
+    checkpoint continue where they stopped. A head whose step raises (divergence, a singular factored update) stops
+    there with its reason in ``failed`` and is evaluated as it is; the others go on. ``on_point()`` is called after
+    every point (e.g. to write results)."""
     if budget_s <= 0:
         raise ValueError(f"budget_s must be > 0, got {budget_s}")
     if slices < 1:
@@ -261,9 +265,13 @@ def round_robin(trainers: Sequence[Trainer], budget_s: float, slices: int, out: 
     for turn in range(slices):
         for tr in trainers:
             target = per_slice * (turn + 1)
-            if tr.wall_s >= target - 1e-9 and len(tr.curve) > turn:
-                continue  # done before a restart
-            tr.train_for(target - tr.wall_s, f"{tr.name:>17} {turn + 1}/{slices}")
+            if tr.failed or (tr.wall_s >= target - 1e-9 and len(tr.curve) > turn):
+                continue  # stopped by an error, or done before a restart
+            try:
+                tr.train_for(target - tr.wall_s, f"{tr.name:>17} {turn + 1}/{slices}")
+            except (FloatingPointError, ValueError, RuntimeError) as err:  # e.g. a singular factored update
+                tr.failed = f"step {tr.steps}: {type(err).__name__}: {err}"
+                print(f"\n{tr.name}: stopped training at {tr.failed}", file=sys.stderr)
             t0 = time.perf_counter()
             point = tr.evaluate()
             point.update(wall_s=tr.wall_s, step=tr.steps)

@@ -56,7 +56,10 @@ from ._common import (
 
 HEADS = ("squared_error", "spherical_softmax", "softmax", "bce")
 FACTORED = {"squared_error", "spherical_softmax"}
-DEFAULT_LR = {"squared_error": 0.001, "spherical_softmax": 0.1, "softmax": 0.1, "bce": 0.1}
+# Head learning rates from 15-second pilots of the factored heads at full size (squared error: above ~0.01 the
+# update factor can become singular as the tanh body saturates); softmax and BCE take the language model pilot's
+# softmax rate (benchmarks/results/lm_lr_pilot*.txt): their pilots would get ~30 steps.
+DEFAULT_LR = {"squared_error": 0.005, "spherical_softmax": 1.0, "softmax": 1.0, "bce": 1.0}
 
 
 class Examples:
@@ -300,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", action="append", default=[], metavar="HEAD=LR", help="learning rate of a head")
     p.add_argument("--body-lr", type=float, default=0.1, help="learning rate of the body (all heads)")
     p.add_argument("--eps", type=float, default=1e-2, help="spherical softmax epsilon")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--blas-threads", type=int, default=1, help="sparsetarget core BLAS threads")
     p.add_argument("--max-examples", type=int, default=0, help="read only the first N of each dictionary (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -331,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{tr.name}: resumed at step {tr.steps} ({tr.wall_s:.1f} s)", file=sys.stderr)
     config = {k: v for k, v in vars(args).items() if k != "lr"}
     config.update(lr={h: lrs[h] for h in heads}, **info)
-    results: dict[str, Any] = {"task": "reverse dictionary (definition -> word), multi-label",
+    results: dict[str, Any] = {"load_average_at_start": os.getloadavg(),
+                               "task": "reverse dictionary (definition -> word), multi-label",
                                "corpus": "GCIDE + WordNet 3.0 glosses", "vocab_size": len(words),
                                "machine": machine(), "config": config, "heads": {}}
 
@@ -339,12 +343,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for tr in trainers:
             if tr.curve:
                 final = {k: v for k, v in tr.curve[-1].items() if k not in ("wall_s", "step")}
+                if tr.name in FACTORED:
+                    diag = tr.head.diagnostics()
+                    final["factorisation"] = {k: diag[k] for k in ("condition", "corrections", "refreshes")}
                 final.update(examples_per_s=tr.steps * args.batch / max(tr.wall_s, 1e-9), wall_s=tr.wall_s,
                              steps=tr.steps, state_mib=tr.state_mib(), step_peak_mib=tr.step_peak_mib)
-                results["heads"][tr.name] = {"final": final, "curve": tr.curve, "train_loss": tr.train_loss}
+                results["heads"][tr.name] = {"final": final, "curve": tr.curve, "failed": tr.failed or None,
+                                             "train_loss": tr.train_loss}
         write_json(os.path.join(args.out, "results.json"), results)
 
     round_robin(trainers, args.budget_s, args.slices, args.out, on_point=write)
+    results["load_average_at_end"] = os.getloadavg()
     write()
     plot_curves(results, [("median_rank", "held-out median rank (log)"), ("acc@10", "held-out accuracy@10"),
                           ("acc@100", "held-out accuracy@100")], os.path.join(args.out, "results.png"),
