@@ -79,18 +79,18 @@ def measure(vocab: int, dim: int, batch: int, steps: int, torch_threads: int, bl
     cases = {"body": body_only, "factored head": head_only, "body + factored head": both}
     if dense:
         cases.update({"dense softmax head": dense_head, "body + dense softmax head": dense_both})
-    out = {}
-    for name, fn in cases.items():
-        n = steps if "dense" not in name else max(steps // 6, 5)
-        for i in range(3):
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        for i in range(2):
             fn(i)
-        times = []
-        for i in range(n):
+    for i in range(steps):  # the cases take turns, so that a change of the machine's load hits them alike
+        for name, fn in cases.items():
+            if "dense" in name and i % 6:
+                continue  # the dense steps are ~100x longer: fewer of them
             t0 = time.perf_counter()
             fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[name] = statistics.median(times)
-    return out
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
