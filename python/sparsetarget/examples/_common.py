@@ -178,6 +178,10 @@ def plot_curves(results: dict[str, Any], metrics: Sequence[tuple[str, str]], pat
     return True
 
 
+MILESTONES = frozenset({100, 300, 1000, 3000, 10000, 30000, 100000})
+"""Step counts at which every head is also evaluated (outside its clock), to compare heads per step."""
+
+
 class Trainer:
     """One head of a comparison: a model, its optimizers, its position in the shared data order and its clock.
 
@@ -233,6 +237,10 @@ class Trainer:
                                         "loss": sum(self._window) / window})
                 self._window = []
             bar.update(self.wall_s - start_wall, f"step {self.steps} loss {loss:.4f}")
+            if self.steps in MILESTONES:  # the same step counts for every head: quality per step
+                point = self.evaluate()
+                point.update(wall_s=self.wall_s, step=self.steps, milestone=True)
+                self.curve.append(point)
         self.step_peak_mib = max(self.step_peak_mib, rss_mib("VmHWM") - base)
         bar.close(f"step {self.steps} ({self.steps / max(self.wall_s, 1e-9):.1f} steps/s)")
 
@@ -265,7 +273,8 @@ def round_robin(trainers: Sequence[Trainer], budget_s: float, slices: int, out: 
     for turn in range(slices):
         for tr in trainers:
             target = per_slice * (turn + 1)
-            if tr.failed or (tr.wall_s >= target - 1e-9 and len(tr.curve) > turn):
+            done = sum(not p.get("milestone") for p in tr.curve)
+            if tr.failed or (tr.wall_s >= target - 1e-9 and done > turn):
                 continue  # stopped by an error, or done before a restart
             try:
                 tr.train_for(target - tr.wall_s, f"{tr.name:>17} {turn + 1}/{slices}")
