@@ -300,11 +300,31 @@ def cuda_status() -> tuple[bool, str]:
     return False, str(reason)
 
 
+# Whether the user chose the BLAS thread count (set_num_threads, or OPENBLAS_NUM_THREADS in the environment).
+_threads_chosen = "OPENBLAS_NUM_THREADS" in os.environ
+
+
 def set_num_threads(n: int) -> None:
-    """Set the number of BLAS threads the core uses (OpenBLAS; default: all cores or OPENBLAS_NUM_THREADS)."""
+    """Set the number of BLAS threads the core uses (OpenBLAS; default: all cores or OPENBLAS_NUM_THREADS, and 1
+    once ``sparsetarget.torch`` is imported, unless chosen here or by OPENBLAS_NUM_THREADS: see
+    :func:`threads_for_torch`). A count chosen here is kept for every call."""
+    global _threads_chosen
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     _core.set_num_threads(int(n))
+    _threads_chosen = True
+
+
+def threads_for_torch() -> int:
+    """One BLAS thread for the core next to torch, unless the count was chosen; returns the count in force.
+
+    A factored step is a few small BLAS calls interleaved with torch operations. When the core's OpenBLAS threads and
+    torch's intra-op threads both try to use every core, each pool busy-waits while the other works: on a 2-core
+    machine one factored spherical-softmax step at (D, d, m) = (100000, 128, 128) took 385 ms with 2 torch threads
+    and 2 BLAS threads instead of 1.9 ms with 1 BLAS thread (``benchmarks/bench_lm_step.py``)."""
+    if not _threads_chosen:
+        _core.set_num_threads(1)
+    return int(_core.get_num_threads())
 
 
 def get_num_threads() -> int:
