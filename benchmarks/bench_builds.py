@@ -112,14 +112,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="timing bursts per build and shape, interleaved")
     ap.add_argument("--burst", type=float, default=1.0, help="seconds per burst")
     ap.add_argument("--apis", default=",".join(APIS), help="numpy,torch")
+    ap.add_argument("--shapes", default=None, help="D,d,m;D,d,m;... (default: the README's four)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args()
 
     rows = []
     print(f"{'api':6} {'(D, d, m)':>20} {'old ms':>9} {'new ms':>9} {'new/old':>8}  (median of {args.rounds} "
           f"interleaved bursts of {args.burst} s, 1 thread)")
+    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     for api in args.apis.split(","):
-        for shape in SHAPES:
+        for shape in shapes:
             old, new = Worker(args.old, api, shape), Worker(args.new, api, shape)
             try:
                 a, b = old.ask("check"), new.ask("check")

@@ -24,7 +24,7 @@ void monitor(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
   const int d = st.d;
   TS* work = b.template scratch<TS>(kSlotMonitor, 5 * static_cast<std::size_t>(d));
   TS *u = work, *pmax_new = work + d, *y = work + 2 * d, *r = work + 3 * d, *pmin_new = work + 4 * d;
-  double* norms = b.template scratch<double>(kSlotNorms, 5);
+  double* norms = b.template scratch<double>(kSlotNorms, 11);
   b.gemv(Op::N, d, d, TS(1), st.U, d, st.probe_max, TS(0), u);                // u = U p_max
   b.gemv(Op::T, d, d, TS(1), st.U, d, u, TS(0), pmax_new);                    // U^T U p_max
   b.gemv(Op::N, d, d, TS(1), st.U_inv, d, st.probe_min, TS(0), y);            // y = U^-1 p_min
@@ -36,9 +36,9 @@ void monitor(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
   b.norm2(r, d, norms + 2);
   b.norm2(pmax_new, d, norms + 3);
   b.norm2(pmin_new, d, norms + 4);
-  b.for_each(1, parts::FinishMonitor{norms, st.stats, b.flags(), opt});
-  b.for_each(static_cast<std::size_t>(d), parts::ScaleToUnit<TS>{pmax_new, norms + 3, st.probe_max, d, b.flags()});
-  b.for_each(static_cast<std::size_t>(d), parts::ScaleToUnit<TS>{pmin_new, norms + 4, st.probe_min, d, b.flags()});
+  b.for_each(1, parts::FinishMonitor{norms, st.stats, b.flags(), opt, d});
+  b.for_each(static_cast<std::size_t>(d), parts::UpdateProbe<TS>{pmax_new, norms + 5, st.probe_max});
+  b.for_each(static_cast<std::size_t>(d), parts::UpdateProbe<TS>{pmin_new, norms + 8, st.probe_min});
 }
 
 // f(tile, rows) for consecutive row tiles of V.

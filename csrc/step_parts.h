@@ -100,30 +100,39 @@ struct ScaledIdentity {
   ST_HD void operator()(int i, int j) const { M[static_cast<std::size_t>(i) * n + j] = i == j ? c : TS(0); }
 };
 
-// x_i <- x_i / norm, or the uniform unit vector when the norm is 0 or not finite (§8.2: power-iteration probes).
+// out_i <- keep out_i + scale x_i + offset, with (keep, scale, offset) from FinishMonitor: the new power-iteration
+// probe x / ||x||, the uniform unit vector when ||x|| is 0 or not finite, or the old probe after a failed step (the
+// probes are part of the state) (§8.2). One multiply-add per entry.
 template <class TS>
-struct ScaleToUnit {
+struct UpdateProbe {
   const TS* x;
-  const double* norm;
+  const double* coef;  // keep, scale, offset
   TS* out;
-  int n;
-  const StepFlags* flags;  // nothing moves after a failed step: the probes are part of the state
   ST_HD void operator()(std::size_t i) const {
-    if (flags->error != kOk) return;
-    const double nrm = *norm;
-    out[i] = static_cast<TS>(nrm > 0 && std::isfinite(nrm) ? x[i] / nrm : 1.0 / std::sqrt(static_cast<double>(n)));
+    out[i] = static_cast<TS>(coef[0] * out[i] + coef[1] * x[i] + coef[2]);
   }
 };
 
 // The monitoring decision from the norms (sigma_max = |U p|, |U^-1 p'| = 1 / sigma_min, residual |U U^-1 p' - p'|),
-// recorded in the stats; raises flags->needs_correction (§8.2-§8.3). Runs once.
+// recorded in the stats; raises flags->needs_correction (§8.2-§8.3); and the coefficients of the two UpdateProbe
+// passes. Runs once.
 struct FinishMonitor {
-  const double* norms;  // sigma_max, |U^-1 p|, residual
+  double* norms;  // in: sigma_max, |U^-1 p|, residual, |new p_max|, |new p_min|; out: 6 UpdateProbe coefficients
   double* stats;
   StepFlags* flags;
   StabilizeOptions opt;
+  int n;
   ST_HD void operator()(std::size_t) const {
-    if (flags->error != kOk) return;  // a failed step leaves nothing to monitor
+    const bool failed = flags->error != kOk;  // a failed step leaves nothing to monitor, and the probes unchanged
+    for (int p = 0; p < 2; ++p) {
+      const double nrm = norms[3 + p];
+      const bool ok = nrm > 0 && std::isfinite(nrm);
+      double* coef = norms + 5 + 3 * p;
+      coef[0] = failed ? 1.0 : 0.0;
+      coef[1] = failed ? 0.0 : (ok ? 1.0 / nrm : 0.0);
+      coef[2] = failed || ok ? 0.0 : 1.0 / std::sqrt(static_cast<double>(n));
+    }
+    if (failed) return;
     const double sigma_max = norms[0], inv_norm = norms[1], residual = norms[2];
     const double sigma_min = inv_norm > 0 ? 1.0 / inv_norm : 0.0;
     stats[kStatSigmaMax] = sigma_max;
