@@ -65,6 +65,14 @@ def rd_table(path: str) -> str:
         rows.append(f"| `{name}` | {f['steps']} | {f['examples_per_s']:.0f} | {f['acc@1']:.3f} | {f['acc@10']:.3f} "
                     f"| {f['acc@100']:.3f} | {f['median_rank']:.0f} | {f['p@5']:.3f} | {f['seen_acc@10']:.3f} | "
                     f"{f['seen_median_rank']:.0f} |")
+    steps = sorted({p["step"] for h in r["heads"].values() for p in h["curve"] if p.get("milestone")})
+    if steps:
+        rows += ["", "Per step: median rank / accuracy@100 at the same step counts (— : not reached)", "",
+                 "| head | " + " | ".join(f"step {s}" for s in steps) + " |", "| --- |" + " ---: |" * len(steps)]
+        for name, h in r["heads"].items():
+            at = {p["step"]: p for p in h["curve"] if p.get("milestone")}
+            rows.append(f"| `{name}` | " + " | ".join(
+                "—" if s not in at else f"{at[s]['median_rank']:.0f} / {at[s]['acc@100']:.3f}" for s in steps) + " |")
     return "\n".join(rows)
 
 

@@ -240,7 +240,9 @@ class Trainer:
                 self._window = []
             bar.update(self.wall_s - start_wall, f"step {self.steps} loss {loss:.4f}")
             if self.steps in MILESTONES:  # the same step counts for every head: quality per step
+                self.step_peak_mib = max(self.step_peak_mib, rss_mib("VmHWM") - base)
                 point = self.evaluate()
+                reset_peak()  # the evaluation's memory is not the step's
                 point.update(wall_s=self.wall_s, step=self.steps, milestone=True)
                 self.curve.append(point)
         self.step_peak_mib = max(self.step_peak_mib, rss_mib("VmHWM") - base)
