@@ -343,8 +343,11 @@ def load_data(args: argparse.Namespace) -> tuple[data.Vocabulary, data.EncodedCo
 
     def tokens(split: str) -> Any:
         for i, doc in enumerate(docs()):
+            if i % 20000 == 0:  # a progress line: the number of documents is unknown until the end
+                print(f"\rreading {split} documents: {i}", end="", file=sys.stderr, flush=True)
             if data.split_of(i, fr, args.seed) == split:
                 yield data.tokenize(doc)
+        print(f"\rreading {split} documents: done", file=sys.stderr, flush=True)
 
     vocab = data.Vocabulary.build(tokens("train"), args.vocab_size)
 
