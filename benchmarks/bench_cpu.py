@@ -68,7 +68,7 @@ def bench_config(D, d, m, rng, dense=True):
     row = {"D": D, "d": d, "m": m}
     layer = st.FactoredOutput.random(D, d, dtype=np.float32, seed=0, loss="spherical_softmax", eps=EPS)
     H, y = batch(rng, m, d, D)
-    W = layer.weight()
+    W = layer.dense_weight()
     # correctness first: the factored loss and grad_H against the dense layer at the same W
     L_f, g_f = layer.step(H, y, LR)
     L_d, g_d = dense_step(W.copy(), H, y, LR)
@@ -107,18 +107,18 @@ def soak(D, d, m, steps, loss, lr, weight_decay, sigma_range, rng):
         H = rng.standard_normal((m, d)).astype(np.float32)
         H /= np.linalg.norm(H, axis=1, keepdims=True)  # |h| = 1
         y = np.minimum(rng.zipf(1.2, m) - 1, D - 1)
-        c0 = layer._arrays["stats"][int(st._core.Stat.corrections)]
+        c0 = layer._engine.arrays["stats"][int(st._engine.Stat.corrections)]
         t0 = time.perf_counter()
         layer.step(H, y, lr, weight_decay)
         times.append(time.perf_counter() - t0)
-        corrected.append(layer._arrays["stats"][int(st._core.Stat.corrections)] > c0)
+        corrected.append(layer._engine.arrays["stats"][int(st._engine.Stat.corrections)] > c0)
     times = np.array(times) * 1e3
     corrected = np.array(corrected)
     typical = float(np.median(times[~corrected])) if (~corrected).any() else float("nan")
     diag = layer.diagnostics()
     sd = layer.state_dict()
     rows = rng.integers(0, D, 64)
-    W = layer.weight()
+    W = layer.dense_weight()
     exact = sd["V"][rows].astype(np.float64) @ sd["U"].astype(np.float64) + sd["omega"]
     return {
         "D": D, "d": d, "m": m, "steps": steps, "loss": loss, "lr": lr, "weight_decay": weight_decay,

@@ -94,9 +94,8 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
         opt.step()
 
     row["factored"] = measure(factored_step, 10, 1.5)
-    arrays = head._engine().layer._arrays
     np_batches = [(h.numpy(), y.numpy()) for h, y in batches]
-    spec_layer = st.FactoredOutput._wrap(arrays, loss="spherical_softmax", eps=EPS)
+    spec_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
     row["core"] = measure(lambda: spec_layer.step(*np_batches[next(counter) % 8], LR), 10, 1.5)
 
     sgd = torch.optim.SGD(linear.parameters(), lr=LR)

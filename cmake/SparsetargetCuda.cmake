@@ -2,29 +2,37 @@
 # Needs nvcc and cuBLAS. cuBLAS comes from the CUDA toolkit, from SPARSETARGET_CUBLAS_ROOT (a directory with
 # include/cublas_v2.h and lib/libcublas.so*), or from the nvidia-cublas wheel (nvidia/cu13 or nvidia/cu12 in a
 # site-packages on CMAKE_PREFIX_PATH or importable by the building Python): CUDA builds of torch install it.
-# Sets SPARSETARGET_CUDA_FOUND.
+# Sets SPARSETARGET_CUDA_FOUND, and SPARSETARGET_CUDA_NOTE: why there is no CUDA backend (empty when there is one),
+# which the installed package reports in sparsetarget.cuda_status() (pip hides configure output).
 set(SPARSETARGET_CUDA_FOUND OFF)
+set(SPARSETARGET_CUDA_NOTE "")
 set(SPARSETARGET_CUBLAS_ROOT "" CACHE PATH "Directory with include/cublas_v2.h and lib/libcublas.so* (optional)")
 
 if(NOT SPARSETARGET_WITH_CUDA MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "SPARSETARGET_WITH_CUDA must be AUTO, ON or OFF, got '${SPARSETARGET_WITH_CUDA}'")
 endif()
 if(SPARSETARGET_WITH_CUDA STREQUAL "OFF")
+  set(SPARSETARGET_CUDA_NOTE "the build was configured with SPARSETARGET_WITH_CUDA=OFF")
   message(STATUS "sparsetarget: CPU-only build (SPARSETARGET_WITH_CUDA=OFF)")
   return()
 endif()
 
-macro(sparsetarget_cuda_missing why)
+# sparsetarget_cuda_missing(<text>...): the reason for a CPU-only build, in as many strings as convenient (they are
+# joined, so they must not contain ';'). An error with SPARSETARGET_WITH_CUDA=ON, else a status line and
+# SPARSETARGET_CUDA_NOTE.
+function(sparsetarget_cuda_missing)
+  string(CONCAT why ${ARGN})
   if(SPARSETARGET_WITH_CUDA STREQUAL "ON")
     message(FATAL_ERROR "sparsetarget: SPARSETARGET_WITH_CUDA=ON but ${why}")
   endif()
   message(STATUS "sparsetarget: CPU-only build: ${why} (SPARSETARGET_WITH_CUDA=ON makes this an error)")
-endmacro()
+  set(SPARSETARGET_CUDA_NOTE "${why}" PARENT_SCOPE)
+endfunction()
 
 include(CheckLanguage)
 check_language(CUDA)
 if(NOT CMAKE_CUDA_COMPILER)
-  sparsetarget_cuda_missing("no CUDA compiler (nvcc) was found; set CUDACXX or put nvcc on PATH")
+  sparsetarget_cuda_missing("no CUDA compiler (nvcc) was found: put nvcc on PATH or set CUDACXX")
   return()
 endif()
 
@@ -42,10 +50,25 @@ if(_st_rc EQUAL 0)
   list(APPEND _st_wheel_dirs ${_st_python_dirs})
 endif()
 
-get_filename_component(_st_nvcc_dir "${CMAKE_CUDA_COMPILER}" DIRECTORY)
-get_filename_component(_st_toolkit "${_st_nvcc_dir}" DIRECTORY)
+# The toolkit nvcc belongs to, as nvcc itself reports it (TOP=...): nvcc on PATH may be a wrapper script or a link
+# outside the toolkit (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc).
+execute_process(COMMAND "${CMAKE_CUDA_COMPILER}" -v --dryrun -c sparsetarget_probe.cu
+                OUTPUT_VARIABLE _st_dryrun ERROR_VARIABLE _st_dryrun_err RESULT_VARIABLE _st_rc)
+if("${_st_dryrun}${_st_dryrun_err}" MATCHES "#\\$ TOP=([^\r\n]*)")
+  get_filename_component(_st_toolkit "${CMAKE_MATCH_1}" REALPATH)
+else()
+  get_filename_component(_st_nvcc_dir "${CMAKE_CUDA_COMPILER}" REALPATH)
+  get_filename_component(_st_nvcc_dir "${_st_nvcc_dir}" DIRECTORY)
+  get_filename_component(_st_toolkit "${_st_nvcc_dir}" DIRECTORY)
+endif()
 set(_st_cublas_dirs ${SPARSETARGET_CUBLAS_ROOT} ${_st_toolkit} ${_st_toolkit}/targets/x86_64-linux
                     ${_st_toolkit}/targets/sbsa-linux ${_st_wheel_dirs})
+# A cached result may point into a build environment that is gone (pip's isolated builds are temporary).
+foreach(_st_var SPARSETARGET_CUBLAS_INCLUDE_DIR SPARSETARGET_CUBLAS_LIBRARY)
+  if(${_st_var} AND NOT EXISTS "${${_st_var}}")
+    unset(${_st_var} CACHE)
+  endif()
+endforeach()
 find_path(SPARSETARGET_CUBLAS_INCLUDE_DIR cublas_v2.h PATHS ${_st_cublas_dirs} PATH_SUFFIXES include NO_DEFAULT_PATH)
 if(SPARSETARGET_CUBLAS_INCLUDE_DIR)
   # The library beside that header (wheels ship only the versioned name).
@@ -54,9 +77,10 @@ if(SPARSETARGET_CUBLAS_INCLUDE_DIR)
                PATHS "${_st_cublas_root}" PATH_SUFFIXES lib lib64 NO_DEFAULT_PATH)
 endif()
 if(NOT SPARSETARGET_CUBLAS_INCLUDE_DIR OR NOT SPARSETARGET_CUBLAS_LIBRARY)
-  sparsetarget_cuda_missing("cuBLAS was not found (looked in the CUDA toolkit at ${_st_toolkit}, in "
-                            "SPARSETARGET_CUBLAS_ROOT and for the nvidia-cublas wheel); `pip install nvidia-cublas` "
-                            "or set SPARSETARGET_CUBLAS_ROOT")
+  sparsetarget_cuda_missing("nvcc ${_st_toolkit}/bin/nvcc was found but not cuBLAS (looked in that CUDA toolkit, "
+                            "in SPARSETARGET_CUBLAS_ROOT and for the nvidia-cublas wheel). To fix: `pip install "
+                            "nvidia-cublas` (CUDA 13, or nvidia-cublas-cu12 for CUDA 12) and reinstall, or set "
+                            "SPARSETARGET_CUBLAS_ROOT")
   unset(SPARSETARGET_CUBLAS_INCLUDE_DIR CACHE)
   unset(SPARSETARGET_CUBLAS_LIBRARY CACHE)
   return()
@@ -73,9 +97,9 @@ set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 find_package(CUDAToolkit REQUIRED)
 
 add_library(sparsetarget_cuda_kernels STATIC
-  csrc/cuda/blas.cu
-  csrc/cuda/factored_step.cu
-  csrc/cuda/stabilize.cu)
+  csrc/cuda/blas_cuda.cu
+  csrc/cuda/backend_cuda.cu
+  csrc/cuda/factored_step_cuda.cu)
 set_target_properties(sparsetarget_cuda_kernels PROPERTIES
   POSITION_INDEPENDENT_CODE ON
   CUDA_RUNTIME_LIBRARY Static
@@ -87,7 +111,7 @@ target_link_libraries(sparsetarget_cuda_kernels PUBLIC sparsetarget_host CUDA::c
                                                        ${SPARSETARGET_CUBLAS_LIBRARY})
 target_compile_options(sparsetarget_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3 -Xcompiler=-Wall>)
 
-pybind11_add_module(_cuda csrc/cuda/bindings.cpp)
+pybind11_add_module(_cuda csrc/cuda/bindings_cuda.cpp)
 target_link_libraries(_cuda PRIVATE sparsetarget_cuda_kernels)
 string(REPLACE ";" "," _st_archs "${CMAKE_CUDA_ARCHITECTURES}")
 target_compile_definitions(_cuda PRIVATE
@@ -97,8 +121,12 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(_cuda PRIVATE -Wall -Wextra -O3)
 endif()
 # Installed wheel: site-packages/sparsetarget/_cuda.so finds cuBLAS in the nvidia-cublas wheel beside it, else
-# where it was found at build time (a toolkit).
+# where it was found at build time when that is a toolkit (not a wheel, which may be in pip's temporary build
+# environment: tools/build_backend makes the nvidia-cublas wheel a dependency of such a build).
 get_filename_component(_st_cublas_libdir "${SPARSETARGET_CUBLAS_LIBRARY}" DIRECTORY)
+if(_st_cublas_libdir MATCHES "/nvidia/(cu1[0-9]|cublas)/lib$")
+  set(_st_cublas_libdir "")
+endif()
 set_target_properties(_cuda PROPERTIES INSTALL_RPATH
   "$ORIGIN/../nvidia/cu13/lib;$ORIGIN/../nvidia/cu12/lib;$ORIGIN/../nvidia/cublas/lib;${SPARSETARGET_BLAS_RPATH};${_st_cublas_libdir}")
 install(TARGETS _cuda LIBRARY DESTINATION sparsetarget)

@@ -1,11 +1,21 @@
-// Forward and exact SGD step of the factored layer, O(m d^2 + m^2 d + nnz d) per minibatch, never O(D d).
+// Forward and exact SGD step of the factored layer, O(m d^2 + m^2 d + nnz d) per minibatch, never O(D d), written
+// once over the backend primitives (backend.h) and instantiated for the CPU (cpu/factored_step_cpu.cpp) and CUDA
+// (cuda/factored_step_cuda.cu). Derivations: docs/algorithm.md §3-§5. Per minibatch of m rows, with
+// alpha = 2 dL/dq, beta = dL/ds, z = dL/dA (sparse) and c = 1 - lr wd:
+//   M = c I - lr H^T diag(alpha) H, U <- U M, U^-1 <- M^-1 U^-1, omega <- M^T omega - lr H^T beta,
+//   Q <- c^2 Q - lr (H^T B + B^T H) with B = c G_H - (lr/2) G H, w_bar <- c w_bar - lr H^T (g . 1),
+//   V[k] <- V[k] - lr sum_j z_jk (h_j^T U_new^-1).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
-#include <vector>
+#include <string>
+#include <type_traits>
 
+#include "backend.h"
 #include "state.h"
+#include "step_parts.h"
 
 namespace sparsetarget {
 
@@ -27,39 +37,206 @@ struct ProjectionsView {
   const TS* Hw = nullptr;  // m, omega . h_j
 };
 
+// The default floor on the reciprocal condition of the step's factor: sqrt of the state dtype's machine epsilon
+// (a factor that would cost more than half the digits is refused).
 template <class TS>
-struct Projections {
-  int m = 0;
-  std::vector<TS> UH, HQ, q, s, Hw;  // as in ProjectionsView
-  ProjectionsView<TS> view() const { return {m, UH.data(), HQ.data(), q.data(), s.data(), Hw.data()}; }
-};
-
-// The result lives in a per-thread buffer that the next call on this thread overwrites.
-template <class TV, class TS>
-const Projections<TS>& project(const FactoredState<TV, TS>& st, const TS* H, int m);
-
-// A[e] = o_{k_e} for target entry e of row j: V[k_e] . (U h_j) + omega . h_j.
-template <class TV, class TS>
-void gather_outputs(const FactoredState<TV, TS>& st, const ProjectionsView<TS>& p, const Targets& t, TS* A);
-
-// grad_H = dL/dH (m x d) for a loss with per-example partials dA (per target entry), dq and ds, at the current
-// weights: grad_h_j = 2 dq_j Q h_j + ds_j w_bar + W^T z_j. No state change.
-template <class TV, class TS>
-void hidden_gradient(const FactoredState<TV, TS>& st, const Targets& t, const ProjectionsView<TS>& p, const TS* dA,
-                     const TS* dq, const TS* ds, TS* grad_H);
+constexpr double default_min_rcond() {
+  return std::is_same_v<TS, float> ? 3.4526698300124393e-04 : 1.4901161193847656e-08;
+}
 
 struct StepOptions {
   double lr = 0;
   double weight_decay = 0;
-  double min_rcond = 0;  // refuse the step when rcond(M) (Woodbury: rcond of the m x m system) is below this
+  double min_rcond = 0;  // refuse the step when rcond(M) (Woodbury: of the m x m system, §5.7) is below this
 };
 
-// One exact SGD step W <- (1 - lr wd) W - lr dL/dW for a loss with per-example partials dA (per target entry),
-// dq and ds, evaluated at the current weights. Writes grad_H = dL/dH (m x d) at the weights before the step; with
-// grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch and weights) and is reused.
-// Everything is computed and checked before the state is written: on any exception the state is unchanged.
-template <class TV, class TS>
-void backward_step(FactoredState<TV, TS>& st, const TS* H, const Targets& t, const ProjectionsView<TS>& p, const TS* dA,
-                   const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H, bool grad_H_known = false);
+// lr and weight_decay finite and >= 0 with lr * weight_decay < 1 (so that c = 1 - lr wd > 0, §5.12); throws
+// std::invalid_argument naming the argument.
+inline void check_step_options(double lr, double weight_decay) {
+  if (!std::isfinite(lr) || lr < 0)
+    throw std::invalid_argument("lr must be finite and >= 0, got " + std::to_string(lr));
+  if (!std::isfinite(weight_decay) || weight_decay < 0)
+    throw std::invalid_argument("weight_decay must be finite and >= 0, got " + std::to_string(weight_decay));
+  if (!(lr * weight_decay < 1))
+    throw std::invalid_argument("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
+}
+
+// UH = H U^T, HQ = H Q, q_j = h_j^T Q h_j, s = H w_bar, Hw = H omega (§3).
+template <class B, class TV, class TS>
+void project(B& b, const FactoredState<TV, TS>& st, const TS* H, int m, TS* UH, TS* HQ, TS* q, TS* s, TS* Hw) {
+  const int d = st.d;
+  b.gemm(Op::N, Op::T, m, d, d, TS(1), H, d, st.U, d, TS(0), UH, d);
+  b.gemm(Op::N, Op::N, m, d, d, TS(1), H, d, st.Q, d, TS(0), HQ, d);
+  b.gemv(Op::N, m, d, TS(1), H, d, st.w_bar, TS(0), s);
+  b.gemv(Op::N, m, d, TS(1), H, d, st.omega, TS(0), Hw);
+  b.row_dots(HQ, H, m, d, q);
+}
+
+// A[e] = o_{k_e} = V[k_e] . (U h_j) + omega . h_j for target entry e of row j (§3).
+template <class B, class TV, class TS>
+void gather_outputs(B& b, const FactoredState<TV, TS>& st, const ProjectionsView<TS>& p, const Targets& t, TS* A) {
+  b.gather_outputs(st.V, st.D, st.d, p.UH, p.Hw, t, A);
+}
+
+namespace detail {
+
+// grad_H, leaving z_sum_j = sum_k z_jk and WZ (row j = W^T z_j) in the backend's scratch for the step (§4).
+template <class B, class TV, class TS>
+void hidden_gradient_parts(B& b, const FactoredState<TV, TS>& st, const Targets& t, const ProjectionsView<TS>& p,
+                           const TS* dA, const TS* dq, const TS* ds, TS* grad_H, TS* z_sum, TS* WZ) {
+  const int d = st.d, m = p.m;
+  TS* Zv = b.template scratch<TS>(kSlotZv, static_cast<std::size_t>(m) * d);  // row j: sum_k z_jk V[k]
+  b.combine_target_rows(st.V, st.D, d, t, dA, Zv, z_sum);
+  // W^T z_j = U^T (sum_k z_jk V[k]) + (sum_k z_jk) omega, as rows of WZ
+  b.gemm(Op::N, Op::N, m, d, d, TS(1), Zv, d, st.U, d, TS(0), WZ, d);
+  b.for_rows(m, d, parts::GradRow<TS>{dq, ds, p.HQ, st.w_bar, st.omega, z_sum, WZ, grad_H, d});
+}
+
+}  // namespace detail
+
+// grad_H = dL/dH (m x d) for a loss with per-example partials dA (per target entry), dq and ds, at the current
+// weights: grad_h_j = 2 dq_j Q h_j + ds_j w_bar + W^T z_j. No state change.
+template <class B, class TV, class TS>
+void hidden_gradient(B& b, const FactoredState<TV, TS>& st, const Targets& t, const ProjectionsView<TS>& p,
+                     const TS* dA, const TS* dq, const TS* ds, TS* grad_H) {
+  const std::size_t md = static_cast<std::size_t>(p.m) * st.d;
+  detail::hidden_gradient_parts(b, st, t, p, dA, dq, ds, grad_H, b.template scratch<TS>(kSlotZSum, p.m),
+                                b.template scratch<TS>(kSlotWZ, md));
+}
+
+// One exact SGD step W <- (1 - lr wd) W - lr dL/dW for a loss with per-example partials dA (per target entry), dq
+// and ds evaluated at the current weights (§5; order and commit: §5.13). Writes grad_H = dL/dH (m x d) at the
+// weights before the step; with grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch
+// and weights) and is reused.
+// All-or-nothing: every check runs before the first write to the state (CPU), or the commit is skipped on the device
+// when one failed (CUDA).
+template <class B, class TV, class TS>
+void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& t, const ProjectionsView<TS>& p,
+                   const TS* dA, const TS* dq, const TS* ds, const StepOptions& opt, TS* grad_H,
+                   bool grad_H_known = false) {
+  const int d = st.d, m = p.m;
+  const std::size_t md = static_cast<std::size_t>(m) * d, dd = static_cast<std::size_t>(d) * d,
+                    mm = static_cast<std::size_t>(m) * m;
+  check_step_options(opt.lr, opt.weight_decay);
+  const TS lr = static_cast<TS>(opt.lr);
+  const TS c = static_cast<TS>(1.0 - opt.lr * opt.weight_decay);
+  const TS D = static_cast<TS>(st.D);
+
+  // Inputs the caller could not check without reading device memory.
+  b.require_finite_input(H, md, "H");
+  b.require_finite_input(dA, static_cast<std::size_t>(t.nnz), "dA");
+  b.require_finite_input(dq, static_cast<std::size_t>(m), "dq");
+  b.require_finite_input(ds, static_cast<std::size_t>(m), "ds");
+
+  TS* z_sum = b.template scratch<TS>(kSlotZSum, m);
+  TS* WZ = b.template scratch<TS>(kSlotWZ, md);
+  if (grad_H_known) {
+    b.require_finite_input(grad_H, md, "grad_H");
+    b.target_row_sums(t, st.D, dA, z_sum);
+    b.for_rows(m, d, parts::WZFromKnown<TS>{dq, ds, p.HQ, st.w_bar, grad_H, WZ, d});
+  } else {
+    detail::hidden_gradient_parts(b, st, t, p, dA, dq, ds, grad_H, z_sum, WZ);
+  }
+  TS* g_one = b.template scratch<TS>(kSlotGOne, m);
+  TS* v = b.template scratch<TS>(kSlotV, m);
+  b.for_each(static_cast<std::size_t>(m), parts::RowScalars<TS>{dq, ds, p.s, p.Hw, z_sum, g_one, v, D});
+
+  // Gram matrix of the output gradients g_j = alpha_j o_j + beta_j 1 + z_j, from small quantities only (§5.3).
+  TS* G = b.template scratch<TS>(kSlotG, mm);
+  TS* P2 = b.template scratch<TS>(kSlotP2, mm);
+  b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, p.HQ, d, TS(0), G, m);  // o_i . o_j
+  b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
+  b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
+  const auto order = b.order_targets(t, st.D);
+  b.add_target_overlaps(t, st.D, dA, order, G);
+
+  TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
+  b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
+
+  // U^-1_new and X = H U_new^-1 (row j: what V's target rows of example j move along), with rcond of the factor.
+  TS* X = b.template scratch<TS>(kSlotX, md);
+  TS* KHU = nullptr;        // Woodbury: [K U^-1; H U^-1], U^-1_new = (U^-1 + H^T (K U^-1)) / c at commit
+  TS* U_inv_new = nullptr;  // explicit: M^-1 U^-1
+  if (m < d) {
+    // Woodbury (§5.5): S = I_m - (lr/c) diag(alpha) H H^T, K = (lr/c) S^-1 diag(alpha) H, M^-1 = (I + H^T K) / c.
+    TS* HHt = b.template scratch<TS>(kSlotHHt, mm);
+    TS* S = b.template scratch<TS>(kSlotSmall, mm);
+    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, H, d, TS(0), HHt, m);
+    b.for_rows(m, m, parts::WoodburySystem<TS>{dq, HHt, S, lr / c, m});
+    // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
+    const auto inv = b.invert(m, S, b.template scratch<TS>(kSlotSmallInv, mm), true);
+    b.require_rcond(inv.rcond, opt.min_rcond);
+    TS* KH = b.template scratch<TS>(kSlotKH, 2 * md);  // rows 0..m-1: K; rows m..2m-1: H
+    KHU = b.template scratch<TS>(kSlotKHU, 2 * md);
+    b.gemm(Op::N, Op::N, m, d, m, lr / c, inv.inverse, m, aH, d, TS(0), KH, d);
+    b.copy(H, KH + md, md);
+    b.gemm(Op::N, Op::N, 2 * m, d, d, TS(1), KH, d, st.U_inv, d, TS(0), KHU, d);
+    b.copy(KHU + md, X, md);  // X = (H U^-1 + (H H^T)(K U^-1)) / c
+    b.gemm(Op::N, Op::N, m, d, m, TS(1), HHt, m, KHU, d, TS(1), X, d);
+    b.scale(X, md, 1.0 / static_cast<double>(c));
+  } else {
+    // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)
+    TS* M = b.template scratch<TS>(kSlotSmall, dd);
+    b.for_rows(d, d, parts::ScaledIdentity<TS>{M, c, d});
+    b.gemm(Op::T, Op::N, d, d, m, -lr, H, d, aH, d, TS(1), M, d);
+    const auto inv = b.invert(d, M, b.template scratch<TS>(kSlotSmallInv, dd), false);
+    b.require_rcond(inv.rcond, opt.min_rcond);
+    U_inv_new = b.template scratch<TS>(kSlotUInvNew, dd);
+    b.gemm(Op::N, Op::N, d, d, d, TS(1), inv.inverse, d, st.U_inv, d, TS(0), U_inv_new, d);
+    b.gemm(Op::N, Op::N, m, d, d, TS(1), H, d, U_inv_new, d, TS(0), X, d);
+  }
+
+  // omega <- c omega - lr H^T (alpha * (H omega) + beta);  w_bar <- c w_bar - lr H^T (g . 1)  (§5.8-§5.9)
+  TS* omega = b.template scratch<TS>(kSlotOmegaNew, d);
+  TS* w_bar = b.template scratch<TS>(kSlotWBarNew, d);
+  b.copy(st.omega, omega, static_cast<std::size_t>(d));
+  b.copy(st.w_bar, w_bar, static_cast<std::size_t>(d));
+  b.gemv(Op::T, m, d, -lr, H, d, v, c, omega);
+  b.gemv(Op::T, m, d, -lr, H, d, g_one, c, w_bar);
+  // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10)
+  TS* Bq = b.template scratch<TS>(kSlotB, md);
+  b.copy(grad_H, Bq, md);
+  b.gemm(Op::N, Op::N, m, d, m, -lr / 2, G, m, H, d, c, Bq, d);
+
+  // The d x d updates are products of these m x d factors, checked here so that the commit cannot meet a NaN or inf.
+  b.require_finite(p.UH, md, "U");
+  b.require_finite(aH, md, "U");
+  b.require_finite(Bq, md, "Q");
+  if (KHU)
+    b.require_finite(KHU, 2 * md, "U^-1");
+  else
+    b.require_finite(U_inv_new, dd, "U^-1");
+  b.require_finite(omega, static_cast<std::size_t>(d), "omega");
+  b.require_finite(w_bar, static_cast<std::size_t>(d), "w_bar");
+  b.require_finite(X, md, "the V update");
+  b.require_finite(grad_H, md, "grad_H");
+
+  // Commit: where the backend stages it (in place on the CPU, nothing below can fail there).
+  TS* U = b.stage(st.U, dd, kSlotStageU, true);
+  b.gemm(Op::T, Op::N, d, d, m, -lr, p.UH, d, aH, d, c, U, d);  // U <- c U - lr U H^T aH
+  TS* Q = b.stage(st.Q, dd, kSlotStageQ, true);
+  b.syr2k_t(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H)
+  b.mirror_upper(d, Q, d);
+  TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, KHU != nullptr);
+  if (KHU)
+    b.gemm(Op::T, Op::N, d, d, m, 1 / c, H, d, KHU, d, 1 / c, U_inv, d);
+  else
+    b.copy(U_inv_new, U_inv, dd);
+  TS* omega_out = b.stage(st.omega, static_cast<std::size_t>(d), kSlotStageOmega, false);
+  TS* w_bar_out = b.stage(st.w_bar, static_cast<std::size_t>(d), kSlotStageWBar, false);
+  b.copy(omega, omega_out, static_cast<std::size_t>(d));
+  b.copy(w_bar, w_bar_out, static_cast<std::size_t>(d));
+  // On a GPU the staged results are checked too: an overflow in a product turns the commit into a no-op.
+  b.require_finite_staged(U, dd);
+  b.require_finite_staged(Q, dd);
+  b.require_finite_staged(U_inv, dd);
+  b.scatter_rows(st.V, st.D, d, t, dA, order, X, -lr);  // V[k] <- V[k] - lr sum_j z_jk X_j
+  b.commit(U, st.U, dd);
+  b.commit(Q, st.Q, dd);
+  b.commit(U_inv, st.U_inv, dd);
+  b.commit(omega_out, st.omega, static_cast<std::size_t>(d));
+  b.commit(w_bar_out, st.w_bar, static_cast<std::size_t>(d));
+  b.count_step(st.stats);
+}
 
 }  // namespace sparsetarget

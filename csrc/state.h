@@ -6,14 +6,14 @@
 
 namespace sparsetarget {
 
-// Sparse targets of a minibatch in CSR form: row j holds entries indptr[j] .. indptr[j+1]-1.
-// Duplicate indices within a row are allowed and act as their sum.
+// Sparse targets of a minibatch in CSR form: row j holds entries indptr[j] .. indptr[j+1]-1 (in the memory of the
+// backend that uses them; m and nnz are known on the host). Duplicate indices within a row act as their sum.
 struct Targets {
-  std::int64_t m = 0;              // rows (examples)
+  std::int64_t m = 0;                     // rows (examples)
+  std::int64_t nnz = 0;                   // entries
   const std::int64_t* indptr = nullptr;   // m + 1
   const std::int64_t* indices = nullptr;  // nnz, each in [0, D)
-  const double* values = nullptr;         // nnz target values y
-  std::int64_t nnz() const { return indptr[m]; }
+  const double* values = nullptr;         // nnz target values y (built-in losses only)
 };
 
 // Indices of the monitoring scalars kept with the state (so that a saved layer resumes bit-exactly).

@@ -1,5 +1,7 @@
-"""Dense O(D d) float64 reference: materialise W, compute every loss from its definition over all D outputs,
-and take plain SGD steps with torch.optim.SGD-style weight decay."""
+"""Dense O(D d) reference shared by every suite (NumPy, torch, CUDA): materialise W, compute every loss from its
+definition over all D outputs (:func:`dense_loss`: the loss and dL/dO, in the dtype of O), and take plain SGD
+steps with torch.optim.SGD-style weight decay. ``torch_reference`` wraps the same definitions for autograd.
+Torch-free."""
 
 from __future__ import annotations
 
@@ -8,6 +10,14 @@ from collections.abc import Callable
 import numpy as np
 
 Targets = np.ndarray  # dense (m, D) target matrix Y (duplicates already summed)
+
+LOSSES = {
+    "squared_error": {},
+    "spherical_softmax": {"eps": 0.05},
+    "taylor_softmax": {},
+    "z_loss": {"a": 0.7, "b": 1.5},
+}
+"""The losses every exactness suite runs, with non-default options."""
 
 
 def softplus(x: np.ndarray) -> np.ndarray:

@@ -80,7 +80,7 @@ def test_bad_derivatives_raise_and_keep_state(layer, which):
 
 def test_singular_update_small_batch_refused(layer):
     """m < d (Woodbury branch): squared error has dL/dq = 1, so M = I - 2 lr h h^T is singular at lr = 1/(2|h|^2)."""
-    lay = st.FactoredOutput(layer.weight(), loss="squared_error")
+    lay = st.FactoredOutput(layer.dense_weight(), loss="squared_error")
     h = np.random.default_rng(0).standard_normal((1, d))
     before = snapshot(lay)
     with pytest.raises(st.SingularUpdateError, match="lr"):
@@ -94,7 +94,7 @@ def test_singular_update_small_batch_refused(layer):
 
 def test_singular_update_large_batch_refused(layer):
     """m >= d (explicit inverse branch): M = I - 2 lr H^T H is singular at lr = 1 / (2 lambda_max(H^T H))."""
-    lay = st.FactoredOutput(layer.weight(), loss="squared_error")
+    lay = st.FactoredOutput(layer.dense_weight(), loss="squared_error")
     H = np.random.default_rng(1).standard_normal((3 * d, d))
     lam = np.linalg.eigvalsh(H.T @ H).max()
     before = snapshot(lay)
@@ -159,7 +159,7 @@ def test_bad_inference_arguments(layer):
     with pytest.raises(ValueError, match="k must"):
         layer.topk(H_OK, D + 1)
     with pytest.raises(ValueError, match="row range"):
-        layer.weight(3, D + 1)
+        layer.dense_weight(3, D + 1)
     with pytest.raises(ValueError, match="kind must"):
         st.FactoredOutput(np.ones((4, 3))).log_prob(np.ones((1, 3)), np.array([0]))
 

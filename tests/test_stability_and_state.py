@@ -1,4 +1,4 @@
-"""Stabilisation keeps W, state save/load resumes bit-exactly, dense views match, and a soak run reports drift."""
+"""Stabilisation keeps W, state save/load resumes bit-exactly, dense views match, and a soak run checks drift."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ D, d = 211, 17
 
 def ill_conditioned(layer, rng, cond=1e4):
     """Re-factor the layer with a U of condition ~cond, keeping W: V <- W U^-1 (omega = 0 here)."""
-    W = layer.weight()
+    W = layer.dense_weight()
     P, _ = np.linalg.qr(rng.standard_normal((d, d)))
     R, _ = np.linalg.qr(rng.standard_normal((d, d)))
     sig = np.geomspace(1 / np.sqrt(cond), np.sqrt(cond), d)
@@ -27,12 +27,12 @@ def ill_conditioned(layer, rng, cond=1e4):
 def test_correction_restores_conditioning_and_keeps_W(rng):
     layer = st.FactoredOutput(rng.standard_normal((D, d)))
     W = ill_conditioned(layer, rng)
-    assert rel_err(layer.weight(), W) < 1e-11
+    assert rel_err(layer.dense_weight(), W) < 1e-11
     report = layer.stabilize()
     assert report["corrected"] and report["values_corrected"] > 0
     sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
     assert sv.max() <= np.sqrt(2) + 1e-9 and sv.min() >= np.sqrt(0.5) - 1e-9
-    assert rel_err(layer.weight(), W) < 1e-11
+    assert rel_err(layer.dense_weight(), W) < 1e-11
     assert layer.diagnostics()["inverse_error"] < 1e-12
     assert layer.diagnostics()["corrections"] == 1
 
@@ -52,7 +52,7 @@ def test_monitoring_triggers_correction_during_training(rng, cond):
     diag = layer.diagnostics()
     assert diag["corrections"] >= 1
     assert diag["condition"] < 4
-    assert rel_err(layer.weight(), dense.W) < 1e-9
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-9
 
 
 def test_refresh_recomputes_small_state(rng):
@@ -60,7 +60,7 @@ def test_refresh_recomputes_small_state(rng):
     for _ in range(3):
         layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, D, 4), 0.05, 0.01)
     assert layer.diagnostics()["refreshes"] == 2  # construction + step 3
-    W = layer.weight()
+    W = layer.dense_weight()
     sd = layer.state_dict()
     assert rel_err(sd["Q"], W.T @ W) < 1e-13 and rel_err(sd["w_bar"], W.sum(0)) < 1e-13
 
@@ -93,12 +93,12 @@ def test_dense_views_match_materialised_W(rng, dtype, state_dtype):
     layer = st.FactoredOutput.random(Dbig, d, dtype=dtype, state_dtype=state_dtype, seed=5, loss="taylor_softmax")
     for _ in range(3):
         layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, Dbig, 4), 0.2, 0.05)
-    W = layer.weight().astype(np.float64)
+    W = layer.dense_weight().astype(np.float64)
     sd = layer.state_dict()
     W_fact = sd["V"].astype(np.float64) @ sd["U"].astype(np.float64) + sd["omega"]
     tol = 1e-12 if dtype == state_dtype == np.float64 else 1e-5
     assert rel_err(W, W_fact) < tol
-    assert rel_err(layer.weight(100, 5000), W[100:5000]) < tol
+    assert rel_err(layer.dense_weight(100, 5000), W[100:5000]) < tol
     H = rng.standard_normal((3, d))
     O = H @ W.T
     assert rel_err(layer.logits(H), O) < tol
@@ -135,15 +135,15 @@ def test_dense_views_match_materialised_W(rng, dtype, state_dtype):
 def test_random_init_like_nn_linear():
     a = st.FactoredOutput.random(1000, 64, seed=3)
     b = st.FactoredOutput.random(1000, 64, seed=3)
-    W = a.weight()
-    assert W.dtype == np.float32 and np.array_equal(W, b.weight())
+    W = a.dense_weight()
+    assert W.dtype == np.float32 and np.array_equal(W, b.dense_weight())
     assert np.abs(W).max() <= 1 / 8 and np.abs(W).max() > 0.12
     assert rel_err(a.state_dict()["Q"], W.astype(np.float64).T @ W.astype(np.float64)) < 1e-6
 
 
 @pytest.mark.parametrize("dtype,consistency_limit", [(np.float64, 1e-12), (np.float32, 1e-4)])
-def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
-    """400 steps with |h| ~ 1, Zipf targets and weight decay; reports drift against dense float64 SGD.
+def test_soak_drift_against_dense(dtype, consistency_limit):
+    """400 steps with |h| ~ 1, Zipf targets and weight decay; checks the drift against dense float64 SGD.
 
     Training is sensitive to rounding (a dense run started 1e-15 away drifts too), so W is compared with the
     spread of same-precision dense runs: a 1-ulp perturbed float64 run, or plain float32 SGD for float32.
@@ -166,7 +166,7 @@ def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
         peer.step_with(H.astype(peer.W.dtype), lambda O, Y=Y: tuple(
             x.astype(peer.W.dtype) for x in dense_loss("spherical_softmax", O, Y, {})), lr, 1e-3)
         layer.step(H.astype(dtype), y, lr, 1e-3)
-    W = layer.weight().astype(np.float64)
+    W = layer.dense_weight().astype(np.float64)
     sd = layer.state_dict()
     drift = {
         "W": rel_err(W, dense.W),
@@ -176,9 +176,8 @@ def test_soak_drift_against_dense(dtype, consistency_limit, capsys):
         "inverse_error": layer.diagnostics()["inverse_error"],
         "corrections": layer.diagnostics()["corrections"],
     }
-    with capsys.disabled():
-        print(f"\nsoak drift after 400 steps, {np.dtype(dtype)}: " + ", ".join(
-            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in drift.items()))
+    # W: relative distance to the dense float64 run; it may be large in absolute terms (the run is chaotic), but no
+    # larger than the distance of a same-precision dense run, which is what rounding alone does.
     assert drift["W"] < 3 * drift["W_same_precision_dense"] + 1e-12, drift
     assert drift["Q_vs_WtW"] < consistency_limit and drift["w_bar_vs_W1"] < consistency_limit, drift
     assert drift["inverse_error"] < 100 * consistency_limit, drift
@@ -194,7 +193,7 @@ def test_Q_and_w_bar_track_W_and_Q_stays_symmetric(width, m):
     for _ in range(5):
         layer.step(rng.standard_normal((m, width)) / np.sqrt(width), rng.integers(0, 97, m), 0.1, 0.01)
     sd = layer.state_dict()
-    W = layer.weight()
+    W = layer.dense_weight()
     assert np.array_equal(sd["Q"], sd["Q"].T)
     assert rel_err(sd["Q"], W.T @ W) < 1e-12
     assert rel_err(sd["w_bar"], W.sum(0)) < 1e-12
@@ -202,7 +201,7 @@ def test_Q_and_w_bar_track_W_and_Q_stays_symmetric(width, m):
 
 def refactor(layer, U):
     """Re-factor the layer with the given U, keeping W: V <- W U^-1 (omega = 0 here)."""
-    W = layer.weight()
+    W = layer.dense_weight()
     sd = layer.state_dict()
     sd["V"] = np.ascontiguousarray(W @ np.linalg.inv(U))
     sd["U"], sd["U_inv"] = U, np.linalg.inv(U)
@@ -219,7 +218,7 @@ def test_uniform_scale_of_U_needs_no_correction(rng):
     assert not report["corrected"] and report["values_corrected"] == 0
     layer.step(rng.standard_normal((4, d)) / np.sqrt(d), rng.integers(0, D, 4), 0.0)  # monitoring runs
     assert layer.diagnostics()["corrections"] == 0
-    assert rel_err(layer.weight(), W) < 1e-9
+    assert rel_err(layer.dense_weight(), W) < 1e-9
 
 
 def test_scale_far_from_one_is_reset_by_one_pass_and_spread_relative_to_it(rng):
@@ -231,14 +230,14 @@ def test_scale_far_from_one_is_reset_by_one_pass_and_spread_relative_to_it(rng):
     assert report["corrected"] and report["values_corrected"] == 0  # a scale only: no singular value moved apart
     sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
     assert 0.85 < sv.min() and sv.max() < 1.15
-    assert rel_err(layer.weight(), W) < 1e-11
+    assert rel_err(layer.dense_weight(), W) < 1e-11
     # far spread around a small (but allowed) scale: out-of-band values go to the scale, not to 1
     W = refactor(layer, 1e-3 * (P * np.geomspace(0.01, 100, d)) @ R.T)
     report = layer.stabilize()
     assert report["corrected"] and report["values_corrected"] > 0
     sv = np.linalg.svd(layer.state_dict()["U"], compute_uv=False)
     assert sv.max() / sv.min() <= 2 + 1e-9 and 1e-3 * np.sqrt(0.5) - 1e-12 <= sv.min() <= sv.max() <= 1e-3 * np.sqrt(2)
-    assert rel_err(layer.weight(), W) < 1e-11
+    assert rel_err(layer.dense_weight(), W) < 1e-11
     assert layer.diagnostics()["inverse_error"] < 1e-9
 
 
@@ -259,4 +258,4 @@ def test_squared_error_training_with_shrinking_U_stays_exact():
     diag = layer.diagnostics()
     assert diag["sigma_max"] < 0.01  # U shrank a lot ...
     assert diag["corrections"] <= 20 and diag["condition"] < 4  # ... without a correction per step
-    assert rel_err(layer.weight(), dense.W) < 1e-9
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-9

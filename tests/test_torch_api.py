@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import sparsetarget as st  # noqa: E402
 import sparsetarget.torch as stt  # noqa: E402
-from sparsetarget.torch._backend import check_device  # noqa: E402
+from sparsetarget._engine import check_device  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_reference import dense_loss, max_rel, torch_targets  # noqa: E402
 
@@ -256,7 +256,7 @@ def test_state_reaches_the_core_without_copies_and_is_updated_in_place():
     head = make_head(bias=False)
     engine = head._engine()
     for name, tensor in zip(st.layer.STATE_ARRAYS, head._state_tensors()):
-        assert engine.layer._arrays[name].ctypes.data == tensor.data_ptr(), name
+        assert engine.arrays[name].ctypes.data == tensor.data_ptr(), name
     ptrs = [t.data_ptr() for t in head._state_tensors()]
     V0 = head.V.clone()
     opt = stt.FactoredSGD(head, lr=0.5)
@@ -332,8 +332,10 @@ def test_param_groups_and_unsupported_options():
             stt.FactoredSGD(a, lr=0.1, **bad)
     with pytest.raises(TypeError, match="unexpected"):
         stt.FactoredSGD(a, lr=0.1, foo=1)
-    with pytest.raises(TypeError, match="FactoredLinear heads only"):
+    with pytest.raises(TypeError, match=r"tensor.*buffers, not parameters.*FactoredSGD\(model"):
         stt.FactoredSGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="FactoredLinear heads only"):
+        stt.FactoredSGD(["head"], lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         stt.FactoredSGD(a, lr=-1)
     head = make_head()
@@ -341,6 +343,42 @@ def test_param_groups_and_unsupported_options():
     head.float()
     with pytest.raises(RuntimeError, match="create the optimizer after moving"):
         opt.step()
+
+
+class _Model(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(D_IN, D_IN, dtype=torch.float64)
+        self.head = make_head(seed=seed)
+
+
+def test_optimizer_takes_what_users_pass_or_says_what_to_pass():
+    """FactoredSGD(model) trains the heads in a module; the common mistakes (head.parameters(), model.parameters(),
+    a module without heads) raise with the fix instead of torch's "optimizer got an empty parameter list"."""
+    model, reference = _Model(), make_head(seed=0)
+    opt, opt_ref = stt.FactoredSGD(model, lr=0.3), stt.FactoredSGD(reference, lr=0.3)
+    assert opt.heads() == [model.head]
+    train(model.head, opt, np.random.default_rng(1), 3)
+    train(reference, opt_ref, np.random.default_rng(1), 3)
+    assert torch.equal(model.head.dense_weight(), reference.dense_weight())
+    assert not torch.equal(model.head.dense_weight(), make_head(seed=0).dense_weight())
+    # a generator of heads and modules, one head reached twice, and groups of modules
+    two = stt.FactoredSGD((m for m in [model, model.head, reference]), lr=0.1)
+    assert two.heads() == [model.head, reference]
+    grouped = stt.FactoredSGD([{"params": model, "lr": 0.01}], lr=0.1)
+    assert grouped.heads() == [model.head] and grouped.param_groups[0]["lr"] == 0.01
+    head = make_head()
+    assert list(head.parameters()) == []
+    for bad in (head.parameters(), [], iter(())):
+        with pytest.raises(ValueError, match=r"empty parameter list.*buffers.*FactoredSGD\(head, lr=...\)"):
+            stt.FactoredSGD(bad, lr=0.1)
+    with pytest.raises(TypeError, match=r"buffers, not parameters.*FactoredSGD\(model, lr=...\)"):
+        stt.FactoredSGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="contains no FactoredLinear"):
+        stt.FactoredSGD(nn.Sequential(nn.Linear(2, 2)), lr=0.1)
+    with pytest.raises(ValueError, match="no FactoredLinear head.*FactoredSGD\\(head"):
+        stt.FactoredSGD([{"params": []}], lr=0.1)
 
 
 def test_unowned_head_warns_once_and_frozen_head_is_silent():

@@ -10,15 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import sparsetarget.torch as stt  # noqa: E402
+from reference import LOSSES  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_reference import dense_loss, max_rel, to_device, torch_targets  # noqa: E402
 
-LOSSES = {
-    "squared_error": {},
-    "spherical_softmax": {"eps": 0.05},
-    "taylor_softmax": {},
-    "z_loss": {"a": 0.7, "b": 1.5},
-}
 D, D_IN, X_DIM = 37, 6, 5
 BATCHES = (1, 9, 4)  # m = 1, m > d and m < d (d = D_IN or D_IN + 1 with the bias)
 TOL = 1e-9

@@ -1,10 +1,13 @@
-"""Dense torch references: the losses written on the full (m, D) outputs of an nn.Linear, and target helpers."""
+"""Dense torch reference: the losses of the NumPy reference (``reference.dense_loss``) on the full (m, D) outputs
+of an nn.Linear, differentiable, and target helpers."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import make_targets
+from conftest import CSR, make_targets
+from reference import dense_loss as reference_loss
+from reference import dense_targets
 
 
 def torch_targets(kind: str, m: int, D: int, rng: np.random.Generator, form: str = "sparse"):
@@ -22,38 +25,41 @@ def torch_targets(kind: str, m: int, D: int, rng: np.random.Generator, form: str
 
 
 def dense_target(target, m: int, D: int, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, valid): the dense (m, D) float64 target matrix (duplicates summed) and the rows that count."""
-    Y = torch.zeros(m, D, dtype=torch.float64)
+    """(Y, valid): the dense (m, D) float64 target matrix (duplicates summed) and the rows that count, from
+    ``reference.dense_targets``."""
     if isinstance(target, torch.Tensor) and target.layout == torch.strided:
-        labels = target.reshape(-1)
-        valid = labels != ignore_index
-        Y[torch.arange(m)[valid], labels[valid]] = 1.0
-        return Y, valid
-    if isinstance(target, torch.Tensor):
-        crow, col, values = target.crow_indices(), target.col_indices(), target.values()
+        Y, mask = dense_targets(target.reshape(-1).numpy(), m, D, ignore_index)
     else:
-        crow, col, values = target
-    rows = torch.repeat_interleave(torch.arange(m), crow.diff())
-    Y.index_put_((rows, col), values.to(torch.float64), accumulate=True)
-    return Y, torch.ones(m, dtype=torch.bool)
+        if isinstance(target, torch.Tensor):
+            crow, col, values = target.crow_indices(), target.col_indices(), target.values()
+        else:
+            crow, col, values = target
+        Y, mask = dense_targets(CSR(crow.numpy(), col.numpy(), values.double().numpy(), (m, D)), m, D)
+    valid = torch.ones(m, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
+    return torch.from_numpy(Y), valid
+
+
+class DensePerRow(torch.autograd.Function):
+    """Per-example losses of the full outputs o (m, D) and their gradient, from the NumPy reference's definitions
+    (``reference.dense_loss``, computed in o's dtype): the torch suites check against the same losses as the
+    NumPy suite."""
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, Y: torch.Tensor, loss: str, opts: dict) -> torch.Tensor:
+        dt = o.detach().numpy().dtype
+        L, dO = reference_loss(loss, o.detach().numpy(), Y.numpy().astype(dt), opts)
+        ctx.save_for_backward(torch.from_numpy(np.asarray(dO, dtype=dt)))
+        return torch.from_numpy(np.asarray(L, dtype=dt))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dO,) = ctx.saved_tensors
+        return grad[:, None] * dO, None, None, None
 
 
 def dense_per_row(o: torch.Tensor, Y: torch.Tensor, loss: str, opts: dict) -> torch.Tensor:
-    """Per-example losses from the full outputs o (m, D), written directly from their definitions."""
-    Y = Y.to(o.dtype)
-    if loss == "squared_error":
-        return ((o - Y) ** 2).sum(1)
-    if loss == "spherical_softmax":
-        num = o * o + opts.get("eps", 1e-2)
-        return -(Y * torch.log(num / num.sum(1, keepdim=True))).sum(1)
-    if loss == "taylor_softmax":
-        num = 1 + o + o * o / 2
-        return -(Y * torch.log(num / num.sum(1, keepdim=True))).sum(1)
-    if loss == "z_loss":
-        a, b = opts.get("a", 0.1), opts.get("b", 10.0)
-        z = (o - o.mean(1, keepdim=True)) / o.std(1, correction=0, keepdim=True)
-        return (Y * torch.logaddexp(a * (b - z), torch.zeros(())) / a).sum(1)
-    raise ValueError(loss)
+    """Per-example losses from the full outputs o (m, D), differentiable (see :class:`DensePerRow`)."""
+    return DensePerRow.apply(o, Y, loss, opts)
 
 
 def dense_loss(o: torch.Tensor, target, loss: str, opts: dict, reduction: str, ignore_index: int = -100,

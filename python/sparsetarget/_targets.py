@@ -29,15 +29,15 @@ def _int_array(x: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int, name: str = "targets") -> CSRTargets:
-    """Check ``targets`` against a minibatch of ``m`` rows and ``num_outputs`` classes; return CSR arrays.
+def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str = "targets") -> CSRTargets:
+    """Check ``targets`` against a minibatch of ``m`` rows and ``out_features`` classes; return CSR arrays.
 
     ``name`` is how error messages call the argument.
     """
     if is_csr_like(targets):
         shape = tuple(targets.shape)
-        if shape != (m, num_outputs):
-            raise ValueError(f"{name} has shape {shape}, expected (m, D) = ({m}, {num_outputs})")
+        if shape != (m, out_features):
+            raise ValueError(f"{name} has shape {shape}, expected (m, D) = ({m}, {out_features})")
         indptr = _int_array(targets.indptr, f"{name}.indptr")
         indices = _int_array(targets.indices, f"{name}.indices")
         data = np.asarray(targets.data)
@@ -47,9 +47,9 @@ def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int, name: str 
         if indptr.shape != (m + 1,) or indices.ndim != 1 or values.shape != indices.shape:
             raise ValueError(f"{name} is not a valid CSR matrix: indptr must have m + 1 entries and data the "
                              "same length as indices")
-        if indices.size and (indices.min() < 0 or indices.max() >= num_outputs):
-            bad = indices[(indices < 0) | (indices >= num_outputs)][0]
-            raise ValueError(f"{name} index {bad} is out of range [0, {num_outputs})")
+        if indices.size and (indices.min() < 0 or indices.max() >= out_features):
+            bad = indices[(indices < 0) | (indices >= out_features)][0]
+            raise ValueError(f"{name} index {bad} is out of range [0, {out_features})")
         if not np.all(np.isfinite(values)):
             raise ValueError(f"{name} values contain NaN or inf")
         return CSRTargets(indptr, indices, values, None, False)
@@ -61,9 +61,9 @@ def to_csr(targets: Any, m: int, num_outputs: int, ignore_index: int, name: str 
         raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
     labels = labels.astype(np.int64, copy=False)
     active = labels != ignore_index
-    bad = active & ((labels < 0) | (labels >= num_outputs))
+    bad = active & ((labels < 0) | (labels >= out_features))
     if bad.any():
-        raise ValueError(f"{name} contains class {labels[bad][0]}, outside [0, {num_outputs}) and not "
+        raise ValueError(f"{name} contains class {labels[bad][0]}, outside [0, {out_features}) and not "
                          f"ignore_index={ignore_index}")
     if active.all():
         indptr = np.arange(m + 1, dtype=np.int64)

@@ -6,7 +6,7 @@
 - :class:`FactoredSGD`: the optimizer that applies the exact updates (plain SGD with weight decay).
 """
 
-from .. import _threads
+from .._engine import threads_for_torch
 from ._target import SparseTarget
 from .functional import (
     LOSSES,
@@ -20,7 +20,7 @@ from .functional import (
 from .modules import FactoredLinear, LinearSphericalLoss
 from .optim import FactoredSGD
 
-_threads.default_for_torch()  # the core's BLAS threads must not compete with torch's (see sparsetarget._threads)
+threads_for_torch()  # the core's BLAS threads must not compete with torch's (see _engine.threads_for_torch)
 
 __all__ = [
     "LOSSES",

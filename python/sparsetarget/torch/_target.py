@@ -8,14 +8,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._engine import DeviceCSR
 from .._targets import CSRTargets, to_csr
-
-
-class DeviceCSR(NamedTuple):
-    """CSR index arrays of a minibatch on a GPU (int64 tensors): row j holds entries indptr[j] .. indptr[j+1]-1."""
-
-    indptr: torch.Tensor
-    indices: torch.Tensor
 
 
 class SparseTarget(NamedTuple):
@@ -27,16 +21,16 @@ class SparseTarget(NamedTuple):
         rows: (len(A),) the row of each entry, or None for class labels (entry j belongs to row j).
         valid: (m,) True for rows that count (not ``ignore_index``); the mean reduction divides by its sum.
         sq_norm: (m,) ||y_j||^2 with duplicate indices summed first.
-        num_outputs: D.
+        out_features: D.
         shape: the leading shape of the input, which ``reduction='none'`` gives back.
-        csr: the CSR arrays handed to the backend: NumPy arrays for the CPU, int64 tensors on a GPU.
+        csr: the targets as the engine takes them: NumPy CSR arrays for the CPU, int64 tensors on a GPU.
     """
 
     values: torch.Tensor
     rows: torch.Tensor | None
     valid: torch.Tensor
     sq_norm: torch.Tensor
-    num_outputs: int
+    out_features: int
     shape: tuple[int, ...]
     csr: CSRTargets | DeviceCSR
 
@@ -63,10 +57,10 @@ def _cpu_numpy(t: torch.Tensor, name: str, device: torch.device) -> np.ndarray:
 def _on_device(csr: CSRTargets, device: torch.device) -> CSRTargets | DeviceCSR:
     if device.type == "cpu":
         return csr
-    return DeviceCSR(torch.from_numpy(csr.indptr).to(device), torch.from_numpy(csr.indices).to(device))
+    return DeviceCSR(torch.from_numpy(csr.indptr).to(device), torch.from_numpy(csr.indices).to(device), None, False)
 
 
-def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, ignore_index: int,
+def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, ignore_index: int,
                    dtype: torch.dtype, device: torch.device) -> SparseTarget:
     """Check ``target`` against an input of leading shape ``lead_shape`` and build the :class:`SparseTarget`."""
     m = int(np.prod(lead_shape)) if lead_shape else 1
@@ -78,21 +72,21 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, i
         crow, col, values = parts
         if values.dtype.is_complex or values.dtype == torch.bool:
             raise TypeError(f"target values must be real numbers, got {values.dtype}")
-        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else (m, num_outputs)
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else (m, out_features)
         view = SimpleNamespace(indptr=_cpu_numpy(crow, "target crow_indices", device),
                                indices=_cpu_numpy(col, "target col_indices", device),
                                data=_cpu_numpy(values, "target values", device), shape=shape)
-        csr = to_csr(view, m, num_outputs, ignore_index, name="target")
+        csr = to_csr(view, m, out_features, ignore_index, name="target")
         counts = torch.from_numpy(np.diff(csr.indptr))
         rows = torch.repeat_interleave(torch.arange(m), counts)
         vals = torch.from_numpy(csr.values)
         cols = torch.from_numpy(csr.indices)
-        keys, inverse = torch.unique(rows * num_outputs + cols, return_inverse=True)
+        keys, inverse = torch.unique(rows * out_features + cols, return_inverse=True)
         summed = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
-        sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // num_outputs, summed * summed)
+        sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // out_features, summed * summed)
         valid = torch.ones(m, dtype=torch.bool)
         return SparseTarget(vals.to(device=device, dtype=dtype), rows.to(device), valid.to(device),
-                            sq_norm.to(device=device, dtype=dtype), num_outputs, tuple(lead_shape),
+                            sq_norm.to(device=device, dtype=dtype), out_features, tuple(lead_shape),
                             _on_device(csr, device))
 
     if not isinstance(target, torch.Tensor):
@@ -104,16 +98,16 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], num_outputs: int, i
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(lead_shape)} (the input's leading "
                          "dimensions)")
     if device.type == "cuda":
-        return _device_class_target(target, lead_shape, m, num_outputs, ignore_index, dtype, device)
+        return _device_class_target(target, lead_shape, m, out_features, ignore_index, dtype, device)
     labels = _cpu_numpy(target.reshape(-1), "target", device)
-    csr = to_csr(labels, m, num_outputs, ignore_index, name="target")
+    csr = to_csr(labels, m, out_features, ignore_index, name="target")
     valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.astype(bool))
     valid = valid.to(device)
     values = valid.to(dtype)
-    return SparseTarget(values, None, valid, values, num_outputs, tuple(lead_shape), csr)
+    return SparseTarget(values, None, valid, values, out_features, tuple(lead_shape), csr)
 
 
-def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: int, num_outputs: int,
+def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: int, out_features: int,
                          ignore_index: int, dtype: torch.dtype, device: torch.device) -> SparseTarget:
     """Class labels on a GPU, converted without waiting for the device: every row keeps one entry (ignored rows
     point at index 0 with A and dL/dA masked to 0); a label outside [0, D) is reported by the backend."""
@@ -124,4 +118,5 @@ def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: i
     indices = torch.where(valid, labels, labels.new_zeros(())).to(torch.int64).contiguous()
     indptr = torch.arange(m + 1, dtype=torch.int64, device=device)
     values = valid.to(dtype)
-    return SparseTarget(values, None, valid, values, num_outputs, tuple(lead_shape), DeviceCSR(indptr, indices))
+    return SparseTarget(values, None, valid, values, out_features, tuple(lead_shape),
+                        DeviceCSR(indptr, indices, valid, True))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
-from ..layer import LOSS_OPTIONS, loss_spec
+from .._engine import LOSS_OPTIONS, loss_spec
 from ._target import SparseTarget
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def spherical_softmax_loss(out: HeadOutput, *, eps: float = LOSS_OPTIONS["spheri
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     t = out.target
-    log_norm = torch.log(out.q + t.num_outputs * eps)
+    log_norm = torch.log(out.q + t.out_features * eps)
     per_row = row_sum(out, t.values) * log_norm - row_sum(out, t.values * torch.log(out.A * out.A + eps))
     return reduce_loss(out, per_row, reduction)
 
@@ -95,7 +95,7 @@ def spherical_softmax_loss(out: HeadOutput, *, eps: float = LOSS_OPTIONS["spheri
 def taylor_softmax_loss(out: HeadOutput, *, reduction: str = "mean") -> torch.Tensor:
     """-sum_k y_k log((1 + o_k + o_k^2 / 2) / (D + s + q / 2)) per example."""
     t = out.target
-    log_norm = torch.log(t.num_outputs + out.s + 0.5 * out.q)
+    log_norm = torch.log(t.out_features + out.s + 0.5 * out.q)
     per_row = row_sum(out, t.values) * log_norm - row_sum(out, t.values * torch.log1p(out.A + 0.5 * out.A * out.A))
     return reduce_loss(out, per_row, reduction)
 
@@ -106,7 +106,7 @@ def z_loss(out: HeadOutput, *, a: float = LOSS_OPTIONS["z_loss"]["a"], b: float 
     if not a > 0:
         raise ValueError(f"a must be > 0, got {a}")
     t = out.target
-    D = t.num_outputs
+    D = t.out_features
     mean = out.s / D
     var = out.q / D - mean * mean
     var = torch.where(t.valid, var, torch.ones((), dtype=var.dtype, device=var.device))  # ignored rows: unused

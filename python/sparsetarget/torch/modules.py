@@ -5,20 +5,30 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..layer import STATE_ARRAYS, initial_small_state, log_prob_of_outputs
-from ._backend import FLOAT_DTYPES, Engine, PendingUpdate, check_device, engine_for
-from ._function import FactoredHeadFunction
+from .._engine import (
+    LOSS_OPTIONS,
+    STABILIZATION_DEFAULTS,
+    STATE_ARRAYS,
+    Engine,
+    Recorded,
+    check_device,
+    check_distribution,
+    engine_for,
+    initial_small_state,
+    log_prob_of_entries,
+)
+from ._function import FactoredHeadFunction, HeadCall
 from ._target import convert_target
-from .functional import REDUCTIONS, HeadOutput, entries_of_rows, loss_function
+from .functional import REDUCTIONS, HeadOutput, loss_function
 
-_STABILIZATION = ("sigma_range", "inverse_tol", "check_every", "refresh_every", "min_rcond")
+FLOAT_DTYPES = (torch.float32, torch.float64)
+_EPS = LOSS_OPTIONS["spherical_softmax"]["eps"]
 
 
 def _float_dtype(dtype: Any, name: str) -> torch.dtype:
@@ -49,7 +59,11 @@ class FactoredLinear(nn.Module):
         device: where the state lives: CPU, or a CUDA device when the CUDA backend is usable (see README).
         state_dtype: dtype of the small d x d state (default ``dtype``); float64 drifts less.
         sigma_range, inverse_tol, check_every, refresh_every, min_rcond: stabilisation policy, as in
-            :class:`sparsetarget.FactoredOutput`.
+            :class:`sparsetarget.FactoredOutput` (None: the default).
+
+    dtypes of results, as in the NumPy API: A, q, s, logits, top-k values and log-probabilities are in the state
+    dtype; the input's gradient is in the input's dtype (bfloat16/float16 inputs included); ``dense_weight`` is
+    in ``dtype``.
 
     Only plain SGD with L2 weight decay keeps W in factored form (:class:`FactoredSGD`); momentum, Adam and other
     per-coordinate optimisers would need the dense D x d matrix and are refused. ``head.requires_grad_(False)``
@@ -60,8 +74,9 @@ class FactoredLinear(nn.Module):
                  weight: torch.Tensor | None = None, initial_bias: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, state_dtype: torch.dtype | None = None,
-                 sigma_range: tuple[float, float] = (0.5, 2.0), inverse_tol: float = 1e-3, check_every: int = 1,
-                 refresh_every: int = 0, min_rcond: float | None = None) -> None:
+                 sigma_range: tuple[float, float] | None = None, inverse_tol: float | None = None,
+                 check_every: int | None = None, refresh_every: int | None = None,
+                 min_rcond: float | None = None) -> None:
         super().__init__()
         if int(in_features) < 1 or int(out_features) < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
@@ -95,7 +110,7 @@ class FactoredLinear(nn.Module):
         self._stabilization: dict[str, Any] = {}
         self._view: Engine | None = None
         self._view_key: list[int] | None = None
-        self._pending: list[PendingUpdate] = []
+        self._pending: list[Recorded] = []
         self._stale = False  # pending updates were applied and not yet cleared by zero_grad()
         self._version = 0  # bumped whenever the weights change
         self._owners: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -180,15 +195,30 @@ class FactoredLinear(nn.Module):
         h, lead = self._input(input)
         target_info = convert_target(target, lead, self.out_features, ignore_index, self.U.dtype, self.V.device)
         self._anchor.requires_grad_(not self._frozen)
-        A, q, s = FactoredHeadFunction.apply(h, self._anchor, self, target_info)
+        H, owned = self._hidden(h)
+        call = HeadCall(self._engine(), target_info, H, owned, self._current_check(), self._record)
+        A, q, s = FactoredHeadFunction.apply(h, self._anchor, call)
         return HeadOutput(A, q, s, target_info)
+
+    def _current_check(self) -> Callable[[], None]:
+        """A check that raises once the weights changed after this call (for a backward of this forward)."""
+        version = self._version
+
+        def check_current() -> None:
+            if self._version != version:
+                raise RuntimeError(f"{self.__class__.__name__}'s weights changed (optimizer step, refresh, stabilize, "
+                                   "load_state_dict or a device/dtype move) between this forward pass and its "
+                                   "backward: the exact gradient needs the weights of the forward pass; run the "
+                                   "forward again")
+
+        return check_current
 
     def requires_grad_(self, requires_grad: bool = True) -> FactoredLinear:
         """``False`` freezes the layer: backward still gives the input's gradient but records no update."""
         self._frozen = not requires_grad
         return super().requires_grad_(requires_grad)
 
-    def _record(self, update: PendingUpdate) -> None:
+    def _record(self, update: Recorded) -> None:
         if self._stale:
             raise RuntimeError("FactoredLinear: the gradients of the previous optimizer step were not cleared. Dense "
                                "SGD would apply them again, but the weights they were computed at are gone, so the "
@@ -301,9 +331,9 @@ class FactoredLinear(nn.Module):
     def set_stabilization(self, **options: Any) -> None:
         """Change the stabilisation policy: ``sigma_range``, ``inverse_tol``, ``check_every``, ``refresh_every``,
         ``min_rcond`` (see :class:`sparsetarget.FactoredOutput`); options left out or None are unchanged."""
-        unknown = set(options) - set(_STABILIZATION)
+        unknown = set(options) - set(STABILIZATION_DEFAULTS)
         if unknown:
-            raise TypeError(f"unknown stabilization options {sorted(unknown)}; expected {list(_STABILIZATION)}")
+            raise TypeError(f"unknown stabilization options {sorted(unknown)}; expected {list(STABILIZATION_DEFAULTS)}")
         given = {k: v for k, v in options.items() if v is not None}
         self._engine().set_stabilization(**given)  # checks them all first
         self._stabilization.update(given)
@@ -327,7 +357,7 @@ class FactoredLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """W as an (out_features, in_features) tensor (O(D d) memory: for checks and export)."""
-        W = self._engine().weight()
+        W = self._engine().dense_weight()
         return W[:, :self.in_features].contiguous() if self.has_bias else W
 
     @torch.no_grad()
@@ -335,7 +365,7 @@ class FactoredLinear(nn.Module):
         """The bias (out_features,), or None without bias."""
         if not self.has_bias:
             return None
-        W = self._engine().weight()
+        W = self._engine().dense_weight()
         return W[:, self.in_features].contiguous()
 
     @torch.no_grad()
@@ -343,7 +373,7 @@ class FactoredLinear(nn.Module):
         """An ``nn.Linear`` with the same weight and bias (same dtype and device), e.g. for deployment."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, dtype=self.V.dtype,
                            device=self.V.device)
-        W = self._engine().weight()
+        W = self._engine().dense_weight()
         linear.weight.copy_(W[:, :self.in_features])
         if self.has_bias:
             linear.bias.copy_(W[:, self.in_features])
@@ -363,24 +393,15 @@ class FactoredLinear(nn.Module):
 
     @torch.no_grad()
     def topk(self, input: torch.Tensor, k: int, *, by: str = "output", kind: str = "spherical_softmax",
-             eps: float = 1e-2) -> torch.return_types.topk:
+             eps: float = _EPS) -> torch.return_types.topk:
         """The k best outputs of each row, ``(values, indices)`` each (..., k), best first, like ``torch.topk``,
         without materialising the (m, D) outputs.
 
         ``by="output"`` ranks by the output o and returns the outputs. ``by="probability"`` ranks by the
         probability of ``kind`` (``"spherical_softmax"`` with ``eps``: p ~ o^2 + eps; ``"taylor_softmax"``:
         p ~ 1 + o + o^2/2) and returns exact log-probabilities, as :meth:`log_prob` would give."""
-        if by not in ("output", "probability"):
-            raise ValueError(f"by must be 'output' or 'probability', got {by!r}")
-        if by == "probability":
-            _check_distribution(kind, eps)
         H, lead = self._inference_input(input)
-        rank = "output" if by == "output" else ("square" if kind == "spherical_softmax" else "taylor")
-        values, indices = self._engine().topk(H, int(k), rank)
-        if by == "probability":
-            q = ((H @ self.Q) * H).sum(1, keepdim=True)
-            s = (H @ self.w_bar).unsqueeze(1)
-            values = log_prob_of_outputs(kind, values, q, s, self.out_features, eps)
+        values, indices = self._engine().topk(H, int(k), by, kind, eps)
         return torch.return_types.topk((values.reshape(*lead, -1), indices.reshape(*lead, -1)))
 
     def synchronize(self) -> None:
@@ -389,25 +410,14 @@ class FactoredLinear(nn.Module):
         self._engine().synchronize()
 
     def log_prob(self, input: torch.Tensor, target: Any, kind: str = "spherical_softmax", *,
-                 eps: float = 1e-2, ignore_index: int = -100) -> torch.Tensor:
+                 eps: float = _EPS, ignore_index: int = -100) -> torch.Tensor:
         """Exact log-probabilities of the target entries under ``kind`` = ``"spherical_softmax"`` (with ``eps``)
         or ``"taylor_softmax"``, in O(d^2) per example: the normaliser comes from the factored state, never
-        from the D outputs. Shaped like ``HeadOutput.A`` (0 on ignored rows); differentiable."""
-        _check_distribution(kind, eps)
+        from the D outputs. Shaped like ``HeadOutput.A`` (0 on ignored rows), in the state dtype; differentiable."""
+        kind, eps = check_distribution(kind, eps)
         out = self(input, target, ignore_index=ignore_index)
         t = out.target
-        rows = partial(entries_of_rows, out)
-        lp = log_prob_of_outputs(kind, out.A, rows(out.q), rows(out.s), t.num_outputs, eps)
-        if t.rows is None:
-            lp = torch.where(t.valid, lp, lp.new_zeros(()))
-        return lp
-
-
-def _check_distribution(kind: str, eps: float) -> None:
-    if kind not in ("spherical_softmax", "taylor_softmax"):
-        raise ValueError(f"kind must be 'spherical_softmax' or 'taylor_softmax', got {kind!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        return log_prob_of_entries(kind, out.A, out.q, out.s, t.rows, t.valid, t.out_features, eps)
 
 
 class LinearSphericalLoss(nn.Module):

@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from ..layer import _check_scalar
+from .._engine import check_lr, check_scalar
 from .modules import FactoredLinear
 
 # Options of torch.optim.SGD and others that need a dense per-coordinate state of W, with why they cannot be exact.
@@ -21,15 +22,36 @@ _UNSUPPORTED = {
 }
 
 
+_EMPTY = ("FactoredSGD got no FactoredLinear head{what}. A FactoredLinear keeps its weights as buffers (W = V U + "
+          "1 omega^T), not nn.Parameters, so head.parameters() is empty and torch optimizers cannot train it: pass "
+          "the head itself, FactoredSGD(head, lr=...), or a module containing heads, FactoredSGD(model, lr=...)")
+
+
 def _heads(params: Any) -> list[FactoredLinear]:
-    items = [params] if isinstance(params, FactoredLinear) else list(params)
+    """The heads in ``params``: a head, a module (every FactoredLinear in it), or an iterable of those."""
+    items = [params] if isinstance(params, (nn.Module, torch.Tensor)) else list(params)
+    heads: list[FactoredLinear] = []
     for item in items:
-        if not isinstance(item, FactoredLinear):
-            raise TypeError(f"FactoredSGD trains FactoredLinear heads only, got {type(item).__name__}: give the other "
-                            "parameters of the model to a torch optimizer")
-    if not items:
-        raise ValueError("FactoredSGD got no FactoredLinear head")
-    return items
+        if isinstance(item, FactoredLinear):
+            found = [item]
+        elif isinstance(item, nn.Module):
+            found = [m for m in item.modules() if isinstance(m, FactoredLinear)]
+            if not found:
+                raise ValueError(f"FactoredSGD got a {type(item).__name__} that contains no FactoredLinear head: "
+                                 "give its parameters to a torch optimizer, and the heads to FactoredSGD")
+        elif isinstance(item, torch.Tensor):
+            raise TypeError(f"FactoredSGD got a tensor ({type(item).__name__} of shape {tuple(item.shape)}), such as "
+                            "model.parameters() yields. A FactoredLinear head's weights are buffers, not "
+                            "parameters: pass the head, FactoredSGD(head, lr=...), or the model, FactoredSGD(model, "
+                            "lr=...) trains every FactoredLinear in it; give model.parameters() (the rest of the "
+                            "model) to a torch optimizer")
+        else:
+            raise TypeError(f"FactoredSGD trains FactoredLinear heads only, got {type(item).__name__}: pass heads or "
+                            "modules containing them, and give the other parameters of the model to a torch optimizer")
+        heads += [head for head in found if all(head is not h for h in heads)]
+    if not heads:
+        raise ValueError(_EMPTY.format(what=" (an empty list)" if not items else ""))
+    return heads
 
 
 class FactoredSGD(torch.optim.Optimizer):
@@ -37,8 +59,11 @@ class FactoredSGD(torch.optim.Optimizer):
     ``torch.optim.SGD(lr=lr, weight_decay=wd)``, applied in O(m d^2 + nnz d) instead of O(D d).
 
     Args:
-        params: a head, an iterable of heads, or an iterable of dicts ``{"params": head(s), "lr": ...,
-            "weight_decay": ...}`` (parameter groups, as for torch optimizers).
+        params: a head, a module (every :class:`FactoredLinear` in it, e.g. the whole model), an iterable of those,
+            or an iterable of dicts ``{"params": head(s) or module(s), "lr": ..., "weight_decay": ...}`` (parameter
+            groups, as for torch optimizers). Not ``head.parameters()``: a head's weights are buffers, so torch's
+            parameter lists do not contain them (and ``torch.optim.Adam(head.parameters())`` reports an empty
+            parameter list); the rest of the model goes to a torch optimizer as usual.
         lr: learning rate (a param-group option: ``torch.optim.lr_scheduler`` works on it).
         weight_decay: L2 penalty (param-group option).
 
@@ -58,22 +83,24 @@ class FactoredSGD(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr and weight_decay")
         self._head_of: dict[int, FactoredLinear] = {}
-        defaults = {"lr": _check_scalar(lr, "lr"), "weight_decay": _check_scalar(weight_decay, "weight_decay")}
-        if isinstance(params, FactoredLinear):
+        defaults = {"lr": check_scalar(lr, "lr"), "weight_decay": check_scalar(weight_decay, "weight_decay")}
+        if isinstance(params, (nn.Module, torch.Tensor)):
             groups: Iterable[Any] = [{"params": [params]}]
         else:
             groups = list(params)
-            if groups and not isinstance(groups[0], dict):
+            if not groups:
+                raise ValueError(_EMPTY.format(what=" (an empty parameter list: was it head.parameters()?)"))
+            if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
         super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group ``{"params": head(s), "lr": ..., "weight_decay": ...}`` (heads, not tensors)."""
+        """Add a group ``{"params": head(s) or module(s), "lr": ..., "weight_decay": ...}`` (heads, not tensors)."""
         group = dict(param_group)
         heads = _heads(group["params"])
         for name in ("lr", "weight_decay"):
             if name in group:
-                group[name] = _check_scalar(group[name], name)
+                group[name] = check_scalar(group[name], name)
         # torch.optim keeps tensors: each head is represented by its V buffer.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
@@ -101,10 +128,7 @@ class FactoredSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = _check_scalar(group["lr"], "lr")
-            weight_decay = _check_scalar(group["weight_decay"], "weight_decay")
-            if lr * weight_decay >= 1:
-                raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay}")
+            lr, weight_decay = check_lr(group["lr"], group["weight_decay"])
             for V in group["params"]:
                 self._head(V)._apply_pending(lr, weight_decay)
         return loss

@@ -1,5 +1,4 @@
-// Device-side counterparts of ../state.h: owned device memory, the per-layer scratch, the error/status word that
-// lets a training step report failures without a host synchronisation, and the targets of a minibatch on the GPU.
+// Device memory of the CUDA backend: owned device buffers, page-locked host values and the per-layer scratch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -103,30 +102,6 @@ class Workspace {
 
  private:
   std::vector<DeviceBuffer> slots_;
-};
-
-// Codes of DeviceStatus::error. The first error wins; every later step is skipped on the device until the host
-// has reported it, so the state stays as it was before the failing step.
-enum ErrorCode : int {
-  kOk = 0,
-  kSingularUpdate = 1,  // rcond of the update factor below min_rcond
-  kNonFinite = 2,       // NaN or inf in the step's results (or in its inputs)
-  kBadTarget = 3,       // a target index outside [0, D)
-};
-
-struct DeviceStatus {
-  int error = kOk;
-  int needs_correction = 0;  // monitoring found U's singular values out of band
-  double rcond = 0;          // of the failing step, for kSingularUpdate
-  long long bad_index = 0;   // for kBadTarget
-};
-
-// Targets of a minibatch in CSR form, in device memory; m and nnz are known on the host.
-struct DeviceTargets {
-  std::int64_t m = 0;
-  std::int64_t nnz = 0;
-  const std::int64_t* indptr = nullptr;   // m + 1
-  const std::int64_t* indices = nullptr;  // nnz
 };
 
 }  // namespace sparsetarget::cuda

@@ -1,5 +1,5 @@
-// pybind11 bindings: argument checks (each error names the argument and what was expected) and dispatch on the
-// weight/state dtypes. No maths here.
+// pybind11 bindings of the CPU backend (module sparsetarget._core): argument checks (each error names the argument
+// and what was expected) and dispatch on the weight/state dtypes. No maths here. Mirror of ../cuda/bindings_cuda.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,17 +8,17 @@
 #include <string>
 #include <variant>
 
-#include "blas.h"
-#include "dense_tiles.h"
-#include "factored_step.h"
-#include "kernels.h"
-#include "losses.h"
-#include "stabilize.h"
-#include "stabilize_bindings.h"
-#include "state.h"
+#include "../losses.h"
+#include "../bindings_common.h"
+#include "../state.h"
+#include "blas_cpu.h"
+#include "dense_tiles_cpu.h"
+#include "factored_step_cpu.h"
+#include "kernels_cpu.h"
 
 namespace py = pybind11;
 using namespace sparsetarget;
+using cpu::cpu_backend;
 
 namespace {
 
@@ -56,6 +56,11 @@ py::array_t<T> checked(const py::handle& obj, const char* name, std::initializer
   return py::reinterpret_borrow<py::array_t<T>>(a);
 }
 
+py::array as_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
 struct TargetArrays {
   py::array_t<std::int64_t> indptr, indices;
   Targets view;
@@ -77,15 +82,21 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
       throw py::value_error("targets index " + std::to_string(idx[e]) + " is out of range [0, " + std::to_string(D) +
                             ")");
   t.view.m = m;
+  t.view.nnz = nnz;
   t.view.indptr = ip;
   t.view.indices = idx;
   return t;
 }
 
-void check_scalar(double x, const char* name, bool allow_zero = true) {
-  if (!std::isfinite(x) || x < 0 || (!allow_zero && x == 0))
-    throw py::value_error(std::string(name) + " must be finite and " + (allow_zero ? ">= 0" : "> 0") + ", got " +
-                          std::to_string(x));
+// The projections of H (docs/algorithm.md §3) into this thread's scratch, valid until the next call on this thread.
+template <class TV, class TS>
+ProjectionsView<TS> project_into_scratch(const FactoredState<TV, TS>& st, const TS* H, int m) {
+  auto& b = cpu_backend();
+  const std::size_t md = static_cast<std::size_t>(m) * st.d;
+  TS *UH = b.scratch<TS>(kSlotUH, md), *HQ = b.scratch<TS>(kSlotHQ, md), *q = b.scratch<TS>(kSlotQ, m),
+     *s = b.scratch<TS>(kSlotS, m), *Hw = b.scratch<TS>(kSlotHw, m);
+  project(b, st, H, m, UH, HQ, q, s, Hw);
+  return {m, UH, HQ, q, s, Hw};
 }
 
 // Inputs of grad_hidden / backward_step, checked: H, targets, the loss partials and optional projections of H.
@@ -95,10 +106,10 @@ struct BackwardInputs {
   TargetArrays t;
   std::vector<py::array_t<TS>> given;  // UH, HQ, q, s, Hw from forward(keep_projections=True), or empty
 
-  // The given projections, or those of H computed now (valid until the next project() on this thread).
+  // The given projections, or those of H computed now into this thread's scratch.
   template <class State>
   ProjectionsView<TS> projections(const State& st) const {
-    if (given.empty()) return project(st, h.data(), static_cast<int>(h.shape(0))).view();
+    if (given.empty()) return project_into_scratch(st, h.data(), static_cast<int>(h.shape(0)));
     return {static_cast<int>(h.shape(0)), given[0].data(), given[1].data(), given[2].data(), given[3].data(),
             given[4].data()};
   }
@@ -106,9 +117,13 @@ struct BackwardInputs {
 
 class Core {
  public:
-  Core(py::array V, py::array U, py::array U_inv, py::array Q, py::array omega, py::array w_bar, py::array probe_max,
-       py::array probe_min, py::array stats)
-      : arrays_{V, U, U_inv, Q, omega, w_bar, probe_max, probe_min, stats} {
+  Core(py::handle V_, py::handle U_, py::handle U_inv, py::handle Q, py::handle omega, py::handle w_bar,
+       py::handle probe_max, py::handle probe_min, py::handle stats)
+      : arrays_{as_array(V_, "V"),     as_array(U_, "U"),           as_array(U_inv, "U_inv"),
+                as_array(Q, "Q"),      as_array(omega, "omega"),   as_array(w_bar, "w_bar"),
+                as_array(probe_max, "probe_max"), as_array(probe_min, "probe_min"), as_array(stats, "stats")} {
+    const py::array& V = arrays_[0];
+    const py::array& U = arrays_[1];
     const bool v32 = V.dtype().is(py::dtype::of<float>()), v64 = V.dtype().is(py::dtype::of<double>());
     const bool s32 = U.dtype().is(py::dtype::of<float>()), s64 = U.dtype().is(py::dtype::of<double>());
     if (!v32 && !v64) throw py::type_error("V must be float32 or float64, got " + dtype_name(V));
@@ -138,15 +153,19 @@ class Core {
       }
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(m));
-        gather_outputs(st, p.view(), t.view, A.mutable_data());
-        std::copy(p.q.begin(), p.q.end(), q.mutable_data());
-        std::copy(p.s.begin(), p.s.end(), s.mutable_data());
+        auto& b = cpu_backend();
+        const int rows = static_cast<int>(m);
+        ProjectionsView<TS> p;
         if (keep_projections) {
-          std::copy(p.UH.begin(), p.UH.end(), UH.mutable_data());
-          std::copy(p.HQ.begin(), p.HQ.end(), HQ.mutable_data());
-          std::copy(p.Hw.begin(), p.Hw.end(), Hw.mutable_data());
+          project(b, st, h.data(), rows, UH.mutable_data(), HQ.mutable_data(), q.mutable_data(), s.mutable_data(),
+                  Hw.mutable_data());
+          p = {rows, UH.data(), HQ.data(), q.data(), s.data(), Hw.data()};
+        } else {
+          p = project_into_scratch(st, h.data(), rows);
+          std::copy(p.q, p.q + m, q.mutable_data());
+          std::copy(p.s, p.s + m, s.mutable_data());
         }
+        sparsetarget::gather_outputs(b, st, p, t.view, A.mutable_data());
       }
       if (!keep_projections) return py::make_tuple(A, q, s);
       return py::make_tuple(A, q, s, py::make_tuple(UH, HQ, q, s, Hw));
@@ -157,7 +176,7 @@ class Core {
   py::object loss_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                        const py::handle& values, const py::handle& active, const LossSpec& spec, bool do_step,
                        double lr, double weight_decay) {
-    if (do_step) check_step_scalars(lr, weight_decay);
+    if (do_step) check_step_options(lr, weight_decay);
     return std::visit([&](auto& st) -> py::object {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto h = checked_H<TS>(H);
@@ -174,15 +193,16 @@ class Core {
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        const auto& p = project(st, h.data(), static_cast<int>(m));
+        auto& b = cpu_backend();
+        const auto p = project_into_scratch(st, h.data(), static_cast<int>(m));
         std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
-        gather_outputs(st, p.view(), t.view, A.data());
-        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q.data(), p.s.data(), losses.mutable_data(),
-                      dA.data(), dq.data(), ds.data());
+        sparsetarget::gather_outputs(b, st, p, t.view, A.data());
+        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q, p.s, losses.mutable_data(), dA.data(), dq.data(),
+                      ds.data());
         if (do_step) {
-          backward_step(st, h.data(), t.view, p.view(), dA.data(), dq.data(), ds.data(), step_options(lr, weight_decay),
-                        grad_H.mutable_data());
-          after_step(st, stabilize_);
+          sparsetarget::backward_step(b, st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(),
+                                      step_options(lr, weight_decay), grad_H.mutable_data());
+          after_step(b, st, stabilize_);
         }
       }
       if (!do_step) return losses;
@@ -191,7 +211,7 @@ class Core {
   }
 
   // grad_H for a loss with partials (dA, dq, ds), no state change.
-  py::array grad_hidden_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+  py::array grad_hidden(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                            const py::handle& dA, const py::handle& dq, const py::handle& ds,
                            const py::handle& projections) const {
     return std::visit([&](const auto& st) -> py::array {
@@ -200,17 +220,16 @@ class Core {
       py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
-        hidden_gradient(st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
-                        grad_H.mutable_data());
+        sparsetarget::hidden_gradient(cpu_backend(), st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
+                                      in.ds.data(), grad_H.mutable_data());
       }
       return grad_H;
     }, state_);
   }
 
-  py::array backward_step_py(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+  py::array backward_step(const py::handle& H, const py::handle& indptr, const py::handle& indices,
                              const py::handle& dA, const py::handle& dq, const py::handle& ds, double lr,
                              double weight_decay, const py::handle& projections, const py::handle& known_grad_H) {
-    check_step_scalars(lr, weight_decay);
     return std::visit([&](auto& st) -> py::array {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto in = checked_backward_inputs<TS>(st, H, indptr, indices, dA, dq, ds, projections);
@@ -226,38 +245,32 @@ class Core {
       }
       {
         py::gil_scoped_release release;
-        backward_step(st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(), in.ds.data(),
-                      step_options(lr, weight_decay), grad_H.mutable_data(), known);
-        after_step(st, stabilize_);
+        auto& b = cpu_backend();
+        sparsetarget::backward_step(b, st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
+                                    in.ds.data(), step_options(lr, weight_decay), grad_H.mutable_data(), known);
+        after_step(b, st, stabilize_);
       }
       return grad_H;
     }, state_);
   }
 
-  void refresh_py() {
+  void refresh() {
     std::visit([&](auto& st) {
       py::gil_scoped_release release;
-      refresh(st);
+      sparsetarget::refresh(cpu_backend(), st);
     }, state_);
   }
 
-  py::dict correct_py() {
+  py::dict stabilize() {
     CorrectionReport r = std::visit([&](auto& st) {
       py::gil_scoped_release release;
-      return correct(st, stabilize_);
+      return sparsetarget::correct(cpu_backend(), st, stabilize_);
     }, state_);
-    py::dict out;
-    out["corrected"] = r.corrected;
-    out["values_corrected"] = r.values_corrected;
-    out["sigma_max_before"] = r.sigma_max_before;
-    out["sigma_min_before"] = r.sigma_min_before;
-    out["sigma_max_after"] = r.sigma_max_after;
-    out["sigma_min_after"] = r.sigma_min_after;
-    return out;
+    return report_dict(r);
   }
 
-  double inverse_error_py() const {
-    return std::visit([](const auto& st) { return inverse_error(st); }, state_);
+  double inverse_error() const {
+    return std::visit([](const auto& st) { return sparsetarget::inverse_error(cpu_backend(), st); }, state_);
   }
 
   py::array weight_rows_py(std::int64_t start, std::int64_t stop) const {
@@ -305,6 +318,14 @@ class Core {
       return py::make_tuple(values, indices);
     }, state_);
   }
+
+  // Nothing is asynchronous on the CPU: errors are raised by the call that meets them.
+  void synchronize() const {}
+  void poll() const {}
+  std::uintptr_t get_stream() const { return 0; }
+  void set_stream(std::uintptr_t) {}
+  bool tf32() const { return false; }
+  void set_tf32(bool) {}
 
   StabilizeOptions stabilize_;
   double min_rcond = -1;  // negative: the default for the state dtype (sqrt of its machine epsilon)
@@ -371,18 +392,13 @@ class Core {
                             std::to_string(D) + "]");
   }
 
-  static void check_step_scalars(double lr, double weight_decay) {
-    check_scalar(lr, "lr");
-    check_scalar(weight_decay, "weight_decay");
-    if (lr * weight_decay >= 1) throw py::value_error("lr * weight_decay must be < 1, got " + std::to_string(lr * weight_decay));
-  }
 
   StepOptions step_options(double lr, double weight_decay) const {
     StepOptions o;
     o.lr = lr;
     o.weight_decay = weight_decay;
     const bool single = std::visit([](const auto& s) { return std::is_same_v<typename std::decay_t<decltype(s)>::state_type, float>; }, state_);
-    o.min_rcond = min_rcond >= 0 ? min_rcond : (single ? 3.5e-4 : 1.5e-8);
+    o.min_rcond = min_rcond >= 0 ? min_rcond : (single ? default_min_rcond<float>() : default_min_rcond<double>());
     return o;
   }
 
@@ -410,6 +426,10 @@ PYBIND11_MODULE(_core, m) {
     info["blas_threads"] = blas::get_num_threads();
     return info;
   }, "How this _core was built: version, BLAS, compiler, CUDA support.");
+  m.attr("DEFAULT_STABILIZATION") = policy_dict(StabilizeOptions{});
+  m.def("default_min_rcond", [](bool float64) {
+    return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
+  }, py::arg("float64"), "The default min_rcond of a state dtype: sqrt of its machine epsilon.");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), "Set the number of BLAS threads.");
   m.def("get_num_threads", &blas::get_num_threads, "Number of BLAS threads.");
 
@@ -421,17 +441,9 @@ PYBIND11_MODULE(_core, m) {
         "Check a loss name and its options; raises ValueError naming a bad option.");
 
   py::class_<Core> core_class(m, "FactoredCore", "In-place operations on the arrays of a factored layer W = V U + 1 omega^T.");
+  def_factored_core(core_class);
+  // The CPU's own: the built-in losses evaluated in C++ (the NumPy API's loss and step) and the dense views.
   core_class
-      .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array, py::array>(),
-           py::arg("V"), py::arg("U"), py::arg("U_inv"), py::arg("Q"), py::arg("omega"), py::arg("w_bar"),
-           py::arg("probe_max"), py::arg("probe_min"), py::arg("stats"),
-           "Wrap the state arrays (C-contiguous, writeable; V float32/float64, the rest in the state dtype).")
-      .def_property_readonly("D", &Core::D, "Number of outputs.")
-      .def_property_readonly("d", &Core::d, "Hidden size.")
-      .def("forward", &Core::forward, py::arg("H"), py::arg("indptr"), py::arg("indices"),
-           py::arg("keep_projections") = false,
-           "(A, q, s): outputs at the target entries, ||o||^2 and sum(o) per row; with keep_projections, "
-           "(A, q, s, projections) where projections can be passed to grad_hidden and backward_step.")
       .def("loss", [](Core& c, py::handle H, py::handle ip, py::handle ix, py::handle v, py::handle act, const LossSpec& s) {
              return c.loss_step(H, ip, ix, v, act, s, false, 0, 0);
            }, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
@@ -440,24 +452,11 @@ PYBIND11_MODULE(_core, m) {
                       double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
-      .def("grad_hidden", &Core::grad_hidden_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
-           py::arg("dq"), py::arg("ds"), py::arg("projections") = py::none(),
-           "grad_H = dL/dH for a loss with the given partial derivatives; no state change.")
-      .def("backward_step", &Core::backward_step_py, py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("dA"),
-           py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"), py::arg("projections") = py::none(),
-           py::arg("grad_H") = py::none(),
-           "grad_H and one exact SGD step for a loss with the given partial derivatives; grad_H from grad_hidden "
-           "(with the same projections) can be passed to skip recomputing it.")
-      .def("refresh", &Core::refresh_py, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
-      .def("correct", &Core::correct_py, "SVD-based correction of U's singular values (one pass over V).")
-      .def("inverse_error", &Core::inverse_error_py, "||U U^-1 - I||_F (O(d^3)).")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",
            "(outputs, indices) of the k best outputs per row, ranked by the output ('output'), its square ('square') "
-           "or 1 + o + o^2/2 ('taylor').")
-      .def_readwrite("min_rcond", &Core::min_rcond);
-  def_stabilization(core_class, &Core::stabilize_);
+           "or 1 + o + o^2/2 ('taylor').");
 
   py::enum_<Stat>(m, "Stat", "Indices into the stats array.")
       .value("steps", kStatSteps)

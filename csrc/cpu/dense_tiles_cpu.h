@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "state.h"
+#include "../state.h"
 
 namespace sparsetarget {
 

@@ -1,16 +1,16 @@
-#include "dense_tiles.h"
+#include "dense_tiles_cpu.h"
 
 #include <algorithm>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "blas.h"
-#include "kernels.h"
+#include "blas_cpu.h"
+#include "kernels_cpu.h"
 
 namespace sparsetarget {
 
-using blas::Op;
+
 
 namespace {
 

@@ -1,15 +1,14 @@
-// The one door to cuBLAS, mirroring ../blas.h over device memory: ROW-MAJOR matrices, the same operations.
+// The one door to cuBLAS, mirroring ../cpu/blas_cpu.h over device memory: ROW-MAJOR matrices, the same operations.
 // Every call is queued on the handle's stream; none synchronises with the host.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include "state.cuh"
+#include "../backend.h"
+#include "state_cuda.cuh"
 
 namespace sparsetarget::cuda::blas {
-
-enum class Op { N, T };
 
 inline void check(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS)

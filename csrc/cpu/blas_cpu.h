@@ -1,13 +1,13 @@
-// The one door to BLAS and LAPACK: every dense kernel of the core goes through these wrappers.
-// All matrices are ROW-MAJOR; the wrappers translate to the column-major LAPACK conventions.
-// A GPU backend provides the same operations over device memory; the algorithm code never calls a vendor symbol.
+// The one door to BLAS and LAPACK on the CPU: every dense kernel of the host code goes through these wrappers.
+// All matrices are ROW-MAJOR; the wrappers translate to the column-major LAPACK conventions. The CUDA backend's
+// door (cuda/blas_cuda.cuh) offers the same operations over device memory.
 #pragma once
 
 #include <vector>
 
-namespace sparsetarget::blas {
+#include "../backend.h"
 
-enum class Op { N, T };  // use the matrix as stored, or its transpose
+namespace sparsetarget::blas {
 
 // C <- alpha * op(A) * op(B) + beta * C ; op(A) is m x k, op(B) is k x n, C is m x n.
 template <class T>

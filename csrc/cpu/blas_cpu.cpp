@@ -1,6 +1,6 @@
 // Vendor symbols live here only. SPARSETARGET_BLAS_PREFIX is "scipy_" for the scipy-openblas32 wheel and empty
 // for a system BLAS; the declarations below are the standard CBLAS / Fortran LAPACK ABI.
-#include "blas.h"
+#include "blas_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -58,17 +58,28 @@ void check_info(int info, const char* routine) {
 }  // namespace
 
 namespace {
+// The vendor routines of each precision.
 template <class T>
-void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, int incx, T beta, T* y, int incy);
-template <>
-void gemv_strided<float>(Op oa, int m, int n, float alpha, const float* a, int lda, const float* x, int incx,
-                         float beta, float* y, int incy) {
-  ST_SYM(cblas_sgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
-}
-template <>
-void gemv_strided<double>(Op oa, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
-                          double beta, double* y, int incy) {
-  ST_SYM(cblas_dgemv)(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
+struct Vendor;
+#define ST_VENDOR(T, p)                               \
+  template <>                                         \
+  struct Vendor<T> {                                  \
+    static constexpr auto gemm = ST_SYM(cblas_##p##gemm);   \
+    static constexpr auto gemv = ST_SYM(cblas_##p##gemv);   \
+    static constexpr auto syr2k = ST_SYM(cblas_##p##syr2k); \
+    static constexpr auto syrk = ST_SYM(cblas_##p##syrk);   \
+    static constexpr auto getrf = ST_SYM(p##getrf_);        \
+    static constexpr auto getri = ST_SYM(p##getri_);        \
+    static constexpr auto gecon = ST_SYM(p##gecon_);        \
+    static constexpr auto gesdd = ST_SYM(p##gesdd_);        \
+  };
+ST_VENDOR(float, s)
+ST_VENDOR(double, d)
+#undef ST_VENDOR
+
+template <class T>
+void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, int incx, T beta, T* y, int incy) {
+  Vendor<T>::gemv(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
 }
 
 // A GEMM with one output row or column is a GEMV; BLAS libraries do not all take that shortcut themselves,
@@ -93,48 +104,25 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
 }
 }  // namespace
 
-template <>
-void gemm<float>(Op oa, Op ob, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-                 float beta, float* c, int ldc) {
+template <class T>
+void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+          int ldc) {
   if (m == 0 || n == 0) return;
-  if (gemm_as_gemv<float>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
-  ST_SYM(cblas_sgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (gemm_as_gemv<T>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+  Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
-template <>
-void gemm<double>(Op oa, Op ob, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-                  int ldb, double beta, double* c, int ldc) {
+template <class T>
+void gemv(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y) {
   if (m == 0 || n == 0) return;
-  if (gemm_as_gemv<double>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
-  ST_SYM(cblas_dgemm)(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemv_strided<T>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
 }
-template <>
-void gemv<float>(Op oa, int m, int n, float alpha, const float* a, int lda, const float* x, float beta, float* y) {
-  if (m == 0 || n == 0) return;
-  gemv_strided<float>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
+template <class T>
+void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+  Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
-template <>
-void gemv<double>(Op oa, int m, int n, double alpha, const double* a, int lda, const double* x, double beta,
-                  double* y) {
-  if (m == 0 || n == 0) return;
-  gemv_strided<double>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
-}
-template <>
-void syr2k_t<float>(int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                    int ldc) {
-  ST_SYM(cblas_ssyr2k)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-void syr2k_t<double>(int n, int k, double alpha, const double* a, int lda, const double* b, int ldb, double beta,
-                     double* c, int ldc) {
-  ST_SYM(cblas_dsyr2k)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-void syrk_t<float>(int n, int k, float alpha, const float* a, int lda, float beta, float* c, int ldc) {
-  ST_SYM(cblas_ssyrk)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
-}
-template <>
-void syrk_t<double>(int n, int k, double alpha, const double* a, int lda, double beta, double* c, int ldc) {
-  ST_SYM(cblas_dsyrk)(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
+template <class T>
+void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
+  Vendor<T>::syrk(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
 }
 
 template <class T>
@@ -154,27 +142,16 @@ void mirror_upper(int n, T* c, int ldc) {
     }
   }
 }
-template void mirror_upper<float>(int, float*, int);
-template void mirror_upper<double>(int, double*, int);
+#define ST_INSTANTIATE(T)                                                                                  \
+  template void gemm<T>(Op, Op, int, int, int, T, const T*, int, const T*, int, T, T*, int);               \
+  template void gemv<T>(Op, int, int, T, const T*, int, const T*, T, T*);                                  \
+  template void syr2k_t<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                         \
+  template void syrk_t<T>(int, int, T, const T*, int, T, T*, int);                                         \
+  template void mirror_upper<T>(int, T*, int);
+ST_INSTANTIATE(float)
+ST_INSTANTIATE(double)
+#undef ST_INSTANTIATE
 
-namespace {
-template <class T>
-struct Lapack;
-template <>
-struct Lapack<float> {
-  static constexpr auto getrf = ST_SYM(sgetrf_);
-  static constexpr auto getri = ST_SYM(sgetri_);
-  static constexpr auto gecon = ST_SYM(sgecon_);
-  static constexpr auto gesdd = ST_SYM(sgesdd_);
-};
-template <>
-struct Lapack<double> {
-  static constexpr auto getrf = ST_SYM(dgetrf_);
-  static constexpr auto getri = ST_SYM(dgetri_);
-  static constexpr auto gecon = ST_SYM(dgecon_);
-  static constexpr auto gesdd = ST_SYM(dgesdd_);
-};
-}  // namespace
 
 template <class T>
 double invert(int n, T* a) {
@@ -189,15 +166,15 @@ double invert(int n, T* a) {
   }
   std::vector<int> ipiv(n), iwork(n);
   int info = 0;
-  Lapack<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
+  Vendor<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
   check_info(info, "getrf");
   if (info > 0) return 0.0;
   T rcond = 0;
   std::vector<T> work(std::max(4 * n, 64 * n));
-  Lapack<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
+  Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
   check_info(info, "gecon");
   const int lwork = static_cast<int>(work.size());
-  Lapack<T>::getri(&n, a, &n, ipiv.data(), work.data(), &lwork, &info);
+  Vendor<T>::getri(&n, a, &n, ipiv.data(), work.data(), &lwork, &info);
   check_info(info, "getri");
   if (info > 0) return 0.0;
   return static_cast<double>(rcond);
@@ -216,12 +193,12 @@ void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vecto
   std::vector<int> iwork(8 * static_cast<std::size_t>(n));
   int info = 0, lwork = -1;
   T query = 0;
-  Lapack<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, &query, &lwork,
+  Vendor<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, &query, &lwork,
                    iwork.data(), &info, 1);
   check_info(info, "gesdd");
   lwork = static_cast<int>(query) + 1;
   std::vector<T> work(lwork);
-  Lapack<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, work.data(), &lwork,
+  Vendor<T>::gesdd("A", &n, &n, work_a.data(), &n, sigma.data(), r_t.data(), &n, p.data(), &n, work.data(), &lwork,
                    iwork.data(), &info, 1);
   check_info(info, "gesdd");
   if (info > 0) throw std::runtime_error("gesdd: the SVD of U did not converge");

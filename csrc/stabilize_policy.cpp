@@ -1,69 +1,15 @@
-#include "stabilize.h"
-
+// The host (d x d) halves of the stabilisation, shared by every backend: planning a correction from the SVD of U,
+// and the small half of a refresh. docs/algorithm.md §8.4-§8.9.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
 
-#include "blas.h"
-#include "kernels.h"
+#include "backend.h"
+#include "cpu/blas_cpu.h"
+#include "stabilize_policy.h"
 
 namespace sparsetarget {
-
-using blas::Op;
-
-namespace {
-
-constexpr std::int64_t kTileRows = 2048;
-
-template <class T>
-double norm2(const T* x, int n) {
-  double acc = 0;
-  for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
-  return std::sqrt(acc);
-}
-
-template <class T>
-void scale_to_unit(T* x, int n) {
-  const double nrm = norm2(x, n);
-  if (nrm > 0 && std::isfinite(nrm))
-    for (int i = 0; i < n; ++i) x[i] = static_cast<T>(x[i] / nrm);
-  else
-    for (int i = 0; i < n; ++i) x[i] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(n)));
-}
-
-// Applies V <- V T^-1 row tile by row tile (see CorrectionPlan).
-template <class TV, class TS>
-void apply_to_V(FactoredState<TV, TS>& st, const CorrectionPlan<TS>& plan) {
-  const int d = st.d, k = static_cast<int>(plan.cols.size());
-  if (k == 0) {  // a scale only: O(D d)
-    const TV scale = static_cast<TV>(plan.a);
-    const std::size_t n = static_cast<std::size_t>(st.D) * d;
-    for (std::size_t i = 0; i < n; ++i) st.V[i] *= scale;
-  } else if (plan.low_rank()) {
-    std::vector<TV> Pk, CPkT;
-    plan.low_rank_factors(Pk, CPkT);
-    std::vector<TV> Y(static_cast<std::size_t>(kTileRows) * k);
-    for (std::int64_t r0 = 0; r0 < st.D; r0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<std::int64_t>(kTileRows, st.D - r0));
-      TV* tile = row_ptr(st.V, r0, d);
-      blas::gemm<TV>(Op::N, Op::N, rows, k, d, 1, tile, d, Pk.data(), k, 0, Y.data(), k);
-      blas::gemm<TV>(Op::N, Op::N, rows, d, k, 1, Y.data(), k, CPkT.data(), d, static_cast<TV>(plan.a), tile, d);
-    }
-  } else {
-    std::vector<TV> Tinv;
-    plan.dense_factor(Tinv);
-    std::vector<TV> out(static_cast<std::size_t>(kTileRows) * d);
-    for (std::int64_t r0 = 0; r0 < st.D; r0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<std::int64_t>(kTileRows, st.D - r0));
-      TV* tile = row_ptr(st.V, r0, d);
-      blas::gemm<TV>(Op::N, Op::N, rows, d, d, 1, tile, d, Tinv.data(), d, 0, out.data(), d);
-      std::copy(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(rows) * d, tile);
-    }
-  }
-}
-
-}  // namespace
 
 template <class TS>
 template <class TV>
@@ -156,75 +102,6 @@ void record_correction(const CorrectionReport& report, double* stats) {
   stats[kStatInverseResidual] = 0;
 }
 
-template <class TV, class TS>
-CorrectionReport correct(FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
-  const CorrectionPlan<TS> plan = plan_correction(st.d, st.U, opt);
-  if (plan.report.corrected) {
-    apply_to_V(st, plan);
-    std::copy(plan.U.begin(), plan.U.end(), st.U);
-  }
-  std::copy(plan.U_inv.begin(), plan.U_inv.end(), st.U_inv);
-  record_correction(plan.report, st.stats);
-  return plan.report;
-}
-
-bool needs_correction(double sigma_max, double sigma_min, double residual, const StabilizeOptions& opt) {
-  const bool spread = !(sigma_max <= opt.sigma_high / opt.sigma_low * sigma_min);
-  const bool scale = !(sigma_max <= kScaleLimit) || !(sigma_min >= 1 / kScaleLimit);
-  return spread || scale || !(residual <= opt.inverse_tol);
-}
-
-template <class TV, class TS>
-void after_step(FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
-  const auto steps = static_cast<std::int64_t>(st.stats[kStatSteps]);
-  if (opt.refresh_every > 0 && steps % opt.refresh_every == 0) {
-    refresh(st);
-    return;
-  }
-  if (opt.check_every <= 0 || steps % opt.check_every != 0) return;
-  const int d = st.d;
-  std::vector<TS> u(d), y(d), r(d);
-  // Largest singular value of U: one power step on U^T U.
-  blas::gemv<TS>(Op::N, d, d, 1, st.U, d, st.probe_max, 0, u.data());
-  const double sigma_max = norm2(u.data(), d);
-  blas::gemv<TS>(Op::T, d, d, 1, st.U, d, u.data(), 0, st.probe_max);
-  scale_to_unit(st.probe_max, d);
-  // Smallest singular value of U: one power step on U^-T U^-1; the same vector probes U U^-1 = I.
-  blas::gemv<TS>(Op::N, d, d, 1, st.U_inv, d, st.probe_min, 0, y.data());
-  const double inv_norm = norm2(y.data(), d);
-  std::copy(st.probe_min, st.probe_min + d, r.begin());
-  blas::gemv<TS>(Op::N, d, d, 1, st.U, d, y.data(), -1, r.data());
-  const double residual = norm2(r.data(), d);
-  blas::gemv<TS>(Op::T, d, d, 1, st.U_inv, d, y.data(), 0, st.probe_min);
-  scale_to_unit(st.probe_min, d);
-  const double sigma_min = inv_norm > 0 ? 1.0 / inv_norm : 0.0;
-  st.stats[kStatSigmaMax] = sigma_max;
-  st.stats[kStatSigmaMin] = sigma_min;
-  st.stats[kStatInverseResidual] = residual;
-  if (needs_correction(sigma_max, sigma_min, residual, opt)) correct(st, opt);
-}
-
-template <class TV, class TS>
-void refresh(FactoredState<TV, TS>& st) {
-  const int d = st.d;
-  const std::size_t dd = static_cast<std::size_t>(d) * d;
-  // V^T V and V^T 1 in float64, tile by tile.
-  std::vector<double> VtV(dd, 0.0), Vt1(d, 0.0);
-  std::vector<TV> part(dd);
-  for (std::int64_t r0 = 0; r0 < st.D; r0 += kTileRows) {
-    const int rows = static_cast<int>(std::min<std::int64_t>(kTileRows, st.D - r0));
-    const TV* tile = row_ptr(static_cast<const TV*>(st.V), r0, d);
-    blas::syrk_t<TV>(d, rows, 1, tile, d, 0, part.data(), d);
-    for (int i = 0; i < d; ++i)
-      for (int j = i; j < d; ++j) VtV[static_cast<std::size_t>(i) * d + j] += part[static_cast<std::size_t>(i) * d + j];
-    for (int r = 0; r < rows; ++r) {
-      const TV* v = tile + static_cast<std::ptrdiff_t>(r) * d;
-      for (int i = 0; i < d; ++i) Vt1[i] += v[i];
-    }
-  }
-  refresh_small(d, st.D, VtV, Vt1, st.U, st.omega, st.Q, st.w_bar, st.U_inv);
-  st.stats[kStatRefreshes] += 1;
-}
 
 template <class TS>
 void refresh_small(int d, std::int64_t D_rows, std::vector<double>& VtV, const std::vector<double>& Vt1, const TS* U_in,
@@ -262,21 +139,6 @@ double inverse_error_of(int d, const TS* U_in, const TS* U_inv_in) {
   return std::sqrt(acc);
 }
 
-template <class TV, class TS>
-double inverse_error(const FactoredState<TV, TS>& st) {
-  return inverse_error_of(st.d, st.U, st.U_inv);
-}
-
-#define ST_INSTANTIATE(TV, TS)                                                                       \
-  template void after_step<TV, TS>(FactoredState<TV, TS>&, const StabilizeOptions&);                \
-  template CorrectionReport correct<TV, TS>(FactoredState<TV, TS>&, const StabilizeOptions&);       \
-  template void refresh<TV, TS>(FactoredState<TV, TS>&);                                             \
-  template double inverse_error<TV, TS>(const FactoredState<TV, TS>&);
-ST_INSTANTIATE(float, float)
-ST_INSTANTIATE(float, double)
-ST_INSTANTIATE(double, float)
-ST_INSTANTIATE(double, double)
-#undef ST_INSTANTIATE
 
 #define ST_INSTANTIATE_SMALL(TS)                                                                                  \
   template struct CorrectionPlan<TS>;                                                                             \

@@ -1,13 +1,13 @@
-// Device helpers and the small kernels that cuBLAS does not cover (mirror of ../kernels.h): row dots, the sparse
-// gathers and scatters over rows of V, elementwise updates, finiteness and status bookkeeping.
-// Sparse kernels are deterministic: every output element is written by one thread in a fixed order (no atomics).
+// Device helpers and the small kernels that cuBLAS does not cover (mirror of ../cpu/kernels_cpu.h): warp sums, CSR
+// lookups, elementwise copies and scales, row dots, finiteness and status bookkeeping. CUDA code only.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "state.cuh"
+#include "../host_device.h"
+#include "state_cuda.cuh"
 
 namespace sparsetarget::cuda {
 
@@ -62,14 +62,14 @@ __device__ inline std::int64_t upper_bound(const std::int64_t* sorted, std::int6
 }
 
 // Records the first error of a step; later ones are dropped.
-__device__ inline void raise_error(DeviceStatus* status, int code) { atomicCAS(&status->error, kOk, code); }
+__device__ inline void raise_error(StepFlags* status, int code) { atomicCAS(&status->error, kOk, code); }
 
-__device__ inline bool failed(const DeviceStatus* status) {
+__device__ inline bool failed(const StepFlags* status) {
   return *reinterpret_cast<const volatile int*>(&status->error) != kOk;
 }
 
 template <class T>
-__global__ void check_finite_kernel(const T* x, std::size_t n, DeviceStatus* status) {
+__global__ void check_finite_kernel(const T* x, std::size_t n, StepFlags* status) {
   ST_GRID_LOOP(i, n) {
     if (!isfinite(static_cast<double>(x[i]))) {
       raise_error(status, kNonFinite);
@@ -79,7 +79,7 @@ __global__ void check_finite_kernel(const T* x, std::size_t n, DeviceStatus* sta
 }
 
 template <class T>
-void check_finite(const T* x, std::size_t n, DeviceStatus* status, cudaStream_t stream) {
+void check_finite(const T* x, std::size_t n, StepFlags* status, cudaStream_t stream) {
   if (n == 0) return;
   check_finite_kernel<T><<<blocks_for(n, 256, 1024), 256, 0, stream>>>(x, n, status);
   check_launch("check_finite");

@@ -1,6 +1,6 @@
 // Row-major wrappers over column-major cuBLAS: a row-major matrix is the column-major view of its transpose, so
 // C = op(A) op(B) is computed as C^T = op(B)^T op(A)^T with the operands swapped.
-#include "blas.cuh"
+#include "blas_cuda.cuh"
 
 #include <cmath>
 

@@ -1,0 +1,69 @@
+// The interface between the algorithm and a backend. The step (factored_step.h) and the stabilisation policy
+// (stabilize.h) are written once as templates over a Backend type; cpu/backend_cpu.h and cuda/backend_cuda.cuh
+// supply the primitives, mirrored name for name:
+//
+//   scratch<T>(slot, n)                 reusable memory of the backend (slots below), at least n elements
+//   gemm, gemv, syr2k_t, syrk_t, mirror_upper
+//                                       BLAS on ROW-MAJOR matrices (see cpu/blas_cpu.h), on the backend's stream
+//   for_each(n, f), for_rows(rows, cols, f)
+//                                       elementwise loops running a functor of step_parts.h as f(i) / f(i, j)
+//   copy, fill, scale, row_dots, norm2  small dense helpers (norm2 writes a double into the backend's memory)
+//   invert(n, a, scratch, floor_one)    the inverse of a small matrix (a is destroyed) and its reciprocal condition
+//   gather_outputs, combine_target_rows, target_row_sums, order_targets, add_target_overlaps, scatter_rows
+//                                       the sparse parts: gathers from and a deterministic scatter into rows of V
+//   require_rcond, require_finite, require_finite_input
+//                                       failure reports: the CPU throws before the commit; CUDA records the failure in
+//                                       StepFlags on the device and the commit becomes a no-op
+//   stage(dst, n, slot, keep) / commit(staged, dst, n)
+//                                       where the new state is written: the CPU writes in place after every check
+//                                       passed; CUDA writes a copy and commits it only if no failure was recorded
+//   count_step, steps, flags, correction_requested, correction_done, synchronize, can_wait, download, upload,
+//   accumulate_gram, exact_math         bookkeeping of the stabilisation policy
+#pragma once
+
+namespace sparsetarget {
+
+enum class Op { N, T };  // use the matrix as stored, or its transpose
+
+// Scratch slots of the step and of the stabilisation (a backend keeps one buffer per slot and reuses it).
+enum Slot : int {
+  kSlotUH,
+  kSlotHQ,
+  kSlotQ,
+  kSlotS,
+  kSlotHw,
+  kSlotZv,
+  kSlotWZ,
+  kSlotZSum,
+  kSlotGOne,
+  kSlotV,
+  kSlotG,
+  kSlotP2,
+  kSlotAH,
+  kSlotHHt,
+  kSlotSmall,
+  kSlotSmallInv,
+  kSlotKH,
+  kSlotKHU,
+  kSlotX,
+  kSlotUInvNew,
+  kSlotOmegaNew,
+  kSlotWBarNew,
+  kSlotB,
+  kSlotStageU,
+  kSlotStageUInv,
+  kSlotStageQ,
+  kSlotStageOmega,
+  kSlotStageWBar,
+  kSlotMonitor,  // 5 vectors of d
+  kSlotNorms,
+  kSlotTile,
+  kSlotFactorA,
+  kSlotFactorB,
+  kSlotVtV,
+  kSlotVt1,
+  kSlotCount,
+  kSlotBackend = 48,  // and up: the backend's own (sorting, LU pivots, ...)
+};
+
+}  // namespace sparsetarget

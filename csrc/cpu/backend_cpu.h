@@ -1,0 +1,266 @@
+// The CPU backend: the primitives of backend.h over host memory, OpenBLAS (blas_cpu.h) and plain loops.
+// One instance per thread (cpu_backend()), so that concurrent layers on different threads never share scratch.
+// Failures throw before the commit; inputs were validated by the bindings before the step was called.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../backend.h"
+#include "../factored_step.h"
+#include "../host_device.h"
+#include "../state.h"
+#include "blas_cpu.h"
+#include "kernels_cpu.h"
+
+namespace sparsetarget::cpu {
+
+template <class T>
+struct Inverse {
+  T* inverse;    // where the inverse is (the CPU inverts in place)
+  double rcond;  // reciprocal condition estimate; 0 when singular
+};
+
+struct TargetOrder {};  // the CPU walks targets in CSR order; overlaps sort their own entries
+
+class CpuBackend {
+ public:
+  static constexpr std::int64_t kTileRows = 2048;  // rows of V per tile in passes over V
+
+  template <class T>
+  T* scratch(int slot, std::size_t n) {
+    if (slot >= static_cast<int>(slots_.size())) slots_.resize(static_cast<std::size_t>(slot) + 1);
+    auto& buf = slots_[slot];
+    const std::size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double);
+    if (buf.size() < words) buf.resize(words);
+    return reinterpret_cast<T*>(buf.data());
+  }
+
+  // ---- dense products
+  template <class T>
+  void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+            int ldc) {
+    blas::gemm<T>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  template <class T>
+  void gemv(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y) {
+    blas::gemv<T>(oa, m, n, alpha, a, lda, x, beta, y);
+  }
+  template <class T>
+  void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+    blas::syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  template <class T>
+  void mirror_upper(int n, T* c, int ldc) {
+    blas::mirror_upper<T>(n, c, ldc);
+  }
+
+  // ---- elementwise
+  template <class F>
+  void for_each(std::size_t n, const F& f) {
+    for (std::size_t i = 0; i < n; ++i) f(i);
+  }
+  template <class F>
+  void for_rows(int rows, int cols, const F& f) {
+    for (int i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int j = 0; j < cols; ++j) f(i, j);
+    }
+  }
+  template <class T>
+  void copy(const T* src, T* dst, std::size_t n) {
+    std::copy(src, src + n, dst);
+  }
+  template <class T>
+  void fill(T* dst, std::size_t n, T value) {
+    std::fill(dst, dst + n, value);
+  }
+  template <class T>
+  void scale(T* x, std::size_t n, double a) {
+    const T s = static_cast<T>(a);
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) x[i] *= s;
+  }
+  template <class T>
+  void row_dots(const T* a, const T* b, int m, int d, T* out) {
+    for (int j = 0; j < m; ++j) out[j] = dot_row(row_ptr(a, j, d), row_ptr(b, j, d), d);
+  }
+  template <class T>
+  void norm2(const T* x, int n, double* out) {
+    double acc = 0;
+    for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+    *out = std::sqrt(acc);
+  }
+
+  // The inverse of a (n x n), in place. With floor_one, rcond = 1 / (max(1, ||a||) max(1, ||a^-1||)) (infinity
+  // norms; docs/algorithm.md §5.7), else LAPACK's estimate.
+  template <class T>
+  Inverse<T> invert(int n, T* a, T* /*scratch*/, bool floor_one) {
+    if (!floor_one) return {a, blas::invert<T>(n, a)};
+    const double norm = inf_norm(n, a);
+    const bool regular = blas::invert<T>(n, a) > 0;
+    return {a, regular ? 1.0 / (std::max(1.0, norm) * std::max(1.0, inf_norm(n, a))) : 0.0};
+  }
+
+  // ---- failures: thrown before anything is written
+  void require_rcond(double rcond, double min_rcond) {
+    if (rcond >= min_rcond) return;
+    char msg[256];
+    std::snprintf(msg, sizeof msg,
+                  "the update factor M = (1 - lr*weight_decay) I - lr H^T diag(2 dL/dq) H is singular or nearly so "
+                  "(reciprocal condition %.3g < min_rcond %.3g): lower lr; the layer is unchanged",
+                  rcond, min_rcond);
+    throw SingularUpdateError(msg);
+  }
+  template <class T>
+  void require_finite(const T* x, std::size_t n, const char* what) {
+    if (!all_finite(x, n))
+      throw std::domain_error(std::string("the step produced non-finite values in ") + what +
+                              " (overflow: lower lr or check the loss derivatives); the layer is unchanged");
+  }
+  template <class T>
+  void require_finite_input(const T*, std::size_t, const char*) {}  // checked by the bindings
+  template <class T>
+  void require_finite_staged(const T*, std::size_t) {}  // in place: the factors were checked before
+
+  // ---- the sparse parts
+  template <class TV, class TS>
+  void gather_outputs(const TV* V, std::int64_t /*D*/, int d, const TS* UH, const TS* Hw, const Targets& t, TS* A) {
+    for (std::int64_t j = 0; j < t.m; ++j) {
+      const TS* uh = row_ptr(UH, j, d);
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
+        A[e] = dot_row(row_ptr(V, t.indices[e], d), uh, d) + Hw[j];
+    }
+  }
+  // Zv_j = sum_k z_jk V[k], z_sum_j = sum_k z_jk
+  template <class TV, class TS>
+  void combine_target_rows(const TV* V, std::int64_t /*D*/, int d, const Targets& t, const TS* dA, TS* Zv,
+                           TS* z_sum) {
+    std::fill(Zv, Zv + static_cast<std::size_t>(t.m) * d, TS(0));
+    for (std::int64_t j = 0; j < t.m; ++j) {
+      TS* zv = row_ptr(Zv, j, d);
+      TS zs = 0;
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
+        zs += dA[e];
+        if (dA[e] != TS(0)) axpy_row(dA[e], row_ptr(V, t.indices[e], d), zv, d);
+      }
+      z_sum[j] = zs;
+    }
+  }
+  template <class TS>
+  void target_row_sums(const Targets& t, std::int64_t /*D*/, const TS* dA, TS* z_sum) {
+    for (std::int64_t j = 0; j < t.m; ++j) {
+      TS zs = 0;
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) zs += dA[e];
+      z_sum[j] = zs;
+    }
+  }
+  TargetOrder order_targets(const Targets&, std::int64_t) { return {}; }
+  // G_ij += sum over target entries of rows i and j that share an index of z z' (duplicates included), grouping
+  // entries by index: O(nnz log nnz + sum_k n_k^2).
+  template <class TS>
+  void add_target_overlaps(const Targets& t, std::int64_t /*D*/, const TS* dA, const TargetOrder&, TS* G) {
+    struct Entry {
+      std::int64_t index;
+      std::int64_t row;
+      TS z;
+    };
+    std::vector<Entry> entries;
+    entries.reserve(static_cast<std::size_t>(t.nnz));
+    for (std::int64_t j = 0; j < t.m; ++j)
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
+        if (dA[e] != TS(0)) entries.push_back({t.indices[e], j, dA[e]});
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& a, const Entry& b) { return std::tie(a.index, a.row) < std::tie(b.index, b.row); });
+    const std::ptrdiff_t m = static_cast<std::ptrdiff_t>(t.m);
+    for (std::size_t lo = 0; lo < entries.size();) {
+      std::size_t hi = lo;
+      while (hi < entries.size() && entries[hi].index == entries[lo].index) ++hi;
+      for (std::size_t a = lo; a < hi; ++a)
+        for (std::size_t b = lo; b < hi; ++b) G[entries[a].row * m + entries[b].row] += entries[a].z * entries[b].z;
+      lo = hi;
+    }
+  }
+  // V[k] += alpha sum over entries e with index k of z_e X[row(e)], in CSR order.
+  template <class TV, class TS>
+  void scatter_rows(TV* V, std::int64_t /*D*/, int d, const Targets& t, const TS* dA, const TargetOrder&, const TS* X,
+                    TS alpha) {
+    for (std::int64_t j = 0; j < t.m; ++j) {
+      const TS* x = row_ptr(X, j, d);
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
+        if (dA[e] != TS(0)) axpy_row(alpha * dA[e], x, row_ptr(V, t.indices[e], d), d);
+    }
+  }
+
+  // ---- the commit: in place
+  template <class T>
+  T* stage(T* dst, std::size_t, int, bool) {
+    return dst;
+  }
+  template <class T>
+  void commit(const T*, T*, std::size_t) {}
+  void count_step(double* stats) { stats[kStatSteps] += 1; }
+
+  // ---- stabilisation bookkeeping: everything is synchronous
+  template <class TV, class TS>
+  std::int64_t steps(const FactoredState<TV, TS>& st) const {
+    return static_cast<std::int64_t>(st.stats[kStatSteps]);
+  }
+  StepFlags* flags() { return &flags_; }
+  bool correction_requested() { return std::exchange(flags_.needs_correction, 0) != 0; }
+  void correction_done() { flags_.needs_correction = 0; }
+  void synchronize() {}
+  bool can_wait() const { return true; }
+  template <class T>
+  std::vector<T> download(const T* src, std::size_t n) {
+    return std::vector<T>(src, src + n);
+  }
+  template <class T>
+  void upload(const std::vector<T>& src, T* dst) {
+    std::copy(src.begin(), src.end(), dst);
+  }
+  int exact_math() { return 0; }  // the CPU has no reduced-precision mode
+  // VtV (upper triangle) += tile^T tile and Vt1 += tile^T 1, accumulated in float64 (the product in V's dtype).
+  template <class TV>
+  void accumulate_gram(const TV* tile, int rows, int d, double* VtV, double* Vt1) {
+    TV* part = scratch<TV>(kSlotTile, static_cast<std::size_t>(d) * d);
+    blas::syrk_t<TV>(d, rows, 1, tile, d, 0, part, d);
+    for (int i = 0; i < d; ++i)
+      for (int j = i; j < d; ++j) VtV[static_cast<std::size_t>(i) * d + j] += part[static_cast<std::size_t>(i) * d + j];
+    for (int r = 0; r < rows; ++r) {
+      const TV* v = tile + static_cast<std::ptrdiff_t>(r) * d;
+      for (int i = 0; i < d; ++i) Vt1[i] += v[i];
+    }
+  }
+
+ private:
+  template <class T>
+  static double inf_norm(int n, const T* a) {
+    double norm = 0;
+    for (int i = 0; i < n; ++i) {
+      double row = 0;
+      for (int j = 0; j < n; ++j) row += std::abs(static_cast<double>(a[static_cast<std::size_t>(i) * n + j]));
+      norm = std::max(norm, row);
+    }
+    return norm;
+  }
+
+  std::vector<std::vector<double>> slots_;
+  StepFlags flags_;
+};
+
+// This thread's backend.
+inline CpuBackend& cpu_backend() {
+  thread_local CpuBackend backend;
+  return backend;
+}
+
+}  // namespace sparsetarget::cpu

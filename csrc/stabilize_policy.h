@@ -1,0 +1,83 @@
+// The stabilisation policy of the factorisation W = V U + 1 omega^T: its options, the monitoring decision, and the
+// d x d halves of a correction and of a refresh (host code shared by every backend). The passes over V and the
+// scheduling after a step are in stabilize.h, written once over the backend primitives. Derivations and the policy's
+// trade-offs: docs/algorithm.md §8.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "host_device.h"
+#include "state.h"
+
+namespace sparsetarget {
+
+// How far the overall scale of U may drift from 1 before one O(D d) pass resets it. A uniform scale costs no
+// accuracy (V and U^-1 carry the inverse scale; Q, w_bar and omega do not depend on it); this only keeps the
+// entries far from float32's range limits.
+constexpr double kScaleLimit = 16777216.0;  // 2^24
+
+// The policy; these defaults are the library's (the Python front ends take theirs from here).
+struct StabilizeOptions {
+  double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
+  double sigma_high = 2.0;
+  double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
+  std::int64_t check_every = 1;    // monitor every this many steps; 0 disables monitoring
+  std::int64_t refresh_every = 0;  // full refresh every this many steps; 0 disables
+};
+
+// The monitoring decision after a step: does a correction have to run? (docs/algorithm.md §8.3)
+ST_HD inline bool needs_correction(double sigma_max, double sigma_min, double residual, const StabilizeOptions& opt) {
+  const bool spread = !(sigma_max <= opt.sigma_high / opt.sigma_low * sigma_min);
+  const bool scale = !(sigma_max <= kScaleLimit) || !(sigma_min >= 1 / kScaleLimit);
+  return spread || scale || !(residual <= opt.inverse_tol);
+}
+
+struct CorrectionReport {
+  bool corrected = false;
+  int values_corrected = 0;
+  double sigma_max_before = 0, sigma_min_before = 0;
+  double sigma_max_after = 0, sigma_min_after = 0;
+};
+
+// What a correction does: V <- V T^-1 with T^-1 = a I + P_k diag(coef) P_k^T (P_k: the columns cols of P),
+// U <- U_new (when report.corrected), U^-1 <- U_inv.
+template <class TS>
+struct CorrectionPlan {
+  int d = 0;
+  CorrectionReport report;
+  double a = 1;
+  std::vector<TS> P;  // d x d left singular vectors of U
+  std::vector<int> cols;
+  std::vector<double> coef;
+  std::vector<TS> U, U_inv;  // d x d; U is empty when nothing moved
+
+  // Apply T^-1 as two thin GEMMs (rank k) rather than one d x d GEMM.
+  bool low_rank() const { return 2 * cols.size() < static_cast<std::size_t>(d); }
+  // P_k (d x k) and diag(coef) P_k^T (k x d) in the weight dtype.
+  template <class TV>
+  void low_rank_factors(std::vector<TV>& Pk, std::vector<TV>& CPkT) const;
+  // T^-1 (d x d) in the weight dtype.
+  template <class TV>
+  void dense_factor(std::vector<TV>& Tinv) const;
+};
+
+// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
+// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
+template <class TS>
+CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt);
+
+// Adds a correction's report to the monitoring scalars (kStatCount of them).
+void record_correction(const CorrectionReport& report, double* stats);
+
+// The small half of a refresh: from V^T V (upper triangle, float64; mirrored in place) and V^T 1, U and omega,
+// writes Q, w_bar and U^-1. Throws std::domain_error (nothing written) when U is singular.
+template <class TS>
+void refresh_small(int d, std::int64_t D, std::vector<double>& VtV, const std::vector<double>& Vt1, const TS* U,
+                   const TS* omega, TS* Q, TS* w_bar, TS* U_inv);
+
+// ||U U^-1 - I||_F in float64, O(d^3).
+template <class TS>
+double inverse_error_of(int d, const TS* U, const TS* U_inv);
+
+}  // namespace sparsetarget
