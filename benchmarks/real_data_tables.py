@@ -17,27 +17,32 @@ def lm_table(path: str) -> str:
     r = json.load(open(path))
     heads = r["heads"]
     soft = heads.get("softmax", {}).get("final")
-    rows = ["| head | steps | tokens/s | vs softmax | held-out NLL | perplexity | top-1 | top-10 | state MiB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| head | steps | tokens/s | vs softmax | held-out NLL | perplexity | top-1 | top-10 | state MiB | "
+            "step peak MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, h in heads.items():
         f = h["final"]
         nll = "—" if f["nll"] is None else f"{f['nll']:.3f}"
         ppl = "—" if f["nll"] is None else f"{math.exp(f['nll']):.0f}"
         speed = f"{f['tokens_per_s'] / soft['tokens_per_s']:.0f}×" if soft else ""
         rows.append(f"| `{name}` | {f['steps']} | {f['tokens_per_s']:.0f} | {speed} | {nll} | {ppl} | "
-                    f"{f['top1']:.3f} | {f['top10']:.3f} | {f['state_mib']:.0f} |")
-    # the same number of steps: each head's curve point closest to softmax's final step count
-    if soft:
-        rows += ["", f"At softmax's final step count ({soft['steps']} steps), interpolated on each head's curve "
-                 "(first point at or after it):", "",
-                 "| head | step | wall-clock s | NLL | top-1 | top-10 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                    f"{f['top1']:.3f} | {f['top10']:.3f} | {f['state_mib']:.0f} | {f['step_peak_mib']:.0f} |")
+    # the same number of steps: the milestone evaluations every head went through
+    steps = sorted({p["step"] for h in heads.values() for p in h["curve"] if p.get("milestone")})
+    if steps:
+        rows += ["", "Per step: held-out NLL / top-10 at the same step counts (— : not reached in the budget)", "",
+                 "| head | " + " | ".join(f"step {s}" for s in steps) + " |",
+                 "| --- |" + " ---: |" * len(steps)]
         for name, h in heads.items():
-            pts = [p for p in h["curve"] if p["step"] >= soft["steps"]]
-            if pts:
-                p = pts[0]
-                nll = "—" if p["nll"] is None else f"{p['nll']:.3f}"
-                rows.append(f"| `{name}` | {p['step']} | {p['wall_s']:.0f} | {nll} | {p['top1']:.3f} | "
-                            f"{p['top10']:.3f} |")
+            at = {p["step"]: p for p in h["curve"] if p.get("milestone")}
+            cells = []
+            for s in steps:
+                p = at.get(s)
+                if p is None:
+                    cells.append("—")
+                else:
+                    nll = "—" if p["nll"] is None else f"{p['nll']:.2f}"
+                    cells.append(f"{nll} / {p['top10']:.3f}")
+            rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     ex, ex64 = r.get("exactness"), r.get("exactness_float64")
     notes = [f"unigram NLL of the same held-out words: {r['unigram_nll']:.3f}"]
     if ex64:
@@ -60,6 +65,14 @@ def rd_table(path: str) -> str:
         rows.append(f"| `{name}` | {f['steps']} | {f['examples_per_s']:.0f} | {f['acc@1']:.3f} | {f['acc@10']:.3f} "
                     f"| {f['acc@100']:.3f} | {f['median_rank']:.0f} | {f['p@5']:.3f} | {f['seen_acc@10']:.3f} | "
                     f"{f['seen_median_rank']:.0f} |")
+    steps = sorted({p["step"] for h in r["heads"].values() for p in h["curve"] if p.get("milestone")})
+    if steps:
+        rows += ["", "Per step: median rank / accuracy@100 at the same step counts (— : not reached)", "",
+                 "| head | " + " | ".join(f"step {s}" for s in steps) + " |", "| --- |" + " ---: |" * len(steps)]
+        for name, h in r["heads"].items():
+            at = {p["step"]: p for p in h["curve"] if p.get("milestone")}
+            rows.append(f"| `{name}` | " + " | ".join(
+                "—" if s not in at else f"{at[s]['median_rank']:.0f} / {at[s]['acc@100']:.3f}" for s in steps) + " |")
     return "\n".join(rows)
 
 

@@ -55,12 +55,13 @@ def test_lm_writes_results_for_every_head(lm_run):
     assert "cores" in on_disk["machine"]
     for name, head in on_disk["heads"].items():
         final = head["final"]
-        assert final["steps"] > 0 and final["wall_s"] >= 0.6 - 1e-6
+        assert head["failed"] is None, (name, head["failed"])
+        assert final["steps"] > 0 and final["wall_s"] >= 0.6 - 1e-6, (name, final)
         slices = [p for p in head["curve"] if not p.get("milestone")]
-        assert len(slices) == 2 and head["curve"][-1]["top10"] == final["top10"]
+        assert len(slices) == 2 and head["curve"][-1]["top10"] == final["top10"], (name, head["curve"])
         assert [p["step"] for p in head["curve"] if p.get("milestone")] == [s for s in (100, 300, 1000)
-                                                                             if s <= final["steps"]]
-        assert 0 <= final["top1"] <= final["top10"] <= 1
+                                                                             if s <= final["steps"]], name
+        assert 0 <= final["top1"] <= final["top10"] <= 1, (name, final)
         assert (final["nll"] is None) == (name == "z_loss"), name
         assert (out / f"{name}.pt").exists()
     assert (out / "results.png").exists() == HAS_MATPLOTLIB

@@ -157,18 +157,20 @@ def plot_curves(results: dict[str, Any], metrics: Sequence[tuple[str, str]], pat
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.0), squeeze=False)
     styles = {"dense_spherical": dict(linestyle="--", marker="x"), "softmax": dict(marker="s"),
               "spherical_softmax": dict(marker="o")}
+    colors = {name: f"C{i}" for i, name in enumerate(results["heads"])}  # one colour per head in every panel
     for ax, (metric, label) in zip(axes[0], metrics):
         for name, head in results["heads"].items():
             pts = [(p["wall_s"], p[metric]) for p in head["curve"] if p.get(metric) is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=name, **styles.get(name, dict(marker=".")))
+                ax.plot(xs, ys, label=name, color=colors[name], **styles.get(name, dict(marker=".")))
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel(label)
         if metric in logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0][:len(metrics)] for h in ax.get_lines()}
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7)
     if extra is not None:
         extra(axes[0][-1])
     fig.suptitle(title, fontsize=9)
@@ -238,7 +240,9 @@ class Trainer:
                 self._window = []
             bar.update(self.wall_s - start_wall, f"step {self.steps} loss {loss:.4f}")
             if self.steps in MILESTONES:  # the same step counts for every head: quality per step
+                self.step_peak_mib = max(self.step_peak_mib, rss_mib("VmHWM") - base)
                 point = self.evaluate()
+                reset_peak()  # the evaluation's memory is not the step's
                 point.update(wall_s=self.wall_s, step=self.steps, milestone=True)
                 self.curve.append(point)
         self.step_peak_mib = max(self.step_peak_mib, rss_mib("VmHWM") - base)

@@ -343,8 +343,11 @@ def load_data(args: argparse.Namespace) -> tuple[data.Vocabulary, data.EncodedCo
 
     def tokens(split: str) -> Any:
         for i, doc in enumerate(docs()):
+            if i % 20000 == 0:  # a progress line: the number of documents is unknown until the end
+                print(f"\rreading {split} documents: {i}", end="", file=sys.stderr, flush=True)
             if data.split_of(i, fr, args.seed) == split:
                 yield data.tokenize(doc)
+        print(f"\rreading {split} documents: done", file=sys.stderr, flush=True)
 
     vocab = data.Vocabulary.build(tokens("train"), args.vocab_size)
 
@@ -454,11 +457,13 @@ def plot(results: dict[str, Any], path: str) -> None:
     """Held-out NLL, top-10 and top-1 against training wall-clock, and the training loss of the factored and
     dense spherical heads against steps."""
     def extra(ax: Any) -> None:
-        for name in ("spherical_softmax", "dense_spherical"):
-            head = results["heads"].get(name)
+        pair = [results["heads"].get(name) for name in ("spherical_softmax", "dense_spherical")]
+        last = min((h["final"]["steps"] for h in pair if h), default=0)  # the steps both heads made
+        for name, head in zip(("spherical_softmax", "dense_spherical"), pair):
             if head and head["train_loss"]:
-                ax.plot([p["step"] for p in head["train_loss"]], [p["loss"] for p in head["train_loss"]],
-                        label=name, linestyle="--" if name == "dense_spherical" else "-")
+                pts = [p for p in head["train_loss"] if p["step"] <= last]
+                ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=name,
+                        linestyle="--" if name == "dense_spherical" else "-")
         ex, ex64 = results.get("exactness"), results.get("exactness_float64")
         title = "same loss per step"
         if ex:
