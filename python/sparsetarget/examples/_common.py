@@ -3,6 +3,7 @@ schedule over heads, results files and plots."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 import sparsetarget
+
+from ._memory import reset_peak, rss_mib
 
 
 class Progress:
@@ -74,27 +77,6 @@ def set_threads(torch_threads: int, blas_threads: int) -> None:
         raise ValueError(f"blas_threads must be >= 1, got {blas_threads}")
     torch.set_num_threads(torch_threads)
     sparsetarget.set_num_threads(blas_threads)
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """A /proc/self/status field in MiB (``VmRSS`` now, ``VmHWM`` peak since the last reset); NaN elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_peak() -> None:
-    """Reset the peak resident size to the current one (Linux; no-op elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def tensor_mib(tensors: Sequence[torch.Tensor]) -> float:
@@ -187,10 +169,16 @@ MILESTONES = frozenset({100, 300, 1000, 3000, 10000, 30000, 100000})
 class Trainer:
     """One head of a comparison: a model, its optimizers, its position in the shared data order and its clock.
 
-    Subclasses provide ``train_step(step) -> loss``, ``evaluate() -> dict`` and ``state() / load_state(state)``.
-    ``wall_s`` counts training time only (the step, including building its batch); evaluation is excluded."""
+    Subclasses set ``body``, ``head``, ``opt`` (and ``head_opt`` for a factored head) and provide
+    ``train_step(step) -> loss`` and ``evaluate() -> dict``; what else a checkpoint needs comes from
+    ``extra_state() / load_extra_state(state)``. ``wall_s`` counts training time only (the step, including building
+    its batch); evaluation is excluded."""
 
     name = ""
+    body: torch.nn.Module
+    head: torch.nn.Module
+    opt: torch.optim.Optimizer
+    head_opt: torch.optim.Optimizer | None = None
 
     def __init__(self) -> None:
         self.steps = 0
@@ -208,15 +196,47 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def optimize(self, loss: torch.Tensor) -> float:
+        """One optimisation step of the body and the head on ``loss`` (gradients cleared first); returns its value."""
+        self.opt.zero_grad()
+        if self.head_opt is not None:
+            self.head_opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.head_opt is not None:
+            self.head_opt.step()
+        return float(loss.detach())
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the models and optimizers (e.g. a sampler's random state)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
     def state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Everything a resumed run needs: models, optimizers, :meth:`extra_state`."""
+        st = {"body": self.body.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
+              **self.extra_state()}
+        if self.head_opt is not None:
+            st["head_opt"] = self.head_opt.state_dict()
+        return st
 
     def load_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Restore :meth:`state`."""
+        self.body.load_state_dict(state["body"])
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        if self.head_opt is not None:
+            self.head_opt.load_state_dict(state["head_opt"])
+        self.load_extra_state(state)
 
     def state_mib(self) -> float:
         """Size of the model and optimizer state."""
-        raise NotImplementedError
+        tensors = [*self.body.state_dict().values(), *self.head.state_dict().values()]
+        for st in self.opt.state.values():
+            tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        return tensor_mib([t for t in tensors if isinstance(t, torch.Tensor)])
 
     def train_for(self, seconds: float, label: str, first: int = 100, window: int = 50) -> None:
         """Train until this head's own clock has advanced by ``seconds``."""
@@ -294,3 +314,52 @@ def round_robin(trainers: Sequence[Trainer], budget_s: float, slices: int, out: 
             torch.save(tr.checkpoint(), os.path.join(out, f"{tr.name}.pt"))
             if on_point is not None:
                 on_point()
+
+
+
+def add_shared_arguments(p: argparse.ArgumentParser, heads: Sequence[str], budget_s: float, slices: int, embed: int,
+                         dim: int) -> None:
+    """The options both examples take: heads, budget and schedule, output, sizes, learning rates, epsilon, threads,
+    seed, resuming."""
+    p.add_argument("--heads", default=",".join(heads), help=f"comma-separated, from {', '.join(heads)}")
+    p.add_argument("--embed", type=int, default=embed, help="word embedding size")
+    p.add_argument("--dim", type=int, default=dim, help="d, input size of the output layer")
+    p.add_argument("--batch", type=int, default=128, help="examples per step")
+    p.add_argument("--budget-s", type=float, default=budget_s, help="training seconds per head")
+    p.add_argument("--slices", type=int, default=slices, help="round-robin turns per head (one curve point each)")
+    p.add_argument("--out", required=True, help="directory for results.json, results.png, checkpoints")
+    p.add_argument("--lr", action="append", default=[], metavar="HEAD=LR", help="learning rate of a head")
+    p.add_argument("--body-lr", type=float, default=0.1, help="learning rate of the body (all heads)")
+    p.add_argument("--eps", type=float, default=1e-2, help="spherical softmax epsilon")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--blas-threads", type=int, default=1, help="sparsetarget core BLAS threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+
+
+def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, integers: Sequence[str]) -> None:
+    """Refuse integer options below 1 and a budget, epsilon or body learning rate that is not > 0."""
+    for name in integers:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.budget_s > 0 or not args.eps > 0 or not args.body_lr > 0:
+        p.error("--budget-s, --eps and --body-lr must be > 0")
+
+
+def resume(trainers: Sequence[Trainer], out_dir: str) -> None:
+    """Restore each trainer from its checkpoint ``out_dir/<name>.pt`` where one exists."""
+    for tr in trainers:
+        path = os.path.join(out_dir, f"{tr.name}.pt")
+        if os.path.exists(path):
+            tr.restore(torch.load(path, weights_only=False))
+            print(f"{tr.name}: resumed at step {tr.steps} ({tr.wall_s:.1f} s)", file=sys.stderr)
+
+
+def setup_run(args: argparse.Namespace, heads: Sequence[str], default_lr: dict[str, float]) -> tuple[list[str],
+                                                                                                  dict[str, float]]:
+    """The run's heads and learning rates (defaults overridden by --lr), thread counts set, output directory made."""
+    chosen = parse_heads(args.heads, heads)
+    lrs = {**default_lr, **parse_overrides(args.lr, heads, "--lr")}
+    set_threads(args.threads, args.blas_threads)
+    os.makedirs(args.out, exist_ok=True)
+    return chosen, lrs

@@ -42,17 +42,7 @@ from torch import nn
 import sparsetarget.torch as stt
 
 from .. import data
-from ._common import (
-    Trainer,
-    machine,
-    parse_heads,
-    parse_overrides,
-    plot_curves,
-    round_robin,
-    set_threads,
-    tensor_mib,
-    write_json,
-)
+from . import _common as common
 
 HEADS = ("spherical_softmax", "taylor_softmax", "z_loss", "softmax", "dense_spherical", "adaptive_softmax",
          "sampled_softmax")
@@ -112,7 +102,7 @@ class Batches:
         return torch.from_numpy(X), torch.from_numpy(self.corpus.ids[pos].astype(np.int64))
 
 
-class LMTrainer(Trainer):
+class LMTrainer(common.Trainer):
     """Body + one output layer of kind ``name``."""
 
     def __init__(self, name: str, args: argparse.Namespace, num_words: int, batches: Batches,
@@ -191,15 +181,7 @@ class LMTrainer(Trainer):
 
     def train_step(self, step: int) -> float:
         x, y = self.batches(step)
-        self.opt.zero_grad()
-        if self.head_opt is not None:
-            self.head_opt.zero_grad()
-        loss = self.loss(self.body(x), y)
-        loss.backward()
-        self.opt.step()
-        if self.head_opt is not None:
-            self.head_opt.step()
-        return float(loss.detach())
+        return self.optimize(self.loss(self.body(x), y))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -256,26 +238,11 @@ class LMTrainer(Trainer):
         return float((fast - dense).abs().max())
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict[str, Any]:
-        st = {"body": self.body.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
-              "sampler": self.sampler.get_state()}
-        if self.head_opt is not None:
-            st["head_opt"] = self.head_opt.state_dict()
-        return st
+    def extra_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.get_state()}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.body.load_state_dict(state["body"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.sampler.set_state(state["sampler"])
-        if self.head_opt is not None:
-            self.head_opt.load_state_dict(state["head_opt"])
-
-    def state_mib(self) -> float:
-        tensors = [*self.body.state_dict().values(), *self.head.state_dict().values()]
-        for st in self.opt.state.values():
-            tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
-        return tensor_mib([t for t in tensors if isinstance(t, torch.Tensor)])
 
 
 def exactness_float64(args: argparse.Namespace, D: int, batches: Batches, eval_x: torch.Tensor,
@@ -297,31 +264,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", required=True, help="text: a file, a directory, or a gzip/dictzip file")
     p.add_argument("--vocab-size", type=int, default=100_000, help="D - 1: most frequent words kept (+ <unk>)")
-    p.add_argument("--heads", default=",".join(HEADS), help=f"comma-separated, from {', '.join(HEADS)}")
-    p.add_argument("--budget-s", type=float, default=300.0, help="training seconds per head")
-    p.add_argument("--slices", type=int, default=6, help="round-robin turns per head (one curve point each)")
-    p.add_argument("--out", required=True, help="directory for results.json, results.png, checkpoints")
+    common.add_shared_arguments(p, HEADS, budget_s=300.0, slices=6, embed=64, dim=128)
     p.add_argument("--context", type=int, default=4, help="previous words seen by the model")
-    p.add_argument("--embed", type=int, default=64, help="word embedding size")
     p.add_argument("--hidden", type=int, default=256, help="hidden layer size")
-    p.add_argument("--dim", type=int, default=128, help="d, input size of the output layer")
-    p.add_argument("--batch", type=int, default=128, help="examples per step")
-    p.add_argument("--lr", action="append", default=[], metavar="HEAD=LR", help="learning rate of a head")
-    p.add_argument("--body-lr", type=float, default=0.1, help="learning rate of the body (all heads)")
-    p.add_argument("--eps", type=float, default=1e-2, help="spherical softmax epsilon")
     p.add_argument("--samples", type=int, default=1024, help="negatives per batch of sampled softmax")
     p.add_argument("--eval-words", type=int, default=2000, help="held-out positions evaluated (fixed sample)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--blas-threads", type=int, default=1, help="sparsetarget core BLAS threads")
     p.add_argument("--max-docs", type=int, default=0, help="read only the first N documents (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     args = p.parse_args(argv)
-    for name in ("vocab_size", "slices", "context", "embed", "hidden", "dim", "batch", "samples", "eval_words"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.budget_s > 0 or not args.eps > 0 or not args.body_lr > 0:
-        p.error("--budget-s, --eps and --body-lr must be > 0")
+    common.check_positive(p, args, ("vocab_size", "slices", "context", "embed", "hidden", "dim", "batch", "samples",
+                             "eval_words"))
     return args
 
 
@@ -372,10 +323,7 @@ def load_data(args: argparse.Namespace) -> tuple[data.Vocabulary, data.EncodedCo
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; returns what it writes to ``OUT/results.json``."""
     args = parse_args(argv)
-    heads = parse_heads(args.heads, HEADS)
-    lrs = {**DEFAULT_LR, **parse_overrides(args.lr, HEADS, "--lr")}
-    set_threads(args.threads, args.blas_threads)
-    os.makedirs(args.out, exist_ok=True)
+    heads, lrs = common.setup_run(args, HEADS, DEFAULT_LR)
     vocab, train, valid = load_data(args)
     D = len(vocab)
     pad = D
@@ -387,18 +335,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = torch.from_numpy(np.maximum(vocab.counts, 1)).double()
     log_unigram = torch.log(counts / counts.sum()).float()
     trainers = [LMTrainer(h, args, D, batches, eval_x, eval_y, lrs[h], log_unigram) for h in heads]
-    for tr in trainers:
-        path = os.path.join(args.out, f"{tr.name}.pt")
-        if os.path.exists(path) and not args.no_resume:
-            tr.restore(torch.load(path, weights_only=False))
-            print(f"{tr.name}: resumed at step {tr.steps} ({tr.wall_s:.1f} s)", file=sys.stderr)
+    if not args.no_resume:
+        common.resume(trainers, args.out)
     unigram_nll = float(-log_unigram[eval_y].double().mean())
     config = {k: v for k, v in vars(args).items() if k not in ("lr",)}
     config.update(lr={h: lrs[h] for h in heads}, training_tokens=len(train), validation_tokens=len(valid),
                   eval_positions=len(eval_y))
     results: dict[str, Any] = {"load_average_at_start": os.getloadavg(),
                                "task": "next-word language model", "corpus": os.path.basename(args.corpus),
-                               "vocab_size": D, "machine": machine(), "config": config,
+                               "vocab_size": D, "machine": common.machine(), "config": config,
                                "unigram_nll": unigram_nll, "heads": {}}
 
     def write() -> None:
@@ -427,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "loss_diff": diffs,
                     "note": "spherical_softmax (factored) vs dense_spherical (nn.Linear + the same loss + SGD), "
                             "same initial weights and batches"}
-        write_json(os.path.join(args.out, "results.json"), results)
+        common.write_json(os.path.join(args.out, "results.json"), results)
 
     if "spherical_softmax" in heads and "dense_spherical" in heads:
         results["exactness_float64"] = exactness_float64(args, D, batches, eval_x, eval_y, lrs["spherical_softmax"],
@@ -436,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"exactness (float64, {ex['steps']} steps from the same weights): max |loss difference| = "
               f"{ex['max_abs_loss_diff']:.3g}, max |h difference| = {ex['max_abs_body_output_diff']:.3g}",
               file=sys.stderr)
-    round_robin(trainers, args.budget_s, args.slices, args.out, on_point=write)
+    common.round_robin(trainers, args.budget_s, args.slices, args.out, on_point=write)
     checks = {tr.name: tr.check_log_prob() for tr in trainers}
     results["log_prob_check"] = {k: v for k, v in checks.items() if v is not None}
     for name, diff in results["log_prob_check"].items():
@@ -476,7 +421,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
 
-    plot_curves(results, [("nll", "held-out NLL per word"), ("top10", "held-out top-10 accuracy"),
+    common.plot_curves(results, [("nll", "held-out NLL per word"), ("top10", "held-out top-10 accuracy"),
                           ("top1", "held-out top-1 accuracy")], path,
                 f"{results['task']}, {results['corpus']}, D = {results['vocab_size']}\n{results['machine']}", extra)
 

@@ -42,17 +42,7 @@ from torch import nn
 import sparsetarget.torch as stt
 
 from .. import data
-from ._common import (
-    Trainer,
-    machine,
-    parse_heads,
-    parse_overrides,
-    plot_curves,
-    round_robin,
-    set_threads,
-    tensor_mib,
-    write_json,
-)
+from . import _common as common
 
 HEADS = ("squared_error", "spherical_softmax", "softmax", "bce")
 FACTORED = {"squared_error", "spherical_softmax"}
@@ -158,7 +148,7 @@ class Body(nn.Module):
         return torch.tanh(self.out(self.embed(ids, offsets)))
 
 
-class RDTrainer(Trainer):
+class RDTrainer(common.Trainer):
     """Body + one output layer of kind ``name``, trained on multi-label CSR targets."""
 
     def __init__(self, name: str, args: argparse.Namespace, D: int, input_vocab: int, train: Examples,
@@ -214,15 +204,7 @@ class RDTrainer(Trainer):
 
     def train_step(self, step: int) -> float:
         ids, offsets, y = self.train.batch(self.rows(step))
-        self.opt.zero_grad()
-        if self.head_opt is not None:
-            self.head_opt.zero_grad()
-        loss = self.loss(self.body(ids, offsets), y)
-        loss.backward()
-        self.opt.step()
-        if self.head_opt is not None:
-            self.head_opt.step()
-        return float(loss.detach())
+        return self.optimize(self.loss(self.body(ids, offsets), y))
 
     @torch.no_grad()
     def scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -267,22 +249,6 @@ class RDTrainer(Trainer):
                     "seen_median_rank": float(ranks[seen].median()) if seen.any() else None})
         return out
 
-    def state(self) -> dict[str, Any]:
-        st = {"body": self.body.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict()}
-        if self.head_opt is not None:
-            st["head_opt"] = self.head_opt.state_dict()
-        return st
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.body.load_state_dict(state["body"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
-        if self.head_opt is not None:
-            self.head_opt.load_state_dict(state["head_opt"])
-
-    def state_mib(self) -> float:
-        tensors = [*self.body.state_dict().values(), *self.head.state_dict().values()]
-        return tensor_mib([t for t in tensors if isinstance(t, torch.Tensor)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -291,53 +257,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--gcide", required=True, help="GCIDE in dictd format (gcide.dict.dz or its text)")
     p.add_argument("--wordnet", required=True, help="WordNet 3.0 directory with data.noun, data.verb, ...")
-    p.add_argument("--heads", default=",".join(HEADS), help=f"comma-separated, from {', '.join(HEADS)}")
-    p.add_argument("--budget-s", type=float, default=240.0, help="training seconds per head")
-    p.add_argument("--slices", type=int, default=5, help="round-robin turns per head (one curve point each)")
-    p.add_argument("--out", required=True, help="directory for results.json, results.png, checkpoints")
-    p.add_argument("--embed", type=int, default=256, help="word embedding size")
-    p.add_argument("--dim", type=int, default=256, help="d, input size of the output layer")
-    p.add_argument("--batch", type=int, default=128, help="examples per step")
+    common.add_shared_arguments(p, HEADS, budget_s=240.0, slices=5, embed=256, dim=256)
     p.add_argument("--input-vocab", type=int, default=50_000, help="input words kept (+ <unk>)")
     p.add_argument("--test-glosses", type=int, default=1000, help="WordNet glosses held out for testing")
-    p.add_argument("--lr", action="append", default=[], metavar="HEAD=LR", help="learning rate of a head")
-    p.add_argument("--body-lr", type=float, default=0.1, help="learning rate of the body (all heads)")
-    p.add_argument("--eps", type=float, default=1e-2, help="spherical softmax epsilon")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--blas-threads", type=int, default=1, help="sparsetarget core BLAS threads")
     p.add_argument("--max-examples", type=int, default=0, help="read only the first N of each dictionary (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     args = p.parse_args(argv)
-    for name in ("slices", "embed", "dim", "batch", "input_vocab", "test_glosses"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.budget_s > 0 or not args.eps > 0 or not args.body_lr > 0:
-        p.error("--budget-s, --eps and --body-lr must be > 0")
+    common.check_positive(p, args, ("slices", "embed", "dim", "batch", "input_vocab", "test_glosses"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; returns what it writes to ``OUT/results.json``."""
     args = parse_args(argv)
-    heads = parse_heads(args.heads, HEADS)
-    lrs = {**DEFAULT_LR, **parse_overrides(args.lr, HEADS, "--lr")}
-    set_threads(args.threads, args.blas_threads)
-    os.makedirs(args.out, exist_ok=True)
+    heads, lrs = common.setup_run(args, HEADS, DEFAULT_LR)
     words, vocab, train, test, info = load(args)
     seen = info.pop("seen_mask")
     trainers = [RDTrainer(h, args, len(words), len(vocab), train, test, seen, lrs[h]) for h in heads]
-    for tr in trainers:
-        path = os.path.join(args.out, f"{tr.name}.pt")
-        if os.path.exists(path) and not args.no_resume:
-            tr.restore(torch.load(path, weights_only=False))
-            print(f"{tr.name}: resumed at step {tr.steps} ({tr.wall_s:.1f} s)", file=sys.stderr)
+    if not args.no_resume:
+        common.resume(trainers, args.out)
     config = {k: v for k, v in vars(args).items() if k != "lr"}
     config.update(lr={h: lrs[h] for h in heads}, **info)
     results: dict[str, Any] = {"load_average_at_start": os.getloadavg(),
                                "task": "reverse dictionary (definition -> word), multi-label",
                                "corpus": "GCIDE + WordNet 3.0 glosses", "vocab_size": len(words),
-                               "machine": machine(), "config": config, "heads": {}}
+                               "machine": common.machine(), "config": config, "heads": {}}
 
     def write() -> None:
         for tr in trainers:
@@ -350,12 +293,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              steps=tr.steps, state_mib=tr.state_mib(), step_peak_mib=tr.step_peak_mib)
                 results["heads"][tr.name] = {"final": final, "curve": tr.curve, "failed": tr.failed or None,
                                              "train_loss": tr.train_loss}
-        write_json(os.path.join(args.out, "results.json"), results)
+        common.write_json(os.path.join(args.out, "results.json"), results)
 
-    round_robin(trainers, args.budget_s, args.slices, args.out, on_point=write)
+    common.round_robin(trainers, args.budget_s, args.slices, args.out, on_point=write)
     results["load_average_at_end"] = os.getloadavg()
     write()
-    plot_curves(results, [("median_rank", "held-out median rank (log)"), ("acc@10", "held-out accuracy@10"),
+    common.plot_curves(results, [("median_rank", "held-out median rank (log)"), ("acc@10", "held-out accuracy@10"),
                           ("acc@100", "held-out accuracy@100")], os.path.join(args.out, "results.png"),
                 f"{results['task']}, D = {results['vocab_size']}\n{results['machine']}",
                 logy=("median_rank",))
