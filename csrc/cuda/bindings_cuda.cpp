@@ -41,8 +41,8 @@ std::string shape_str(const std::vector<std::int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-// A CUDA tensor's memory, checked: dtype T, the expected shape (-1: any), contiguous, on a CUDA device (the layer's,
-// when device >= 0).
+// A CUDA tensor's memory, checked: dtype T, the expected shape (-1: any; the actual one in *shape_out if given),
+// contiguous, on a CUDA device (the layer's, when device >= 0).
 struct DeviceTensor {
   std::uintptr_t address = 0;
   std::vector<std::int64_t> shape;
@@ -63,7 +63,8 @@ DeviceTensor device_tensor(const py::handle& obj, const char* name) {
 }
 
 template <class T>
-T* checked(const py::handle& obj, const char* name, std::initializer_list<std::int64_t> shape, int device = -1) {
+T* checked(const py::handle& obj, const char* name, std::initializer_list<std::int64_t> shape, int device = -1,
+           std::vector<std::int64_t>* shape_out = nullptr) {
   const DeviceTensor t = device_tensor(obj, name);
   if (device >= 0 && t.device != device)
     throw py::value_error(std::string(name) + " is on cuda:" + std::to_string(t.device) + ", the layer on cuda:" +
@@ -81,6 +82,7 @@ T* checked(const py::handle& obj, const char* name, std::initializer_list<std::i
                             std::to_string(i) + " to be " + std::to_string(n));
     ++i;
   }
+  if (shape_out) *shape_out = t.shape;
   return reinterpret_cast<T*>(t.address);
 }
 
@@ -127,8 +129,9 @@ class Core {
     enter();
     return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      const std::int64_t m = rows_of(H), d = st.d;
-      const TS* h = checked<TS>(H, "H", {m, d}, device_);
+      const std::int64_t d = st.d;
+      std::int64_t m = 0;
+      const TS* h = checked_H<TS>(H, d, &m);
       const Targets t = targets(indptr, indices, m);
       py::object A = empty_like_device(H, {t.nnz}), q = empty_like_device(H, {m}), s = empty_like_device(H, {m});
       py::object UH = empty_like_device(H, {m, d}), HQ = empty_like_device(H, {m, d}), Hw = empty_like_device(H, {m});
@@ -245,9 +248,10 @@ class Core {
   BackwardInputs<TS> backward_inputs(const State& st, const py::handle& H, const py::handle& indptr,
                                      const py::handle& indices, const py::handle& dA, const py::handle& dq,
                                      const py::handle& ds, const py::handle& projections) {
-    const std::int64_t m = rows_of(H), d = st.d;
+    const std::int64_t d = st.d;
+    std::int64_t m = 0;
+    const TS* h = checked_H<TS>(H, d, &m);
     const Targets t = targets(indptr, indices, m);
-    const TS* h = checked<TS>(H, "H", {m, d}, device_);
     ProjectionsView<TS> p;
     if (projections.is_none()) {
       const std::size_t md = static_cast<std::size_t>(m) * d;
@@ -263,19 +267,24 @@ class Core {
             checked<TS>(ds, "ds", {m}, device_)};
   }
 
-  static std::int64_t rows_of(const py::handle& H) {
-    const DeviceTensor h = device_tensor(H, "H");
-    if (h.shape.size() != 2 || h.shape[0] < 1 || h.shape[0] > (std::int64_t{1} << 31) - 1)
-      throw py::value_error("H must have shape (m, d) with 1 <= m < 2^31, got " + shape_str(h.shape));
-    return h.shape[0];
+  // H (m, d), checked once; m in [1, 2^31).
+  template <class TS>
+  const TS* checked_H(const py::handle& H, std::int64_t d, std::int64_t* m) const {
+    std::vector<std::int64_t> shape;
+    const TS* h = checked<TS>(H, "H", {-1, d}, device_, &shape);
+    if (shape[0] < 1 || shape[0] > (std::int64_t{1} << 31) - 1)
+      throw py::value_error("H must have between 1 and 2^31 - 1 rows, got shape " + shape_str(shape));
+    *m = shape[0];
+    return h;
   }
 
   Targets targets(const py::handle& indptr, const py::handle& indices, std::int64_t m) const {
     Targets t;
     t.m = m;
     t.indptr = checked<std::int64_t>(indptr, "targets indptr", {m + 1}, device_);
-    t.nnz = device_tensor(indices, "targets indices").shape.at(0);
-    t.indices = checked<std::int64_t>(indices, "targets indices", {t.nnz}, device_);
+    std::vector<std::int64_t> shape;
+    t.indices = checked<std::int64_t>(indices, "targets indices", {-1}, device_, &shape);
+    t.nnz = shape[0];
     return t;
   }
 
