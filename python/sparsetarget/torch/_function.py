@@ -28,7 +28,7 @@ class HeadCall(NamedTuple):
     record: Callable[[Recorded], None]  # takes the update of a backward pass
 
 
-def _derivative(grad: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+def upstream_derivative(grad: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
     """An upstream gradient as an owned contiguous tensor in the state dtype (zeros when autograd gave None)."""
     if grad is None:
         return like.new_zeros(n)
@@ -58,9 +58,9 @@ class FactoredHeadFunction(torch.autograd.Function):
         call.check_current()
         H, target = call.H, call.target
         m = H.shape[0]
-        dA = _derivative(gA, target.values.numel(), H)
-        dq = _derivative(gq, m, H)
-        ds = _derivative(gs, m, H)
+        dA = upstream_derivative(gA, target.values.numel(), H)
+        dq = upstream_derivative(gq, m, H)
+        ds = upstream_derivative(gs, m, H)
         grad_h = grad_H = None
         if ctx.needs_input_grad[0]:
             grad_H = call.engine.grad_hidden(H, target.csr, dA, dq, ds, ctx.projections)

@@ -15,6 +15,7 @@ from .._engine import (
     LOSS_OPTIONS,
     STABILIZATION_DEFAULTS,
     STATE_ARRAYS,
+    TILE_ROWS,
     Engine,
     Recorded,
     check_device,
@@ -22,13 +23,50 @@ from .._engine import (
     engine_for,
     initial_small_state,
     log_prob_of_entries,
+    stabilization_updates,
 )
 from ._function import FactoredHeadFunction, HeadCall
 from ._target import convert_target
+from .distributed import VocabParallelHeadFunction, VocabShard, gather_update
 from .functional import REDUCTIONS, HeadOutput, loss_function
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 _EPS = LOSS_OPTIONS["spherical_softmax"]["eps"]
+_EXTRA_STATE_KEY = "_extra_state"  # torch.nn.Module's key for get_extra_state()
+LOAD_TOLERANCE = 0.05
+"""Largest relative inconsistency ``load_state_dict`` accepts between the loaded V, U, U^-1, Q, omega and w_bar
+(||U U^-1 - I||_F / sqrt(d), and Q and w_bar against W = V U + 1 omega^T along two fixed random directions): far
+above the drift of a trained state, far below the O(1) error of entries that do not belong together."""
+
+
+def _inconsistency(state: dict[str, torch.Tensor]) -> str | None:
+    """Why V, U, U_inv, Q, omega and w_bar do not belong together (beyond :data:`LOAD_TOLERANCE`), or None.
+    O(D d) (one pass over V in tiles), in float64."""
+    f64 = torch.float64
+    U, U_inv = state["U"].to(f64), state["U_inv"].to(f64)
+    d = U.shape[0]
+    residual = float(torch.linalg.matrix_norm(U @ U_inv - torch.eye(d, dtype=f64, device=U.device))) / math.sqrt(d)
+    if not residual <= LOAD_TOLERANCE:
+        return (f"U @ U_inv is not the identity (||U U_inv - I||_F / sqrt(d) = {residual:.3g}): U and U_inv do not "
+                "belong together")
+    X = torch.randn(d, 2, generator=torch.Generator().manual_seed(0), dtype=f64).to(U.device)
+    UX, wX = U @ X, state["omega"].to(f64) @ X
+    V = state["V"]
+    sq = torch.zeros(2, dtype=f64, device=U.device)
+    total = torch.zeros(2, dtype=f64, device=U.device)
+    for r0 in range(0, V.shape[0], TILE_ROWS):
+        WX = V[r0:r0 + TILE_ROWS].to(f64) @ UX + wX  # rows of W X
+        sq += (WX * WX).sum(0)
+        total += WX.sum(0)
+    xQx = ((state["Q"].to(f64) @ X) * X).sum(0)
+    if not bool(((xQx - sq).abs() <= LOAD_TOLERANCE * torch.maximum(sq, xQx.abs())).all()):
+        return (f"Q is not W^T W for W = V U + 1 omega^T (x^T Q x = {xQx.tolist()}, ||W x||^2 = {sq.tolist()} along "
+                "two random x): Q does not belong with V, U, omega")
+    xw = state["w_bar"].to(f64) @ X
+    if not bool(((xw - total).abs() <= LOAD_TOLERANCE * torch.sqrt(sq * V.shape[0])).all()):
+        return (f"w_bar is not W^T 1 for W = V U + 1 omega^T (w_bar . x = {xw.tolist()}, 1^T W x = {total.tolist()} "
+                "along two random x): w_bar does not belong with V, U, omega")
+    return None
 
 
 def _float_dtype(dtype: Any, name: str) -> torch.dtype:
@@ -42,8 +80,10 @@ def _float_dtype(dtype: Any, name: str) -> torch.dtype:
 class FactoredLinear(nn.Module):
     """A linear output layer o = W h (+ b) with D = ``out_features`` outputs, trained exactly in O(d^2) per example.
 
-    W is never stored: the module keeps W = V U + 1 omega^T as buffers (``V`` is out_features x in_features(+1),
-    the rest is d x d), so ``state_dict``, ``torch.save`` and ``.to(dtype)`` work as for any module. Calling the
+    W is never stored: the module keeps W = V U + 1 omega^T (``V`` is out_features x in_features(+1), the rest is
+    d x d) as plain tensor attributes, neither parameters nor buffers, so that ``DistributedDataParallel`` never
+    broadcasts or all-reduces them; ``state_dict``, ``load_state_dict`` (all or nothing, checked), ``torch.save``,
+    deepcopy and ``.to(dtype)`` work as for any module. Calling the
     module on hidden activations and targets returns a :class:`HeadOutput` (A, q, s): the outputs at the target
     entries, ||o||^2 and sum(o), all differentiable. Any loss of those trains the layer exactly through
     :class:`FactoredSGD`; the rest of the model uses any torch optimizer.
@@ -60,6 +100,10 @@ class FactoredLinear(nn.Module):
         state_dtype: dtype of the small d x d state (default ``dtype``); float64 drifts less.
         sigma_range, inverse_tol, check_every, refresh_every, min_rcond: stabilisation policy, as in
             :class:`sparsetarget.FactoredOutput` (None: the default).
+        vocab_parallel_group: a ``torch.distributed`` process group (None: not sharded). Each rank of the group
+            keeps a contiguous block of the out_features rows of V (U, U^-1 and omega replicated) and every rank
+            must see the same batch, as in tensor parallelism; ``weight`` and ``initial_bias`` are the full
+            matrices on every rank. See the README, Distributed.
 
     dtypes of results, as in the NumPy API: A, q, s, logits, top-k values and log-probabilities are in the state
     dtype; the input's gradient is in the input's dtype (bfloat16/float16 inputs included); ``dense_weight`` is
@@ -76,7 +120,7 @@ class FactoredLinear(nn.Module):
                  device: torch.device | str | None = None, state_dtype: torch.dtype | None = None,
                  sigma_range: tuple[float, float] | None = None, inverse_tol: float | None = None,
                  check_every: int | None = None, refresh_every: int | None = None,
-                 min_rcond: float | None = None) -> None:
+                 min_rcond: float | None = None, vocab_parallel_group: Any = None) -> None:
         super().__init__()
         if int(in_features) < 1 or int(out_features) < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
@@ -88,25 +132,29 @@ class FactoredLinear(nn.Module):
         self.out_features = int(out_features)
         self.has_bias = bool(bias)
         d = self.in_features + self.has_bias
-        V = torch.empty(self.out_features, d, dtype=dtype, device=device)
+        self._shard = None if vocab_parallel_group is None else VocabShard(vocab_parallel_group, self.out_features)
+        start, stop = (0, self.out_features) if self._shard is None else (self._shard.start, self._shard.stop)
+        V = torch.empty(stop - start, d, dtype=dtype, device=device)
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             if weight is None:
                 V[:, :self.in_features].uniform_(-bound, bound)
             else:
                 self._check_init(weight, "weight", (self.out_features, self.in_features))
-                V[:, :self.in_features].copy_(weight.detach())
+                V[:, :self.in_features].copy_(weight.detach()[start:stop])
             if initial_bias is not None and not self.has_bias:
                 raise ValueError("initial_bias needs bias=True")
             if initial_bias is not None:
                 self._check_init(initial_bias, "initial_bias", (self.out_features,))
-                V[:, self.in_features].copy_(initial_bias.detach())
+                V[:, self.in_features].copy_(initial_bias.detach()[start:stop])
             elif self.has_bias:
                 V[:, self.in_features].uniform_(-bound, bound)
-        self.register_buffer("V", V)
+        # Plain attributes, not buffers: DDP broadcasts buffers (and all-reduces parameters); this state is kept
+        # identical across ranks by FactoredSGD(process_group=...) instead, from O(m d) per step.
+        self.V = V
         sdt = np.float32 if state_dtype == torch.float32 else np.float64
         for name, array in initial_small_state(d, sdt).items():
-            self.register_buffer(name, torch.from_numpy(array).to(device))
+            setattr(self, name, torch.from_numpy(array).to(device))
         self._stabilization: dict[str, Any] = {}
         self._view: Engine | None = None
         self._view_key: list[int] | None = None
@@ -142,13 +190,17 @@ class FactoredLinear(nn.Module):
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or inf")
 
-    # ------------------------------------------------------------------ the core view of the buffers
+    # ------------------------------------------------------------------ the core view of the state tensors
     def _state_tensors(self) -> list[torch.Tensor]:
-        buffers = self._buffers
-        return [buffers[name] for name in STATE_ARRAYS]
+        return [self.__dict__[name] for name in STATE_ARRAYS]
+
+    @property
+    def vocab_rows(self) -> tuple[int, int]:
+        """The rows [start, stop) of W this rank keeps: all of them unless the head is vocab parallel."""
+        return (0, self.out_features) if self._shard is None else (self._shard.start, self._shard.stop)
 
     def _engine(self) -> Engine:
-        """The backend working in place on the buffers; rebuilt when a buffer was replaced (e.g. by ``.to()``)."""
+        """The backend working in place on the state tensors; rebuilt when one was replaced (e.g. by ``.to()``)."""
         tensors = self._state_tensors()
         key = [t.data_ptr() for t in tensors]  # a new dtype, device or buffer means new memory
         if self._view is None or key != self._view_key:
@@ -197,7 +249,10 @@ class FactoredLinear(nn.Module):
         self._anchor.requires_grad_(not self._frozen)
         H, owned = self._hidden(h)
         call = HeadCall(self._engine(), target_info, H, owned, self._current_check(), self._record)
-        A, q, s = FactoredHeadFunction.apply(h, self._anchor, call)
+        if self._shard is None:
+            A, q, s = FactoredHeadFunction.apply(h, self._anchor, call)
+        else:
+            A, q, s = VocabParallelHeadFunction.apply(h, self._anchor, call, self._shard)
         return HeadOutput(A, q, s, target_info)
 
     def _current_check(self) -> Callable[[], None]:
@@ -246,15 +301,23 @@ class FactoredLinear(nn.Module):
         self._pending.clear()
         self._stale = False
 
-    def _apply_pending(self, lr: float, weight_decay: float) -> None:
+    def _apply_pending(self, lr: float, weight_decay: float, process_group: Any = None) -> None:
         """One exact SGD step W <- (1 - lr wd) W - lr dL/dW with the gradients of all recorded backward passes
-        (their sum, as for accumulated dense gradients). On error the weights and the pending list are unchanged."""
+        (their sum, as for accumulated dense gradients). With ``process_group``, the recorded updates of every rank
+        of the group, gathered and averaged (:func:`distributed.gather_update`), on every rank alike: a collective
+        call. On error the weights and the pending list are unchanged."""
         if self._stale and not self._pending:
             raise RuntimeError("FactoredLinear: optimizer step() called again without zero_grad(): dense SGD would "
                                "apply the same gradients twice, which the factored layer cannot reproduce")
-        if not self._pending:
-            return
-        self._engine().step(self._pending, lr, weight_decay)
+        if process_group is None:
+            if not self._pending:
+                return
+            self._engine().step(self._pending, lr, weight_decay)
+        else:
+            update = gather_update(self._engine(), self._pending, process_group, self.U)
+            if update is None:  # no rank recorded anything
+                return
+            self._engine().step([update], lr, weight_decay)
         self._pending = []
         self._stale = True
         self._version += 1
@@ -274,12 +337,11 @@ class FactoredLinear(nn.Module):
         check_device(probe.device, "FactoredLinear")
         before = [t.data_ptr() for t in self._state_tensors()]
         super()._apply(fn, recurse)
-        if self.stats.dtype != torch.float64:  # counters stay float64 whatever the weights' dtype
-            self.stats = self.stats.to(torch.float64)
-        for name in STATE_ARRAYS:
-            t = getattr(self, name)
-            if not t.is_contiguous():
-                setattr(self, name, t.contiguous())
+        for name in STATE_ARRAYS:  # the state tensors are not buffers: moved here
+            t = fn(self.__dict__[name])
+            if name == "stats":  # counters stay float64 whatever the weights' dtype
+                t = t.to(torch.float64)
+            self.__dict__[name] = t.contiguous()
         if [t.data_ptr() for t in self._state_tensors()] != before:
             self._changed()
         return self
@@ -296,36 +358,100 @@ class FactoredLinear(nn.Module):
         self._owners = weakref.WeakSet()
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Configuration saved with the buffers in ``state_dict``."""
+        """Configuration saved with the state tensors in ``state_dict``."""
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,
-                "stabilization": dict(self._stabilization)}
+                "stabilization": dict(self._stabilization), "vocab_rows": list(self.vocab_rows)}
+
+    def _extra_state_problem(self, state: Any) -> str | None:
+        """Why the configuration ``state`` cannot be loaded into this head, or None."""
+        try:
+            shape = (state["in_features"], state["out_features"], state["bias"])
+            stabilization = dict(state["stabilization"])
+        except (TypeError, KeyError) as err:
+            return f"its configuration entry is not a FactoredLinear configuration ({err!r})"
+        if shape != (self.in_features, self.out_features, self.has_bias):
+            return (f"state_dict is for (in_features, out_features, bias) = {shape}, this head is "
+                    f"{(self.in_features, self.out_features, self.has_bias)}")
+        rows = tuple(state.get("vocab_rows", (0, self.out_features)))
+        if rows != self.vocab_rows:
+            return (f"state_dict holds the rows {list(rows)} of W, this head keeps the rows {list(self.vocab_rows)}: "
+                    "a vocab-parallel head loads the checkpoint of the same rank of a group of the same size")
+        try:
+            stabilization_updates(**stabilization)
+        except (TypeError, ValueError) as err:
+            return f"its stabilization options are invalid: {err}"
+        return None
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the configuration saved by :meth:`get_extra_state`."""
-        shape = (state["in_features"], state["out_features"], state["bias"])
-        if shape != (self.in_features, self.out_features, self.has_bias):
-            raise ValueError(f"state_dict is for (in_features, out_features, bias) = {shape}, this head is "
-                             f"{(self.in_features, self.out_features, self.has_bias)}")
+        problem = self._extra_state_problem(state)
+        if problem is not None:
+            raise ValueError(problem)
         self.set_stabilization(**state["stabilization"])
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for name in STATE_ARRAYS:
+            t = self.__dict__[name]
+            destination[prefix + name] = t if keep_vars else t.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _loaded_state(self, state_dict: dict[str, Any], prefix: str, strict: bool) -> dict[str, torch.Tensor]:
+        """The factored state in ``state_dict`` checked (present, shapes, dtypes, finite, consistent) and converted
+        to this head's dtypes and device. Raises RuntimeError naming the entry before anything changed."""
+
+        def refuse(why: str) -> RuntimeError:
+            return RuntimeError(f"Error(s) in loading state_dict for {self.__class__.__name__}: {why}; nothing of it "
+                                "was loaded")
+
+        missing = [prefix + name for name in STATE_ARRAYS if prefix + name not in state_dict]
+        if missing:
+            raise refuse(f"missing {', '.join(missing)}: W = V U + 1 omega^T and U_inv, Q, w_bar only make sense "
+                         "together, so they load all together or not at all, whatever strict says")
+        extra_key = prefix + _EXTRA_STATE_KEY
+        if extra_key in state_dict:
+            problem = self._extra_state_problem(state_dict[extra_key])
+            if problem is not None:
+                raise refuse(problem)
+        elif strict:
+            raise refuse(f"missing {extra_key} (the head's configuration)")
+        loaded: dict[str, torch.Tensor] = {}
+        for name in STATE_ARRAYS:
+            key, given, own = prefix + name, state_dict[prefix + name], self.__dict__[name]
+            if not isinstance(given, torch.Tensor):
+                raise refuse(f"{key} is a {type(given).__name__}, expected a tensor")
+            if tuple(given.shape) != tuple(own.shape):
+                raise refuse(f"{key} has shape {tuple(given.shape)} in the state_dict, this FactoredLinear has "
+                             f"{tuple(own.shape)}")
+            if not given.dtype.is_floating_point:
+                raise refuse(f"{key} has dtype {given.dtype}, expected a floating-point tensor")
+            value = given.detach().to(device=own.device, dtype=own.dtype)
+            if name != "stats" and not bool(torch.isfinite(value).all()):
+                raise refuse(f"{key} contains NaN or inf")
+            loaded[name] = value
+        problem = _inconsistency(loaded)
+        if problem is not None:
+            raise refuse(problem)
+        return loaded
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        # All or nothing: loading U but not V (say) would leave W = V U + 1 omega^T meaningless.
-        for name in STATE_ARRAYS:
-            given = state_dict.get(prefix + name)
-            own = getattr(self, name)
-            if isinstance(given, torch.Tensor) and tuple(given.shape) != tuple(own.shape):
-                error_msgs.append(f"{prefix}{name} has shape {tuple(given.shape)} in the state_dict, this "
-                                  f"FactoredLinear has {tuple(own.shape)}: nothing of it was loaded")
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        # All or nothing: loading U but not V (say) would leave W = V U + 1 omega^T meaningless, so every check
+        # runs before the first copy, and a refused state raises at once (whatever strict says).
+        loaded = self._loaded_state(state_dict, prefix, strict)
+        with torch.no_grad():
+            for name, value in loaded.items():
+                self.__dict__[name].copy_(value)  # in place: the core's view of the memory stays valid
+        ours = {prefix + name for name in STATE_ARRAYS}
+        rest = {k: v for k, v in state_dict.items() if k not in ours}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._changed()
 
     def extra_repr(self) -> str:
+        shard = "" if self._shard is None else f", vocab_rows={list(self.vocab_rows)}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
-                f"dtype={self.V.dtype}, state_dtype={self.U.dtype}")
+                f"dtype={self.V.dtype}, state_dtype={self.U.dtype}{shard}")
 
     # ------------------------------------------------------------------ stabilisation
     def set_stabilization(self, **options: Any) -> None:
@@ -354,18 +480,24 @@ class FactoredLinear(nn.Module):
         return self._engine().diagnostics()
 
     # ------------------------------------------------------------------ the dense layer, on demand
+    def _full_weight(self) -> torch.Tensor:
+        """[W b] with all D rows (a vocab-parallel head gathers the rows of every rank: a collective call)."""
+        W = self._engine().dense_weight()
+        return W if self._shard is None else self._shard.gather_rows(W)
+
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """W as an (out_features, in_features) tensor (O(D d) memory: for checks and export)."""
-        W = self._engine().dense_weight()
+        """W as an (out_features, in_features) tensor (O(D d) memory: for checks and export). A vocab-parallel
+        head gathers it from every rank of its group (call it on all of them) and returns it on each."""
+        W = self._full_weight()
         return W[:, :self.in_features].contiguous() if self.has_bias else W
 
     @torch.no_grad()
     def dense_bias(self) -> torch.Tensor | None:
-        """The bias (out_features,), or None without bias."""
+        """The bias (out_features,), or None without bias (gathered like :meth:`dense_weight`)."""
         if not self.has_bias:
             return None
-        W = self._engine().dense_weight()
+        W = self._full_weight()
         return W[:, self.in_features].contiguous()
 
     @torch.no_grad()
@@ -373,7 +505,7 @@ class FactoredLinear(nn.Module):
         """An ``nn.Linear`` with the same weight and bias (same dtype and device), e.g. for deployment."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, dtype=self.V.dtype,
                            device=self.V.device)
-        W = self._engine().dense_weight()
+        W = self._full_weight()
         linear.weight.copy_(W[:, :self.in_features])
         if self.has_bias:
             linear.bias.copy_(W[:, self.in_features])
@@ -387,9 +519,13 @@ class FactoredLinear(nn.Module):
     @torch.no_grad()
     def logits(self, input: torch.Tensor) -> torch.Tensor:
         """All D outputs W h (+ b) for ``input`` (..., in_features): (..., out_features), computed in tiles.
-        Not differentiable (O(m D d)); train through the module call instead."""
+        Not differentiable (O(m D d)); train through the module call instead. A vocab-parallel head computes its
+        own columns and gathers the others (call it on every rank of the group with the same input)."""
         H, lead = self._inference_input(input)
-        return self._engine().logits(H).reshape(*lead, self.out_features)
+        logits = self._engine().logits(H)
+        if self._shard is not None:
+            logits = self._shard.gather_rows(logits, dim=1)
+        return logits.reshape(*lead, self.out_features)
 
     @torch.no_grad()
     def topk(self, input: torch.Tensor, k: int, *, by: str = "output", kind: str = "spherical_softmax",
@@ -399,9 +535,15 @@ class FactoredLinear(nn.Module):
 
         ``by="output"`` ranks by the output o and returns the outputs. ``by="probability"`` ranks by the
         probability of ``kind`` (``"spherical_softmax"`` with ``eps``: p ~ o^2 + eps; ``"taylor_softmax"``:
-        p ~ 1 + o + o^2/2) and returns exact log-probabilities, as :meth:`log_prob` would give."""
+        p ~ 1 + o + o^2/2) and returns exact log-probabilities, as :meth:`log_prob` would give. A vocab-parallel
+        head ranks its own rows and merges the candidates of every rank (a collective call)."""
         H, lead = self._inference_input(input)
-        values, indices = self._engine().topk(H, int(k), by, kind, eps)
+        if self._shard is None:
+            values, indices = self._engine().topk(H, int(k), by, kind, eps)
+        else:
+            if by == "probability":
+                kind, eps = check_distribution(kind, eps)
+            values, indices = self._shard.topk(self._engine(), H, int(k), by, kind, eps)
         return torch.return_types.topk((values.reshape(*lead, -1), indices.reshape(*lead, -1)))
 
     def synchronize(self) -> None:

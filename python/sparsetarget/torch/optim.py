@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._engine import check_lr, check_scalar
+from .distributed import broadcast_state, check_group
 from .modules import FactoredLinear
 
 # Options of torch.optim.SGD and others that need a dense per-coordinate state of W, with why they cannot be exact.
@@ -66,6 +67,13 @@ class FactoredSGD(torch.optim.Optimizer):
             parameter list); the rest of the model goes to a torch optimizer as usual.
         lr: learning rate (a param-group option: ``torch.optim.lr_scheduler`` works on it).
         weight_decay: L2 penalty (param-group option).
+        process_group: a ``torch.distributed`` process group for data-parallel training (the default group is
+            ``torch.distributed.group.WORLD``; None: single process). Every ``step()`` all-gathers the recorded
+            updates of all ranks of the group (O(m d + nnz) per rank, never the D x d weight) and every rank
+            applies the same update, averaged over the ranks as ``DistributedDataParallel`` averages dense
+            gradients, so the heads stay bit-identical across ranks. ``step()`` and ``zero_grad()`` are then
+            called on every rank; the heads' state is broadcast from the group's first rank once, here (as DDP
+            does at construction).
 
     Each ``backward()`` records its gradient on the heads; ``step()`` applies the sum of all recorded gradients
     (gradient accumulation, exact), and ``zero_grad()`` discards them. Call ``zero_grad()`` after every ``step()``:
@@ -74,14 +82,19 @@ class FactoredSGD(torch.optim.Optimizer):
     state and are refused.
     """
 
-    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, **unsupported: Any) -> None:
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, *, process_group: Any = None,
+                 **unsupported: Any) -> None:
         for name in unsupported:
             if name in _UNSUPPORTED and unsupported[name] not in (0, 0.0, False, None):
                 raise ValueError(f"FactoredSGD does not support {name}: {_UNSUPPORTED[name]}. Only plain SGD with "
                                  "weight decay keeps the weight factored (exact, O(d^2) per example)")
         unknown = [k for k in unsupported if k not in _UNSUPPORTED]
         if unknown:
-            raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr and weight_decay")
+            raise TypeError(f"FactoredSGD got unexpected arguments {unknown}; it takes lr, weight_decay and "
+                            "process_group")
+        if process_group is not None:
+            check_group(process_group, "FactoredSGD's process_group")
+        self.process_group = process_group
         self._head_of: dict[int, FactoredLinear] = {}
         defaults = {"lr": check_scalar(lr, "lr"), "weight_decay": check_scalar(weight_decay, "weight_decay")}
         if isinstance(params, (nn.Module, torch.Tensor)):
@@ -93,6 +106,10 @@ class FactoredSGD(torch.optim.Optimizer):
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
         super().__init__(groups, defaults)
+        if process_group is not None:
+            for head in self.heads():
+                broadcast_state(head._state_tensors(), process_group)
+                head._changed()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group ``{"params": head(s) or module(s), "lr": ..., "weight_decay": ...}`` (heads, not tensors)."""
@@ -122,7 +139,8 @@ class FactoredSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply every head's recorded gradients with its group's lr and weight_decay (one exact step per head).
-        A head whose update is refused (e.g. ``SingularUpdateError``) is left unchanged with its gradients kept."""
+        A head whose update is refused (e.g. ``SingularUpdateError``) is left unchanged with its gradients kept.
+        With a process group, a collective call: every rank applies the averaged updates of all ranks."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -130,7 +148,7 @@ class FactoredSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, weight_decay = check_lr(group["lr"], group["weight_decay"])
             for V in group["params"]:
-                self._head(V)._apply_pending(lr, weight_decay)
+                self._head(V)._apply_pending(lr, weight_decay, self.process_group)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
