@@ -232,6 +232,79 @@ def test_state_dict_shape_mismatch_is_refused():
     assert_state_equal(other, snap)  # U, Q, ... have matching shapes but were not loaded either
 
 
+def test_factored_state_is_neither_parameters_nor_buffers_but_saved_moved_and_copied():
+    # DistributedDataParallel broadcasts buffers and all-reduces parameters: the D x d state must be neither.
+    model = nn.Sequential(nn.Linear(3, D_IN, dtype=torch.float64), make_head())
+    assert [n for n, _ in model.named_buffers()] == []
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+    keys = [k for k in model.state_dict() if k.startswith("1.")]
+    assert keys == [f"1.{name}" for name in ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_min",
+                                             "stats", "_extra_state")]
+    head = model[1]
+    W = head.dense_weight()
+    model.float()
+    assert head.V.dtype == torch.float32 and head.stats.dtype == torch.float64
+    assert torch.equal(head.dense_weight(), W.float())
+
+
+def trained_head(seed, **kwargs):
+    head = make_head(seed=seed, **kwargs)
+    train(head, stt.FactoredSGD(head, lr=0.3, weight_decay=0.01), np.random.default_rng(seed), steps=3)
+    return head
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_is_all_or_nothing(strict):
+    head, other = trained_head(1), trained_head(2)
+    snap = state_snapshot(head)
+    good = other.state_dict()
+    for name in ("V", "Q", "stats"):
+        partial = {k: v for k, v in good.items() if k != name}
+        with pytest.raises(RuntimeError, match=rf"missing {name}\b.*nothing of it was loaded"):
+            head.load_state_dict(partial, strict=strict)
+        assert_state_equal(head, snap)
+    no_config = {k: v for k, v in good.items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="missing _extra_state.*nothing of it was loaded"):
+        head.load_state_dict(no_config, strict=strict)
+    assert_state_equal(head, snap)
+    assert head.load_state_dict({**good, "unexpected": torch.zeros(1)}, strict=False).unexpected_keys == [
+        "unexpected"]
+    assert_state_equal(head, {k: v for k, v in good.items() if isinstance(v, torch.Tensor)})
+    # prefixed, inside a model: the head raises before anything of it is copied
+    model = nn.Sequential(trained_head(3))
+    snap = state_snapshot(model[0])
+    with pytest.raises(RuntimeError, match=r"missing 0\.U_inv"):
+        model.load_state_dict({f"0.{k}": v for k, v in good.items() if k != "U_inv"}, strict=strict)
+    assert_state_equal(model[0], snap)
+
+
+def test_load_state_dict_checks_values_and_consistency():
+    head, other = trained_head(1), trained_head(2)
+    snap = state_snapshot(head)
+    good = other.state_dict()
+    cases = {
+        "V": (good["V"].long(), "V has dtype torch.int64, expected a floating-point tensor"),
+        "omega": (good["omega"].clone().fill_(float("nan")), "omega contains NaN or inf"),
+        "U_inv": (head.state_dict()["U_inv"], r"U @ U_inv is not the identity"),  # from another state
+        "Q": (head.state_dict()["Q"], r"Q is not W\^T W"),
+        "w_bar": (head.state_dict()["w_bar"], r"w_bar is not W\^T 1"),
+        "U": ("not a tensor", "U is a str, expected a tensor"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(RuntimeError, match=message + ".*nothing of it was loaded"):
+            head.load_state_dict({**good, name: value})
+        assert_state_equal(head, snap)
+    bad_config = {**good, "_extra_state": {**good["_extra_state"], "stabilization": {"check_every": -1}}}
+    with pytest.raises(RuntimeError, match="stabilization options are invalid: check_every"):
+        head.load_state_dict(bad_config)
+    assert_state_equal(head, snap)
+    assert head._stabilization == other._stabilization
+    # a consistent state of another dtype loads (converted), and training goes on exactly from it
+    head.load_state_dict({k: v.float() if isinstance(v, torch.Tensor) and k != "stats" else v
+                          for k, v in good.items()})
+    assert max_rel(head.dense_weight(), other.dense_weight()) < 1e-6
+
+
 def test_to_dtype_rebuilds_the_core():
     head = make_head(dtype=torch.float32)
     W32 = head.dense_weight()

@@ -395,7 +395,7 @@ class FactoredLinear(nn.Module):
             destination[prefix + name] = t if keep_vars else t.detach()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _loaded_state(self, state_dict: dict[str, Any], prefix: str, strict: bool) -> dict[str, torch.Tensor]:
+    def _loaded_state(self, state_dict: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
         """The factored state in ``state_dict`` checked (present, shapes, dtypes, finite, consistent) and converted
         to this head's dtypes and device. Raises RuntimeError naming the entry before anything changed."""
 
@@ -407,13 +407,14 @@ class FactoredLinear(nn.Module):
         if missing:
             raise refuse(f"missing {', '.join(missing)}: W = V U + 1 omega^T and U_inv, Q, w_bar only make sense "
                          "together, so they load all together or not at all, whatever strict says")
+        # torch hands every module strict=True and applies the caller's strict afterwards, when the head's state
+        # would already be copied: so the configuration, which says what the tensors are, is required too.
         extra_key = prefix + _EXTRA_STATE_KEY
-        if extra_key in state_dict:
-            problem = self._extra_state_problem(state_dict[extra_key])
-            if problem is not None:
-                raise refuse(problem)
-        elif strict:
-            raise refuse(f"missing {extra_key} (the head's configuration)")
+        if extra_key not in state_dict:
+            raise refuse(f"missing {extra_key} (the head's configuration, saved by state_dict with the tensors)")
+        problem = self._extra_state_problem(state_dict[extra_key])
+        if problem is not None:
+            raise refuse(problem)
         loaded: dict[str, torch.Tensor] = {}
         for name in STATE_ARRAYS:
             key, given, own = prefix + name, state_dict[prefix + name], self.__dict__[name]
@@ -438,7 +439,7 @@ class FactoredLinear(nn.Module):
                               error_msgs: list[str]) -> None:
         # All or nothing: loading U but not V (say) would leave W = V U + 1 omega^T meaningless, so every check
         # runs before the first copy, and a refused state raises at once (whatever strict says).
-        loaded = self._loaded_state(state_dict, prefix, strict)
+        loaded = self._loaded_state(state_dict, prefix)
         with torch.no_grad():
             for name, value in loaded.items():
                 self.__dict__[name].copy_(value)  # in place: the core's view of the memory stays valid
