@@ -142,8 +142,13 @@ DP_STEPS = [
 ]
 
 
-def data_parallel_steps(ddp, model: Net, adam, fsgd, schedulers, ref: Reference, steps: list, seed: int) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+STATE = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_min", "stats")
+
+
+def data_parallel_steps(ddp, model: Net, adam, fsgd, schedulers, ref: Reference, steps: list, seed: int,
+                        data_group=None) -> None:
+    """Train ``steps`` with rank r of ``data_group`` taking the r-th batches of each step; check every step."""
+    rank, world = dist.get_rank(data_group), dist.get_world_size(data_group)
     for i, plan in enumerate(steps):
         rng = np.random.default_rng(seed + i)
         batches = [[batch(rng, m, kind, loss) for m, kind, loss in plan[r % len(plan)]] for r in range(world)]
@@ -169,9 +174,8 @@ def data_parallel_steps(ddp, model: Net, adam, fsgd, schedulers, ref: Reference,
         for s in schedulers:
             s.step()
         check_weights(model, ref, f"data parallel step {i}")
-        assert_same_on_all_ranks([getattr(model.head, name) for name in ("V", "U", "U_inv", "Q", "omega", "w_bar",
-                                                                           "probe_max", "probe_min", "stats")],
-                                 f"data parallel step {i}")
+        assert_same_on_all_ranks([getattr(model.head, name) for name in STATE], f"data parallel step {i}",
+                                 data_group)
 
 
 def make_optimizers(model: Net, process_group=None):
@@ -301,6 +305,25 @@ def vocab_parallel_job(rank: int, world: int, checkpoint: str) -> None:
         head.load_state_dict(shifted)
 
 
+def two_dimensional_job(rank: int, world: int, checkpoint: str) -> None:
+    """Data x vocab: ranks (a, v) = divmod(rank, 2); the vocab groups {0, 1}, {2, 3} each hold the whole V in two
+    blocks and see the same batches, the data groups {0, 2}, {1, 3} average their updates and body gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    vocab_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    data_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    a, v = divmod(rank, 2)
+    W0, b0 = initial_head_weights()
+    torch.manual_seed(0)
+    model = Net(stt.FactoredLinear(D_HID, D, bias=True, weight=W0, initial_bias=b0, dtype=F64,
+                                   vocab_parallel_group=vocab_groups[a], **STABILIZATION))
+    ddp = DDP(model, process_group=data_groups[v])
+    adam, fsgd, schedulers = make_optimizers(model, process_group=data_groups[v])
+    ref = Reference(model.body.state_dict(), W0, b0)
+    data_parallel_steps(ddp, model, adam, fsgd, schedulers, ref, DP_STEPS[:3], seed=700, data_group=data_groups[v])
+    assert_same_on_all_ranks([model.head.U, model.head.U_inv, model.head.omega, *model.body.parameters()], "2-D")
+
+
 # ---------------------------------------------------------------------------------------------- the harness
 def _run(rank: int, world: int, init_file: str, checkpoint: str, jobs: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
@@ -314,7 +337,7 @@ def _run(rank: int, world: int, init_file: str, checkpoint: str, jobs: tuple[str
         dist.destroy_process_group()
 
 
-JOBS = {"data_parallel": data_parallel_job, "vocab_parallel": vocab_parallel_job}
+JOBS = {"data_parallel": data_parallel_job, "vocab_parallel": vocab_parallel_job, "2-D": two_dimensional_job}
 
 
 def spawn(world: int, tmp_path, jobs: tuple[str, ...]) -> None:
@@ -325,3 +348,7 @@ def spawn(world: int, tmp_path, jobs: tuple[str, ...]) -> None:
 def test_data_and_vocab_parallel_train_like_one_process_and_resume_on_another_world_size(tmp_path):
     spawn(2, tmp_path, ("data_parallel", "vocab_parallel"))  # trains, saves a checkpoint from rank 0
     spawn(3, tmp_path, ("data_parallel", "vocab_parallel"))  # resumes it on 3 ranks
+
+
+def test_data_times_vocab_parallel_trains_like_one_process(tmp_path):
+    spawn(4, tmp_path, ("2-D",))
