@@ -23,8 +23,8 @@ _UNSUPPORTED = {
 }
 
 
-_EMPTY = ("FactoredSGD got no FactoredLinear head{what}. A FactoredLinear keeps its weights as buffers (W = V U + "
-          "1 omega^T), not nn.Parameters, so head.parameters() is empty and torch optimizers cannot train it: pass "
+_EMPTY = ("FactoredSGD got no FactoredLinear head{what}. A FactoredLinear keeps its weights as W = V U + 1 omega^T, "
+          "not as nn.Parameters, so head.parameters() is empty and torch optimizers cannot train it: pass "
           "the head itself, FactoredSGD(head, lr=...), or a module containing heads, FactoredSGD(model, lr=...)")
 
 
@@ -42,7 +42,7 @@ def _heads(params: Any) -> list[FactoredLinear]:
                                  "give its parameters to a torch optimizer, and the heads to FactoredSGD")
         elif isinstance(item, torch.Tensor):
             raise TypeError(f"FactoredSGD got a tensor ({type(item).__name__} of shape {tuple(item.shape)}), such as "
-                            "model.parameters() yields. A FactoredLinear head's weights are buffers, not "
+                            "model.parameters() yields. A FactoredLinear head's weights are not "
                             "parameters: pass the head, FactoredSGD(head, lr=...), or the model, FactoredSGD(model, "
                             "lr=...) trains every FactoredLinear in it; give model.parameters() (the rest of the "
                             "model) to a torch optimizer")
@@ -62,8 +62,8 @@ class FactoredSGD(torch.optim.Optimizer):
     Args:
         params: a head, a module (every :class:`FactoredLinear` in it, e.g. the whole model), an iterable of those,
             or an iterable of dicts ``{"params": head(s) or module(s), "lr": ..., "weight_decay": ...}`` (parameter
-            groups, as for torch optimizers). Not ``head.parameters()``: a head's weights are buffers, so torch's
-            parameter lists do not contain them (and ``torch.optim.Adam(head.parameters())`` reports an empty
+            groups, as for torch optimizers). Not ``head.parameters()``: a head's weights are not parameters, so
+            torch's parameter lists do not contain them (and ``torch.optim.Adam(head.parameters())`` reports an empty
             parameter list); the rest of the model goes to a torch optimizer as usual.
         lr: learning rate (a param-group option: ``torch.optim.lr_scheduler`` works on it).
         weight_decay: L2 penalty (param-group option).
@@ -118,7 +118,7 @@ class FactoredSGD(torch.optim.Optimizer):
         for name in ("lr", "weight_decay"):
             if name in group:
                 group[name] = check_scalar(group[name], name)
-        # torch.optim keeps tensors: each head is represented by its V buffer.
+        # torch.optim keeps tensors: each head is represented by its V tensor.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
         for head in heads:
