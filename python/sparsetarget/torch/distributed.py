@@ -108,13 +108,12 @@ def gather_update(engine: Engine, records: list[Recorded], group: Any, like: tor
     if sum(ms) == 0:
         return None
 
-    def cat(parts: list[torch.Tensor], dtype: torch.dtype, *shape: int) -> torch.Tensor:
-        return torch.cat([p.reshape(-1) for p in parts]).to(dtype) if parts else torch.zeros(
-            shape, dtype=dtype, device=device)
+    def flat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([p.reshape(-1).to(dtype) for p in parts]) if parts else torch.zeros(
+            0, dtype=dtype, device=device)
 
-    floats = torch.cat([cat(H, state_dtype, 0), cat(dA, state_dtype, 0), cat(dq, state_dtype, 0),
-                        cat(ds, state_dtype, 0)])
-    ints = torch.cat([cat(counts, torch.int64, 0), cat(indices, torch.int64, 0)])
+    floats = torch.cat([flat(H, state_dtype), flat(dA, state_dtype), flat(dq, state_dtype), flat(ds, state_dtype)])
+    ints = torch.cat([flat(counts, torch.int64), flat(indices, torch.int64)])
     float_pieces = _gather_padded(floats, floats.shape[0], [mr * d + nr + 2 * mr for mr, nr in zip(ms, nnzs)], group)
     int_pieces = _gather_padded(ints, ints.shape[0], [mr + nr for mr, nr in zip(ms, nnzs)], group)
     H_all, dA_all, dq_all, ds_all, counts_all, indices_all = [], [], [], [], [], []
@@ -172,6 +171,13 @@ class VocabShard:
         self.out_features = out_features
         self.start, self.stop = shard_range(out_features, self.world, self.rank)
         self.rows = [shard_range(out_features, self.world, r) for r in range(self.world)]
+
+    def __deepcopy__(self, memo: dict) -> VocabShard:
+        return self  # a copied head keeps its place in the same process group
+
+    def __getstate__(self) -> dict:
+        raise TypeError("a vocab-parallel FactoredLinear cannot be pickled (its process group cannot): save its "
+                        "state_dict() instead, on every rank")
 
     def local_targets(self, csr: Any) -> LocalTargets:
         """The entries of ``csr`` (global targets) whose index lies in this block, as the block's own targets."""

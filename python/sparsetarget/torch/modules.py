@@ -54,8 +54,9 @@ def _inconsistency(state: dict[str, torch.Tensor]) -> str | None:
     V = state["V"]
     sq = torch.zeros(2, dtype=f64, device=U.device)
     total = torch.zeros(2, dtype=f64, device=U.device)
-    for r0 in range(0, V.shape[0], TILE_ROWS):
-        WX = V[r0:r0 + TILE_ROWS].to(f64) @ UX + wX  # rows of W X
+    tile = TILE_ROWS // 8  # a float64 tile of V stays small next to V itself
+    for r0 in range(0, V.shape[0], tile):
+        WX = V[r0:r0 + tile].to(f64) @ UX + wX  # rows of W X
         sq += (WX * WX).sum(0)
         total += WX.sum(0)
     xQx = ((state["Q"].to(f64) @ X) * X).sum(0)
