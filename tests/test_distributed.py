@@ -6,8 +6,10 @@ ranks bit-identical. Spawning is the slow part, so each job runs many checks in 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -294,6 +296,10 @@ def vocab_parallel_job(rank: int, world: int, checkpoint: str) -> None:
         lp = head.log_prob(x, target, kind=kind, eps=eps or 0.01)
         rows = torch.arange(3)
         assert max_rel(lp[:3], log_p[rows, target[:3]]) < TOL and lp[3] == 0
+    twin = copy.deepcopy(head)  # a copy stays in the group: its views gather like the original's
+    assert torch.equal(twin.dense_weight(), head.dense_weight()) and twin.V.data_ptr() != head.V.data_ptr()
+    with pytest.raises(TypeError, match="vocab-parallel FactoredLinear cannot be pickled.*state_dict"):
+        pickle.dumps(head)
     lin = head.to_linear()
     assert torch.equal(lin.weight, head.dense_weight()) and torch.equal(lin.bias, head.dense_bias())
     # a vocab-parallel checkpoint loads into the same rank of a group of the same size, not another block
@@ -352,3 +358,23 @@ def test_data_and_vocab_parallel_train_like_one_process_and_resume_on_another_wo
 
 def test_data_times_vocab_parallel_trains_like_one_process(tmp_path):
     spawn(4, tmp_path, ("2-D",))
+
+
+def test_blocks_of_rows_cover_the_outputs_in_order():
+    from sparsetarget.torch.distributed import shard_range
+
+    for D_, world in ((37, 3), (5, 5), (1000, 7), (8, 2)):
+        blocks = [shard_range(D_, world, r) for r in range(world)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == D_
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        sizes = [stop - start for start, stop in blocks]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_distributed_options_need_an_initialised_process_group():
+    assert not dist.is_initialized()
+    head = stt.FactoredLinear(4, 9)
+    with pytest.raises(RuntimeError, match="process_group needs torch.distributed: call .*init_process_group"):
+        stt.FactoredSGD(head, lr=0.1, process_group=object())
+    with pytest.raises(RuntimeError, match="vocab_parallel_group needs torch.distributed"):
+        stt.FactoredLinear(4, 9, vocab_parallel_group=object())
