@@ -302,7 +302,22 @@ def vocab_parallel_job(rank: int, world: int, checkpoint: str) -> None:
         pickle.dumps(head)
     lin = head.to_linear()
     assert torch.equal(lin.weight, head.dense_weight()) and torch.equal(lin.bias, head.dense_bias())
-    # a vocab-parallel checkpoint loads into the same rank of a group of the same size, not another block
+    # the whole layer's checkpoint, saved with 2 ranks, loads into 3 blocks and into an unsharded head
+    whole_path = os.path.join(os.path.dirname(checkpoint), "vocab_parallel.pt")
+    if world == 3:
+        saved = torch.load(whole_path, weights_only=False)
+        fresh = stt.FactoredLinear(D_HID, D, bias=True, dtype=F64, vocab_parallel_group=dist.group.WORLD)
+        fresh.load_state_dict(saved["head"])
+        plain = stt.FactoredLinear(D_HID, D, bias=True, dtype=F64)
+        plain.load_state_dict(saved["head"])
+        for other in (fresh, plain):
+            assert max_rel(other.dense_weight(), saved["W"]) < TOL and max_rel(other.dense_bias(), saved["b"]) < TOL
+            Wb = torch.cat([saved["W"], saved["b"][:, None]], dim=1)
+            assert max_rel(other.unsharded_state_dict()["Q"], Wb.T @ Wb) < TOL
+    whole = head.unsharded_state_dict()
+    if world == 2 and rank == 0:
+        torch.save({"head": whole, "W": ref.head.weight.detach(), "b": ref.head.bias.detach()}, whole_path)
+    # a block loads into the same rank of a group of the same size, not another block
     state = head.state_dict()
     head.load_state_dict(state)
     shifted = dict(state)

@@ -374,9 +374,10 @@ class FactoredLinear(nn.Module):
             return (f"state_dict is for (in_features, out_features, bias) = {shape}, this head is "
                     f"{(self.in_features, self.out_features, self.has_bias)}")
         rows = tuple(state.get("vocab_rows", (0, self.out_features)))
-        if rows != self.vocab_rows:
+        if rows not in (self.vocab_rows, (0, self.out_features)):
             return (f"state_dict holds the rows {list(rows)} of W, this head keeps the rows {list(self.vocab_rows)}: "
-                    "a vocab-parallel head loads the checkpoint of the same rank of a group of the same size")
+                    "a block loads into the same rank of a vocab-parallel group of the same size; save "
+                    "unsharded_state_dict() for a checkpoint that loads into any head")
         try:
             stabilization_updates(**stabilization)
         except (TypeError, ValueError) as err:
@@ -396,9 +397,25 @@ class FactoredLinear(nn.Module):
             destination[prefix + name] = t if keep_vars else t.detach()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _loaded_state(self, state_dict: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def unsharded_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` of the whole layer. A vocab-parallel head gathers V's rows and sums its blocks' Q_r and
+        w_bar_r over the group (a collective: call it on every rank; each gets the whole state), for a checkpoint
+        that loads into a head of any vocab-parallel group size, or none. Other heads: ``state_dict()``."""
+        state = self.state_dict()
+        if self._shard is None:
+            return state
+        state["V"] = self._shard.gather_rows(self.V)
+        state["Q"] = self._shard.all_reduce(self.Q.clone())
+        state["w_bar"] = self._shard.all_reduce(self.w_bar.clone())
+        state[_EXTRA_STATE_KEY] = {**state[_EXTRA_STATE_KEY], "vocab_rows": [0, self.out_features]}
+        return state
+
+    def _loaded_state(self, state_dict: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], bool]:
         """The factored state in ``state_dict`` checked (present, shapes, dtypes, finite, consistent) and converted
-        to this head's dtypes and device. Raises RuntimeError naming the entry before anything changed."""
+        to this head's dtypes and device, and whether it is a whole layer to be cut to this vocab-parallel head's
+        block (whose Q and w_bar then come from a refresh). Raises RuntimeError naming the entry before anything
+        changed."""
 
         def refuse(why: str) -> RuntimeError:
             return RuntimeError(f"Error(s) in loading state_dict for {self.__class__.__name__}: {why}; nothing of it "
@@ -416,14 +433,17 @@ class FactoredLinear(nn.Module):
         problem = self._extra_state_problem(state_dict[extra_key])
         if problem is not None:
             raise refuse(problem)
+        whole = tuple(state_dict[extra_key].get("vocab_rows", (0, self.out_features))) == (0, self.out_features)
+        cut = self._shard is not None and whole
         loaded: dict[str, torch.Tensor] = {}
         for name in STATE_ARRAYS:
             key, given, own = prefix + name, state_dict[prefix + name], self.__dict__[name]
             if not isinstance(given, torch.Tensor):
                 raise refuse(f"{key} is a {type(given).__name__}, expected a tensor")
-            if tuple(given.shape) != tuple(own.shape):
+            shape = (self.out_features, own.shape[1]) if cut and name == "V" else tuple(own.shape)
+            if tuple(given.shape) != shape:
                 raise refuse(f"{key} has shape {tuple(given.shape)} in the state_dict, this FactoredLinear has "
-                             f"{tuple(own.shape)}")
+                             f"{shape}")
             if not given.dtype.is_floating_point:
                 raise refuse(f"{key} has dtype {given.dtype}, expected a floating-point tensor")
             value = given.detach().to(device=own.device, dtype=own.dtype)
@@ -433,17 +453,22 @@ class FactoredLinear(nn.Module):
         problem = _inconsistency(loaded)
         if problem is not None:
             raise refuse(problem)
-        return loaded
+        if cut:
+            start, stop = self.vocab_rows
+            loaded["V"] = loaded["V"][start:stop]
+        return loaded, cut
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
         # All or nothing: loading U but not V (say) would leave W = V U + 1 omega^T meaningless, so every check
         # runs before the first copy, and a refused state raises at once (whatever strict says).
-        loaded = self._loaded_state(state_dict, prefix)
+        loaded, cut = self._loaded_state(state_dict, prefix)
         with torch.no_grad():
             for name, value in loaded.items():
                 self.__dict__[name].copy_(value)  # in place: the core's view of the memory stays valid
+        if cut:  # Q and w_bar of this block's rows (U U^-1 ~ I was checked: U is invertible)
+            self._engine().refresh()
         ours = {prefix + name for name in STATE_ARRAYS}
         rest = {k: v for k, v in state_dict.items() if k not in ours}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
