@@ -226,7 +226,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   // ... and so are the products the commit forms from them: a bound on each, so that no overflow reaches U, Q, U^-1
   // or V (§9.3). O(m d + nnz d).
   {
-    double* bounds = b.template scratch<double>(kSlotBounds, 8);
+    double* bounds = b.template scratch<double>(kSlotBounds, 8);  // 5 norms, 2 flags (5, 7), the scatter norm (6)
     b.norm2(p.UH, static_cast<int>(md), bounds + 0);
     b.norm2(aH, static_cast<int>(md), bounds + 1);
     b.norm2(H, static_cast<int>(md), bounds + 2);
@@ -237,6 +237,8 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
       b.fill(bounds + 4, 1, 0.0);
     b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5});
     b.require_finite(bounds + 5, 1, "U, Q or U^-1");
+    b.for_each(1, parts::WeightBound<TS>{st.Q, G, bounds + 2, opt.lr, kWeightLimit / 16, d, m, bounds + 7});
+    b.require_finite(bounds + 7, 1, "W (its entries would come near the limit of the weight dtype)");
     const std::size_t nnz = static_cast<std::size_t>(t.nnz);
     double* step = b.template scratch<double>(kSlotScatterStep, nnz);
     double* row_max = b.template scratch<double>(kSlotScatterRow, nnz);

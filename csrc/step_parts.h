@@ -115,6 +115,24 @@ struct CommitBound {
   }
 };
 
+// The dense W must stay within its dtype's range too (a correction would otherwise carry an overflow of W into V):
+// ||W_new||_F <= ||W||_F + lr sum_j ||g_j|| ||h_j|| <= sqrt(tr Q) + lr sqrt(tr G) ||H||_F. out[0] is 0 when that
+// stays below limit, inf otherwise. Runs once: O(d + m).
+template <class TS>
+struct WeightBound {
+  const TS *Q, *G;
+  const double* H_norm;
+  double lr, limit;
+  int d, m;
+  double* out;
+  ST_HD void operator()(std::size_t) const {
+    double trace_Q = 0, trace_G = 0;
+    for (int i = 0; i < d; ++i) trace_Q += fabs(static_cast<double>(Q[static_cast<std::size_t>(i) * d + i]));
+    for (int j = 0; j < m; ++j) trace_G += fabs(static_cast<double>(G[static_cast<std::size_t>(j) * m + j]));
+    out[0] = sqrt(trace_Q) + lr * sqrt(trace_G) * H_norm[0] <= limit ? 0.0 : static_cast<double>(INFINITY);
+  }
+};
+
 // For the V scatter, per target entry e of row j: step_e = |lr z_e| max_i |X_ji| and row_max_e = max_i |V[k_e]_i|
 // (an index outside [0, D) is left to the backend's own report).
 template <class TV, class TS>
