@@ -127,13 +127,31 @@ def test_overflow_into_V_is_refused():
     H = np.random.default_rng(1).uniform(0.5, 1, (1, 8))
     before = snapshot(layer)
     target = CSR([0, 1], [3], [1e40], (1, 50))
-    with pytest.raises(ValueError, match="non-finite values in V.*lower lr.*unchanged"):
+    with pytest.raises(ValueError, match="non-finite values in [VW].*lower lr.*unchanged"):
         layer.step(H, target, 0.1)
     assert_unchanged(layer, before)
-    with pytest.raises(ValueError, match="non-finite values in V"):
+    with pytest.raises(ValueError, match="non-finite values in [VW]"):
         layer.backward_step(H, np.array([3]), np.array([1e40]), np.zeros(1), np.zeros(1), 0.1)
     assert_unchanged(layer, before)
     assert np.all(np.isfinite(layer.loss(H, np.array([3]))))
+
+
+def test_overflow_in_the_V_scatter_is_refused_when_W_fits():
+    """U scaled to 1e-37 (allowed: only the spread of U is corrected at once), so V = W U^-1 holds W * 1e37 in
+    float32: an update that W absorbs easily would overflow the target's row of V."""
+    layer = st.FactoredOutput.random(50, 8, dtype=np.float32, state_dtype=np.float64, seed=2)
+    sd = layer.state_dict()
+    W = layer.dense_weight().astype(np.float64)
+    sd["V"] = (W * 1e37).astype(np.float32)
+    sd["U"], sd["U_inv"] = np.eye(8) * 1e-37, np.eye(8) * 1e37
+    layer.load_state_dict(sd)
+    H = np.full((1, 8), 2.0)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="non-finite values in V.*unchanged"):
+        layer.step(H, CSR([0, 1], [3], [1000.0], (1, 50)), 0.1)
+    assert_unchanged(layer, before)
+    layer.step(H, CSR([0, 1], [3], [1.0], (1, 50)), 1e-3)  # a small step still fits
+    assert np.all(np.isfinite(layer.dense_weight()))
 
 
 @pytest.mark.parametrize("lr, scale", [(3.5e38, 1.0), (1e39, 1.0), (1e30, 1e5)])
