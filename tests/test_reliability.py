@@ -461,3 +461,51 @@ def test_scratch_of_a_huge_minibatch_is_released():
     layer.step(H, rng.integers(0, 5000, 3000), 1e-4)
     grown = resident_bytes() - base
     assert grown < 100e6, f"{grown / 1e6:.0f} MB still resident after the step"
+
+
+# ------------------------------------------------------------------------------- the same checks on the GPU
+def cuda_head(dtype: str, state_dtype: str | None = None, **kwargs):
+    """(torch, sparsetarget.torch, a FactoredLinear(6, 40) on the GPU); skips without a usable CUDA backend."""
+    from conftest import cuda_state
+
+    _, usable, reason = cuda_state()
+    if not usable:
+        pytest.skip(f"CUDA backend not usable: {reason}")
+    import sparsetarget.torch as stt
+    import torch
+
+    torch.manual_seed(0)
+    sdt = None if state_dtype is None else getattr(torch, state_dtype)
+    return torch, stt, stt.FactoredLinear(6, 40, device="cuda", dtype=getattr(torch, dtype), state_dtype=sdt,
+                                          **kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_exactly_singular_update_is_refused_even_with_min_rcond_0():
+    torch, stt, head = cuda_head("float64", min_rcond=0.0)
+    snap = {name: getattr(head, name).clone() for name in st.layer.STATE_ARRAYS}
+    h = torch.zeros(1, 6, dtype=torch.float64, device="cuda")
+    h[0, 0] = 1.0  # squared error, sum: M = I - 2 lr e0 e0^T, exactly singular at lr 0.5
+    opt = stt.FactoredSGD(head, lr=0.5)
+    stt.linear_spherical_loss(h, head, torch.tensor([3], device="cuda"), loss="squared_error",
+                              reduction="sum").backward()
+    opt.step()
+    with pytest.raises(st.SingularUpdateError):
+        head.synchronize()
+    for name, value in snap.items():
+        assert torch.equal(getattr(head, name), value), name
+
+
+@pytest.mark.cuda
+def test_cuda_overflow_into_float32_weights_is_refused():
+    torch, stt, head = cuda_head("float32", "float64")
+    snap = {name: getattr(head, name).clone() for name in st.layer.STATE_ARRAYS}
+    h = torch.full((1, 6), 0.7, dtype=torch.float32, device="cuda")
+    target = tuple(t.cuda() for t in (torch.tensor([0, 1]), torch.tensor([3]), torch.tensor([1e38] * 1)))
+    opt = stt.FactoredSGD(head, lr=10.0)  # the V update ~ lr * 2e38 * 0.7 overflows float32, not the float64 state
+    with pytest.raises(ValueError):  # raised by whichever call sees the device's report
+        stt.linear_spherical_loss(h, head, target, loss="squared_error", reduction="sum").backward()
+        opt.step()
+        head.synchronize()
+    for name, value in snap.items():
+        assert torch.equal(getattr(head, name), value), name
