@@ -105,6 +105,7 @@ class CpuBackend {
   template <class T>
   void norm2(const T* x, int n, double* out) {
     double acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
     *out = std::sqrt(acc);
   }
