@@ -15,7 +15,7 @@
   KEYWORD void backward_step<B, TV, TS>(B&, FactoredState<TV, TS>&, const TS*, const Targets&,                  \
                                         const ProjectionsView<TS>&, const TS*, const TS*, const TS*,            \
                                         const StepOptions&, TS*, bool);                                          \
-  KEYWORD void after_step<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&);                      \
+  KEYWORD void after_step<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&, std::int64_t);        \
   KEYWORD CorrectionReport correct<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&);             \
   KEYWORD void refresh<B, TV, TS>(B&, FactoredState<TV, TS>&);                                                  \
   KEYWORD double inverse_error<B, TV, TS>(B&, const FactoredState<TV, TS>&);

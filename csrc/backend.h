@@ -62,6 +62,9 @@ enum Slot : int {
   kSlotFactorB,
   kSlotVtV,
   kSlotVt1,
+  kSlotBounds,         // norms and bounds of the commit's products (double)
+  kSlotScatterStep,    // per target entry: a bound on what the V scatter adds (double)
+  kSlotScatterRow,     // per target entry: the largest |entry| of its row of V (double)
   kSlotCount,
   kSlotBackend = 48,  // and up: the backend's own (sorting, LU pivots, ...)
 };

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -118,6 +119,15 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   const std::size_t md = static_cast<std::size_t>(m) * d, dd = static_cast<std::size_t>(d) * d,
                     mm = static_cast<std::size_t>(m) * m;
   check_step_options(opt.lr, opt.weight_decay);
+  constexpr double kStateLimit = std::is_same_v<TS, float> ? 3.4028234663852886e38 : 1.7976931348623157e308;
+  constexpr double kWeightLimit = std::is_same_v<TV, float> ? 3.4028234663852886e38 : 1.7976931348623157e308;
+  if (!(opt.lr <= kStateLimit) || !(static_cast<TS>(1.0 - opt.lr * opt.weight_decay) > 0))
+  {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "lr = %.6g (with weight_decay %.6g) is out of the state dtype's range: lower lr",
+                  opt.lr, opt.weight_decay);
+    throw std::invalid_argument(msg);
+  }
   const TS lr = static_cast<TS>(opt.lr);
   const TS c = static_cast<TS>(1.0 - opt.lr * opt.weight_decay);
   const TS D = static_cast<TS>(st.D);
@@ -163,6 +173,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     TS* S = b.template scratch<TS>(kSlotSmall, mm);
     b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, H, d, TS(0), HHt, m);
     b.for_rows(m, m, parts::WoodburySystem<TS>{dq, HHt, S, lr / c, m});
+    b.require_finite(S, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
     // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
     const auto inv = b.invert(m, S, b.template scratch<TS>(kSlotSmallInv, mm), true);
     b.require_rcond(inv.rcond, opt.min_rcond);
@@ -179,6 +190,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     TS* M = b.template scratch<TS>(kSlotSmall, dd);
     b.for_rows(d, d, parts::ScaledIdentity<TS>{M, c, d});
     b.gemm(Op::T, Op::N, d, d, m, -lr, H, d, aH, d, TS(1), M, d);
+    b.require_finite(M, dd, "the update factor M");
     const auto inv = b.invert(d, M, b.template scratch<TS>(kSlotSmallInv, dd), false);
     b.require_rcond(inv.rcond, opt.min_rcond);
     U_inv_new = b.template scratch<TS>(kSlotUInvNew, dd);
@@ -210,6 +222,32 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   b.require_finite(w_bar, static_cast<std::size_t>(d), "w_bar");
   b.require_finite(X, md, "the V update");
   b.require_finite(grad_H, md, "grad_H");
+
+  // ... and so are the products the commit forms from them: a bound on each, so that no overflow reaches U, Q, U^-1
+  // or V (§9.3). O(m d + nnz d).
+  {
+    double* bounds = b.template scratch<double>(kSlotBounds, 8);  // 5 norms, 2 flags (5, 7), the scatter norm (6)
+    b.norm2(p.UH, static_cast<int>(md), bounds + 0);
+    b.norm2(aH, static_cast<int>(md), bounds + 1);
+    b.norm2(H, static_cast<int>(md), bounds + 2);
+    b.norm2(Bq, static_cast<int>(md), bounds + 3);
+    if (KHU)
+      b.norm2(KHU, static_cast<int>(md), bounds + 4);
+    else
+      b.fill(bounds + 4, 1, 0.0);
+    b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5});
+    b.require_finite(bounds + 5, 1, "U, Q or U^-1");
+    b.for_each(1, parts::WeightBound<TS>{st.Q, G, bounds + 2, opt.lr, kWeightLimit / 16, d, m, bounds + 7});
+    b.require_finite(bounds + 7, 1, "W (its entries would come near the limit of the weight dtype)");
+    const std::size_t nnz = static_cast<std::size_t>(t.nnz);
+    double* step = b.template scratch<double>(kSlotScatterStep, nnz);
+    double* row_max = b.template scratch<double>(kSlotScatterRow, nnz);
+    b.for_rows(m, 1, parts::ScatterBound<TV, TS>{st.V, t.indptr, t.indices, dA, X, st.D, opt.lr, d, step, row_max});
+    b.norm2(step, static_cast<int>(nnz), bounds + 6);
+    b.for_each(nnz, parts::FinishScatterBound{row_max, bounds + 6, std::sqrt(static_cast<double>(nnz)), kWeightLimit,
+                                               step});
+    b.require_finite(step, nnz, "V");
+  }
 
   // Commit: where the backend stages it (in place on the CPU, nothing below can fail there).
   TS* U = b.stage(st.U, dd, kSlotStageU, true);

@@ -141,9 +141,10 @@ double inverse_error(B& b, const FactoredState<TV, TS>& st) {
 // correction when one has been requested and the backend can run it now. A refresh needs to wait for the device, so
 // a GPU skips it while a CUDA graph is being captured; a correction that fails (U singular) is not asked for again.
 template <class B, class TV, class TS>
-void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
+void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt, std::int64_t rows) {
   const std::int64_t steps = b.steps(st);
-  if (opt.refresh_every > 0 && steps % opt.refresh_every == 0 && b.can_wait()) {
+  const std::int64_t refresh_every = refresh_period(opt, st.D, rows);
+  if (refresh_every > 0 && steps % refresh_every == 0 && b.can_wait()) {
     refresh(b, st);
     return;
   }

@@ -4,6 +4,7 @@
 // trade-offs: docs/algorithm.md §8.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -22,9 +23,22 @@ struct StabilizeOptions {
   double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
   double sigma_high = 2.0;
   double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
-  std::int64_t check_every = 1;    // monitor every this many steps; 0 disables monitoring
-  std::int64_t refresh_every = 0;  // full refresh every this many steps; 0 disables
+  std::int64_t check_every = 1;     // monitor every this many steps (>= 1; the Python front ends refuse 0)
+  std::int64_t refresh_every = -1;  // full refresh every this many steps; 0 never; -1 automatic (refresh_period)
 };
+
+// Rows of training per output between automatic refreshes: a refresh costs about D d^2 flops, a step of m rows
+// about 14 m d^2, so refreshing after kAutoRefreshRows * D rows spends about 1 / (14 kAutoRefreshRows) of the step
+// time on it (docs/algorithm.md §8.9; benchmarks/soak.py measures it).
+constexpr double kAutoRefreshRows = 5;
+
+// Steps between refreshes after a step of `rows` rows: refresh_every, or with -1 the automatic period
+// ceil(kAutoRefreshRows * D / rows); 0 never.
+inline std::int64_t refresh_period(const StabilizeOptions& opt, std::int64_t D, std::int64_t rows) {
+  if (opt.refresh_every >= 0) return opt.refresh_every;
+  const double period = std::ceil(kAutoRefreshRows * static_cast<double>(D) / static_cast<double>(rows < 1 ? 1 : rows));
+  return static_cast<std::int64_t>(period < 1 ? 1 : period);
+}
 
 // The monitoring decision after a step: does a correction have to run? (docs/algorithm.md §8.3)
 ST_HD inline bool needs_correction(double sigma_max, double sigma_min, double residual, const StabilizeOptions& opt) {

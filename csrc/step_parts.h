@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 
 #include "host_device.h"
 #include "stabilize_policy.h"
@@ -98,6 +99,74 @@ struct ScaledIdentity {
   TS c;
   int n;
   ST_HD void operator()(int i, int j) const { M[static_cast<std::size_t>(i) * n + j] = i == j ? c : TS(0); }
+};
+
+// What the commit adds to U, Q and U^-1 is a product A^T B of checked factors; every entry of it is at most
+// ||A||_F ||B||_F. out[0] is 0 when these bounds stay below limit (half the state dtype's range, so that adding them
+// to entries of the state below that half cannot overflow), inf otherwise (§9.3).
+// norms: ||UH||, ||aH||, ||H||, ||B||, ||K U^-1|| (0 in the explicit branch).
+struct CommitBound {
+  const double* norms;
+  double lr, inv_c, limit;
+  double* out;
+  ST_HD void operator()(std::size_t) const {
+    const double u = lr * norms[0] * norms[1], q = 2 * lr * norms[2] * norms[3], u_inv = inv_c * norms[2] * norms[4];
+    out[0] = u <= limit && q <= limit && u_inv <= limit ? 0.0 : static_cast<double>(INFINITY);
+  }
+};
+
+// The dense W must stay within its dtype's range too (a correction would otherwise carry an overflow of W into V):
+// ||W_new||_F <= ||W||_F + lr sum_j ||g_j|| ||h_j|| <= sqrt(tr Q) + lr sqrt(tr G) ||H||_F. out[0] is 0 when that
+// stays below limit, inf otherwise. Runs once: O(d + m).
+template <class TS>
+struct WeightBound {
+  const TS *Q, *G;
+  const double* H_norm;
+  double lr, limit;
+  int d, m;
+  double* out;
+  ST_HD void operator()(std::size_t) const {
+    double trace_Q = 0, trace_G = 0;
+    for (int i = 0; i < d; ++i) trace_Q += fabs(static_cast<double>(Q[static_cast<std::size_t>(i) * d + i]));
+    for (int j = 0; j < m; ++j) trace_G += fabs(static_cast<double>(G[static_cast<std::size_t>(j) * m + j]));
+    out[0] = sqrt(trace_Q) + lr * sqrt(trace_G) * H_norm[0] <= limit ? 0.0 : static_cast<double>(INFINITY);
+  }
+};
+
+// For the V scatter, per target entry e of row j: step_e = |lr z_e| max_i |X_ji| and row_max_e = max_i |V[k_e]_i|
+// (an index outside [0, D) is left to the backend's own report).
+template <class TV, class TS>
+struct ScatterBound {
+  const TV* V;
+  const std::int64_t *indptr, *indices;
+  const TS *dA, *X;
+  std::int64_t D;
+  double lr;
+  int d;
+  double *step, *row_max;
+  ST_HD void operator()(int j, int) const {
+    double x_max = 0;
+    for (int i = 0; i < d; ++i) x_max = fmax(x_max, fabs(static_cast<double>(X[static_cast<std::size_t>(j) * d + i])));
+    for (std::int64_t e = indptr[j]; e < indptr[j + 1]; ++e) {
+      const std::int64_t k = indices[e];
+      double v_max = 0;
+      if (k >= 0 && k < D)
+        for (int i = 0; i < d; ++i) v_max = fmax(v_max, fabs(static_cast<double>(V[k * d + i])));
+      step[e] = fabs(lr * static_cast<double>(dA[e])) * x_max;
+      row_max[e] = v_max;
+    }
+  }
+};
+
+// A row of V moves by at most the sum of the step bounds of all entries, which is at most sqrt(nnz) ||step||_2:
+// out_e is 0 when row_max_e plus that stays within V's dtype (limit), inf otherwise.
+struct FinishScatterBound {
+  const double *row_max, *step_norm;
+  double sqrt_nnz, limit;
+  double* out;
+  ST_HD void operator()(std::size_t e) const {
+    out[e] = row_max[e] + sqrt_nnz * step_norm[0] <= limit ? 0.0 : static_cast<double>(INFINITY);
+  }
 };
 
 // out_i <- keep out_i + scale x_i + offset, with (keep, scale, offset) from FinishMonitor: the new power-iteration

@@ -38,7 +38,7 @@ def test_default_policy_is_set_explicitly_in_the_core(state_dtype):
     assert core.min_rcond == pytest.approx(np.sqrt(eps), rel=1e-12)
     assert (core.sigma_low, core.sigma_high) == _engine.STABILIZATION_DEFAULTS["sigma_range"]
     assert core.inverse_tol == _engine.STABILIZATION_DEFAULTS["inverse_tol"]
-    assert (core.check_every, core.refresh_every) == (1, 0)
+    assert (core.check_every, core.refresh_every) == (1, -1)  # -1: automatic refresh
     cfg = layer.config()
     assert cfg["min_rcond"] == core.min_rcond
     layer.set_stabilization(min_rcond=1e-3, check_every=None)  # None: unchanged

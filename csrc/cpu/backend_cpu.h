@@ -35,6 +35,10 @@ class CpuBackend {
  public:
   static constexpr std::int64_t kTileRows = 2048;  // rows of V per tile in passes over V
 
+  // A slot larger than this is released by release_large_scratch(): reallocating it costs little next to the
+  // O(m^2 d) work of a minibatch that needs it.
+  static constexpr std::size_t kKeepScratchBytes = std::size_t{64} << 20;
+
   template <class T>
   T* scratch(int slot, std::size_t n) {
     if (slot >= static_cast<int>(slots_.size())) slots_.resize(static_cast<std::size_t>(slot) + 1);
@@ -42,6 +46,11 @@ class CpuBackend {
     const std::size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double);
     if (buf.size() < words) buf.resize(words);
     return reinterpret_cast<T*>(buf.data());
+  }
+
+  void release_large_scratch() {
+    for (auto& buf : slots_)
+      if (buf.size() * sizeof(double) > kKeepScratchBytes) std::vector<double>().swap(buf);
   }
 
   // ---- dense products
@@ -96,6 +105,7 @@ class CpuBackend {
   template <class T>
   void norm2(const T* x, int n, double* out) {
     double acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
     *out = std::sqrt(acc);
   }
@@ -112,7 +122,7 @@ class CpuBackend {
 
   // ---- failures: thrown before anything is written
   void require_rcond(double rcond, double min_rcond) {
-    if (rcond >= min_rcond) return;
+    if (rcond > 0 && rcond >= min_rcond) return;  // an exactly singular factor is refused even at min_rcond 0
     char msg[256];
     std::snprintf(msg, sizeof msg,
                   "the update factor M = (1 - lr*weight_decay) I - lr H^T diag(2 dL/dq) H is singular or nearly so "

@@ -33,12 +33,28 @@ std::string shape_str(const py::array& a) {
 
 std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
+// dtype equivalence, not identity: an array that went through pickle (DataLoader workers, multiprocessing) carries
+// a dtype equal to, but not the same object as, NumPy's cached one.
+template <class T>
+bool has_dtype(const py::array& a) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<T>().ptr());
+}
+
+// Scratch above a size is released when a call returns, so that the m x m buffers of one huge minibatch do not
+// stay resident (cpu::CpuBackend::release_large_scratch).
+struct ReleaseLargeScratch {
+  ReleaseLargeScratch() = default;
+  ReleaseLargeScratch(const ReleaseLargeScratch&) = delete;
+  ReleaseLargeScratch& operator=(const ReleaseLargeScratch&) = delete;
+  ~ReleaseLargeScratch() { cpu_backend().release_large_scratch(); }
+};
+
 template <class T>
 py::array_t<T> checked(const py::handle& obj, const char* name, std::initializer_list<py::ssize_t> shape,
                        bool writeable) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!has_dtype<T>(a))
     throw py::type_error(std::string(name) + " must have dtype " + py::str(py::dtype::of<T>()).cast<std::string>() +
                          ", got " + dtype_name(a));
   if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
@@ -124,8 +140,8 @@ class Core {
                 as_array(probe_max, "probe_max"), as_array(probe_min, "probe_min"), as_array(stats, "stats")} {
     const py::array& V = arrays_[0];
     const py::array& U = arrays_[1];
-    const bool v32 = V.dtype().is(py::dtype::of<float>()), v64 = V.dtype().is(py::dtype::of<double>());
-    const bool s32 = U.dtype().is(py::dtype::of<float>()), s64 = U.dtype().is(py::dtype::of<double>());
+    const bool v32 = has_dtype<float>(V), v64 = has_dtype<double>(V);
+    const bool s32 = has_dtype<float>(U), s64 = has_dtype<double>(U);
     if (!v32 && !v64) throw py::type_error("V must be float32 or float64, got " + dtype_name(V));
     if (!s32 && !s64) throw py::type_error("U must be float32 or float64, got " + dtype_name(U));
     if (v32 && s32) state_ = make<float, float>();
@@ -153,6 +169,7 @@ class Core {
       }
       {
         py::gil_scoped_release release;
+        const ReleaseLargeScratch release_scratch;
         auto& b = cpu_backend();
         const int rows = static_cast<int>(m);
         ProjectionsView<TS> p;
@@ -193,6 +210,7 @@ class Core {
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
+        const ReleaseLargeScratch release_scratch;
         auto& b = cpu_backend();
         const auto p = project_into_scratch(st, h.data(), static_cast<int>(m));
         std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
@@ -202,7 +220,7 @@ class Core {
         if (do_step) {
           sparsetarget::backward_step(b, st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(),
                                       step_options(lr, weight_decay), grad_H.mutable_data());
-          after_step(b, st, stabilize_);
+          after_step(b, st, stabilize_, m);
         }
       }
       if (!do_step) return losses;
@@ -220,6 +238,7 @@ class Core {
       py::array_t<TS> grad_H({in.h.shape(0), static_cast<py::ssize_t>(st.d)});
       {
         py::gil_scoped_release release;
+        const ReleaseLargeScratch release_scratch;
         sparsetarget::hidden_gradient(cpu_backend(), st, in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
                                       in.ds.data(), grad_H.mutable_data());
       }
@@ -245,10 +264,11 @@ class Core {
       }
       {
         py::gil_scoped_release release;
+        const ReleaseLargeScratch release_scratch;
         auto& b = cpu_backend();
         sparsetarget::backward_step(b, st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
                                     in.ds.data(), step_options(lr, weight_decay), grad_H.mutable_data(), known);
-        after_step(b, st, stabilize_);
+        after_step(b, st, stabilize_, m);
       }
       return grad_H;
     }, state_);

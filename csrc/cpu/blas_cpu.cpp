@@ -164,6 +164,7 @@ double invert(int n, T* a) {
     for (int j = 0; j < n; ++j) row += std::abs(a[static_cast<std::ptrdiff_t>(i) * n + j]);
     anorm = std::max(anorm, row);
   }
+  if (!std::isfinite(anorm)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
   std::vector<int> ipiv(n), iwork(n);
   int info = 0;
   Vendor<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);

@@ -22,7 +22,7 @@ int key_bits(std::int64_t D) {
 }  // namespace
 
 __global__ void check_rcond_kernel(const double* rcond, double min_rcond, StepFlags* flags) {
-  if (!(*rcond >= min_rcond) && atomicCAS(&flags->error, kOk, kSingularUpdate) == kOk) flags->rcond = *rcond;
+  if (!(*rcond > 0 && *rcond >= min_rcond) && atomicCAS(&flags->error, kOk, kSingularUpdate) == kOk) flags->rcond = *rcond;
 }
 
 CudaBackend::CudaBackend() : flags_(sizeof(StepFlags)) {

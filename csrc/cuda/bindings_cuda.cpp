@@ -175,7 +175,7 @@ class Core {
       opt.min_rcond = min_rcond >= 0 ? min_rcond : default_min_rcond<TS>();
       sparsetarget::backward_step(*backend_, st, in.h, in.t, in.p, in.dA, in.dq, in.ds, opt,
                                   checked<TS>(grad_H, "grad_H", {in.m, st.d}, device_), known);
-      after_step(*backend_, st, stabilize_);
+      after_step(*backend_, st, stabilize_, in.m);
       backend_->publish();
       return grad_H;
     }, state_);

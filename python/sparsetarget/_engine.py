@@ -18,8 +18,10 @@ labels have no entry; :class:`DeviceCSR` on a GPU, where every class row keeps o
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
+import threading
 from types import ModuleType
 from typing import Any, Callable, NamedTuple
 
@@ -77,7 +79,11 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
 
 
 def check_scalar(x: Any, name: str) -> float:
-    """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise."""
+    """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise. Strings are refused
+    (``float("0.1")`` would accept them)."""
+    text = isinstance(x, (str, bytes, bytearray)) or getattr(getattr(x, "dtype", None), "kind", "") in ("S", "U", "O")
+    if text:
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     try:
         value = float(x)
     except (TypeError, ValueError):
@@ -85,6 +91,13 @@ def check_scalar(x: Any, name: str) -> float:
     if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
+
+
+def check_int(x: Any, name: str) -> int:
+    """``x`` as an int: Python and NumPy integers only (not bool, float or str); raises TypeError naming ``name``."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return int(x)
 
 
 def check_lr(lr: Any, weight_decay: Any) -> tuple[float, float]:
@@ -140,23 +153,29 @@ def stabilization_updates(
     ``inverse_tol``, ``check_every``, ``refresh_every``, ``min_rcond``); None means unchanged."""
     updates: dict[str, Any] = {}
     if sigma_range is not None:
-        low, high = (float(x) for x in sigma_range)
+        if isinstance(sigma_range, (str, bytes)) or len(sigma_range) != 2:
+            raise ValueError(f"sigma_range must be a pair (low, high), got {sigma_range!r}")
+        low, high = (check_scalar(x, "sigma_range") for x in sigma_range)
         if not (0 < low < 1 < high) or not np.isfinite(high):
             raise ValueError(f"sigma_range must satisfy 0 < low < 1 < high, got {sigma_range}")
         updates["sigma_low"], updates["sigma_high"] = low, high
     if inverse_tol is not None:
-        if not (float(inverse_tol) > 0):
+        if not (check_scalar(inverse_tol, "inverse_tol") > 0):
             raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
         updates["inverse_tol"] = float(inverse_tol)
     if check_every is not None:
-        if int(check_every) < 0:
-            raise ValueError(f"check_every must be >= 0, got {check_every}")
+        if check_int(check_every, "check_every") < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}: without monitoring nothing looks at U, "
+                             "whose condition then grows unchecked and silently costs every digit of the results; "
+                             "use a larger value to monitor less often")
         updates["check_every"] = int(check_every)
     if refresh_every is not None:
-        if int(refresh_every) < 0:
-            raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
+        if check_int(refresh_every, "refresh_every") < -1:
+            raise ValueError(f"refresh_every must be -1 (automatic), 0 (never) or a number of steps, got "
+                             f"{refresh_every}")
         updates["refresh_every"] = int(refresh_every)
     if min_rcond is not None:
+        check_scalar(min_rcond, "min_rcond")
         if not (0 <= float(min_rcond) < 1):
             raise ValueError(f"min_rcond must be in [0, 1), got {min_rcond}")
         updates["min_rcond"] = float(min_rcond)
@@ -309,7 +328,8 @@ def set_num_threads(n: int) -> None:
     once ``sparsetarget.torch`` is imported, unless chosen here or by OPENBLAS_NUM_THREADS: see
     :func:`threads_for_torch`). A count chosen here is kept for every call."""
     global _threads_chosen
-    if int(n) < 1:
+    n = check_int(n, "n")
+    if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     _core.set_num_threads(int(n))
     _threads_chosen = True
@@ -464,13 +484,31 @@ def _stack(records: list[Recorded], cat: Callable[[list[Any]], Any]) -> Recorded
                     cat([r.dq for r in records]), cat([r.ds for r in records]), projections, grad_H)
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run while holding the engine's lock (see :class:`Engine`)."""
+
+    @functools.wraps(method)
+    def run_locked(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run_locked
+
+
 class Engine:
     """What both front ends ask of a backend. Arrays are of the engine's kind (NumPy arrays, or torch tensors on
     the engine's device); H is (m, d) in the state dtype, contiguous.
 
     Results (A, q, s, logits, top-k values, log-probabilities) are in the state dtype; dense weights in V's dtype.
+
+    Threads: every engine holds a re-entrant lock, ``lock``, for the whole of each call that changes or reads its
+    state (the compiled cores release the GIL while they work, so without it two threads stepping one layer would
+    interleave their in-place writes). Calls on one layer from several threads are therefore serialised: each sees
+    the state before or after another thread's step, never a part of one. A front end that reads the state arrays
+    itself (checkpoints) holds ``lock`` while it does.
     """
 
+    lock: threading.RLock
     out_features: int  # D
     in_features: int  # d, the width of H (including a bias column if the front end adds one)
     core: Any  # the compiled core
@@ -484,12 +522,14 @@ class Engine:
             options["min_rcond"] = default_min_rcond(self._numpy_state_dtype)
         self.set_stabilization(**options)
 
+    @_locked
     def set_stabilization(self, **options: Any) -> None:
         """Check and apply stabilisation options (see :func:`stabilization_updates`; None: unchanged), all checked
         before any is applied."""
         for name, value in stabilization_updates(**options).items():
             setattr(self.core, name, value)
 
+    @_locked
     def policy(self) -> dict[str, Any]:
         """The stabilisation policy in force, ``min_rcond`` resolved."""
         core = self.core
@@ -497,10 +537,12 @@ class Engine:
                 "check_every": core.check_every, "refresh_every": core.refresh_every, "min_rcond": core.min_rcond}
 
     # primitives of each backend
+    @_locked
     def forward(self, H: Any, targets: Any, keep_projections: bool = True) -> tuple[Any, Any, Any, Any]:
         """``(A, q, s, projections)``: A per row for class labels (0 on ignored rows), per entry otherwise."""
         raise NotImplementedError
 
+    @_locked
     def grad_hidden(self, H: Any, targets: Any, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:
         """dL/dH (m, d) from dL/dA (shaped like A of :meth:`forward`), dL/dq, dL/ds; no state change."""
         raise NotImplementedError
@@ -511,6 +553,7 @@ class Engine:
     def _cat(self, parts: list[Any]) -> Any:
         raise NotImplementedError
 
+    @_locked
     def norms(self, H: Any) -> tuple[Any, Any]:
         """q = ||o||^2 and s = sum(o) per row of H, O(m d^2)."""
         raise NotImplementedError
@@ -519,11 +562,13 @@ class Engine:
         raise NotImplementedError
 
     # written once for every backend
+    @_locked
     def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:
         """One exact SGD step on the summed gradient of the recorded minibatches (``lr`` and ``weight_decay``
         checked by :func:`check_lr`). Returns dL/dH of the stacked minibatch. On error the state is unchanged."""
         return self._backward_step(_stack(records, self._cat), lr, weight_decay)
 
+    @_locked
     def topk(self, H: Any, k: int, by: str = "output", kind: str | None = None,
              eps: float | None = None) -> tuple[Any, Any]:
         """The k best outputs per row, ``(values, indices)`` (m, k), best first: by the output (values: outputs),
@@ -547,6 +592,7 @@ class CpuEngine(Engine):
 
     def __init__(self, arrays: dict[str, np.ndarray], policy: dict[str, Any] | None = None, *,
                  tensors: bool = False) -> None:
+        self.lock = threading.RLock()
         self.arrays = {name: arrays[name] for name in STATE_ARRAYS}
         self.core = _core.FactoredCore(*self.arrays.values())
         self.out_features, self.in_features = self.arrays["V"].shape
@@ -556,17 +602,20 @@ class CpuEngine(Engine):
         self._set_initial_policy(policy)
 
     # training
+    @_locked
     def forward(self, H: Any, targets: CSRTargets, keep_projections: bool = True) -> tuple[Any, Any, Any, Any]:
         out = self.core.forward(_np(H), targets.indptr, targets.indices, keep_projections)
         A = rows_from_entries(out[0], targets)
         wrap = self._from_numpy
         return wrap(A), wrap(out[1]), wrap(out[2]), (out[3] if keep_projections else None)
 
+    @_locked
     def grad_hidden(self, H: Any, targets: CSRTargets, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:
         grad_H = self.core.grad_hidden(_np(H), targets.indptr, targets.indices, entries_from_rows(_np(dA), targets),
                                        _np(dq), _np(ds), projections)
         return self._from_numpy(grad_H)
 
+    @_locked
     def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:
         native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
                            None if r.grad_H is None else _np(r.grad_H)) for r in records]
@@ -579,16 +628,19 @@ class CpuEngine(Engine):
     def _cat(self, parts: list[Any]) -> np.ndarray:
         return np.concatenate(parts)
 
+    @_locked
     def log_prob(self, H: np.ndarray, targets: CSRTargets, kind: str, eps: float) -> np.ndarray:
         """Exact log-probabilities of the target entries (shaped like A of :meth:`forward`, 0 on ignored rows)."""
         A, q, s, _ = self.forward(H, targets, keep_projections=False)
         valid = None if targets.active is None else targets.active.view(bool)
         return log_prob_of_entries(kind, A, q, s, entry_rows(targets), valid, self.out_features, eps)
 
+    @_locked
     def loss(self, H: np.ndarray, targets: CSRTargets, spec: Any) -> np.ndarray:
         """Per-example losses (float64) of a built-in loss (``spec`` from :func:`loss_spec`); no state change."""
         return self.core.loss(H, targets.indptr, targets.indices, targets.values, targets.active, spec)
 
+    @_locked
     def loss_step(self, H: np.ndarray, targets: CSRTargets, spec: Any, lr: float,
                   weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
         """One exact SGD step on a built-in loss: ``(losses, grad_H)`` at the weights before the step."""
@@ -596,32 +648,39 @@ class CpuEngine(Engine):
                               weight_decay)
 
     # maintenance
+    @_locked
     def refresh(self) -> None:
         """Recompute U^-1, Q and w_bar from V, U, omega (O(D d^2))."""
         self.core.refresh()
 
+    @_locked
     def stabilize(self) -> dict[str, Any]:
         """Correct U now (W unchanged); returns what was done."""
         return dict(self.core.stabilize())
 
+    @_locked
     def diagnostics(self) -> dict[str, float]:
         """See ``FactoredOutput.diagnostics``."""
         return diagnostics_from(self.arrays["stats"], self.arrays["U"], self.core.inverse_error())
 
+    @_locked
     def synchronize(self) -> None:
         """Nothing is asynchronous on the CPU."""
 
     # dense views (tiled in the core)
+    @_locked
     def dense_weight(self, start: int = 0, stop: int | None = None) -> Any:
         """W[start:stop] (default all D rows) in V's dtype."""
         stop = self.out_features if stop is None else stop
         return self._from_numpy(self.core.weight_rows(int(start), int(stop)))
 
+    @_locked
     def logits(self, H: Any, start: int = 0, stop: int | None = None) -> Any:
         """The outputs o = W h for columns [start, stop) (default all D): (m, stop - start)."""
         stop = self.out_features if stop is None else stop
         return self._from_numpy(self.core.logits(_np(H), int(start), int(stop)))
 
+    @_locked
     def norms(self, H: Any) -> tuple[Any, Any]:
         m = H.shape[0]
         _, q, s = self.core.forward(_np(H), np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
@@ -658,6 +717,7 @@ class CudaEngine(Engine):
     """
 
     def __init__(self, tensors: dict[str, Any], policy: dict[str, Any] | None = None) -> None:
+        self.lock = threading.RLock()
         torch = _torch()
         cuda = cuda_module()
         self.tensors = {name: tensors[name] for name in STATE_ARRAYS}
@@ -680,10 +740,12 @@ class CudaEngine(Engine):
         return self.core
 
     # training
+    @_locked
     def forward(self, H: Any, targets: DeviceCSR, keep_projections: bool = True) -> tuple[Any, Any, Any, Any]:
         A, q, s, projections = self._on_stream().forward(H, targets.indptr, targets.indices, True)
         return rows_from_entries(A, targets), q, s, projections
 
+    @_locked
     def grad_hidden(self, H: Any, targets: DeviceCSR, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:
         dA = entries_from_rows(dA, targets)
         return self._on_stream().grad_hidden(H, targets.indptr, targets.indices, dA, dq, ds, projections)
@@ -700,22 +762,27 @@ class CudaEngine(Engine):
         return self._torch.cat(parts)
 
     # maintenance (these synchronise)
+    @_locked
     def synchronize(self) -> None:
         """Wait for the queued work and raise the error of a failed step."""
         self._on_stream().synchronize()
 
+    @_locked
     def poll(self) -> None:
         """Raise the error of an earlier step if the device has reported one (never waits)."""
         self._on_stream().poll()
 
+    @_locked
     def refresh(self) -> None:
         """As :meth:`CpuEngine.refresh`."""
         self._on_stream().refresh()
 
+    @_locked
     def stabilize(self) -> dict[str, Any]:
         """As :meth:`CpuEngine.stabilize`."""
         return dict(self._on_stream().stabilize())
 
+    @_locked
     def diagnostics(self) -> dict[str, float]:
         """As :meth:`CpuEngine.diagnostics`."""
         self.synchronize()
@@ -723,6 +790,7 @@ class CudaEngine(Engine):
         return diagnostics_from(self.tensors["stats"].cpu().numpy(), self.tensors["U"].double().cpu().numpy(), error)
 
     # dense views, in row tiles of V
+    @_locked
     def dense_weight(self, start: int = 0, stop: int | None = None) -> Any:
         """As :meth:`CpuEngine.dense_weight`."""
         self.poll()
@@ -743,10 +811,12 @@ class CudaEngine(Engine):
         for r0 in range(start, stop, TILE_ROWS):
             yield r0, self._torch.addmm(Hw, UH, V[r0:min(r0 + TILE_ROWS, stop)].to(H.dtype).T)
 
+    @_locked
     def logits(self, H: Any, start: int = 0, stop: int | None = None) -> Any:
         """As :meth:`CpuEngine.logits`."""
         return self._torch.cat([tile for _, tile in self._logit_tiles(H, start, stop)], dim=1)
 
+    @_locked
     def norms(self, H: Any) -> tuple[Any, Any]:
         return ((H @ self.tensors["Q"]) * H).sum(1), H @ self.tensors["w_bar"]
 

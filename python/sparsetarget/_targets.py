@@ -22,10 +22,17 @@ def is_csr_like(targets: Any) -> bool:
     return all(hasattr(targets, name) for name in ("indptr", "indices", "data", "shape"))
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _int_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a contiguous int64 array; raises TypeError for non-integers and ValueError for unsigned values that
+    int64 cannot hold (a cast would wrap them to negative numbers, e.g. 2**64 - 100 to -100)."""
     arr = np.asarray(x)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > _INT64_MAX:
+        raise ValueError(f"{name} contains {arr.max()}, which is out of range (more than 2**63 - 1)")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
@@ -47,6 +54,9 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
         if indptr.shape != (m + 1,) or indices.ndim != 1 or values.shape != indices.shape:
             raise ValueError(f"{name} is not a valid CSR matrix: indptr must have m + 1 entries and data the "
                              "same length as indices")
+        if indptr[0] != 0 or indptr[-1] != indices.size or np.any(np.diff(indptr) < 0):
+            raise ValueError(f"{name} is not a valid CSR matrix: indptr (crow_indices) must start at 0, never "
+                             f"decrease and end at nnz = {indices.size}, got {indptr[0]} ... {indptr[-1]}")
         if indices.size and (indices.min() < 0 or indices.max() >= out_features):
             bad = indices[(indices < 0) | (indices >= out_features)][0]
             raise ValueError(f"{name} index {bad} is out of range [0, {out_features})")
@@ -59,7 +69,7 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
         raise TypeError(f"{name} must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
     if labels.shape != (m,):
         raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
-    labels = labels.astype(np.int64, copy=False)
+    labels = _int_array(labels, name)
     active = labels != ignore_index
     bad = active & ((labels < 0) | (labels >= out_features))
     if bad.any():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -51,13 +54,25 @@ class FactoredOutput:
             it to 1.
         inverse_tol: tolerated ||U U^-1 x - x|| / ||x|| on the monitoring vector before U^-1 is rebuilt (default
             1e-3).
-        check_every: steps between O(d^2) monitoring checks (default 1; 0 disables monitoring and corrections).
-        refresh_every: steps between full O(D d^2) refreshes of U^-1, Q and w_bar (default 0: never).
+        check_every: steps between O(d^2) monitoring checks (default 1; must be >= 1: without monitoring nothing
+            looks at U, whose condition could then grow until the results lose every digit).
+        refresh_every: steps between full O(D d^2) refreshes of U^-1, Q and w_bar; default -1: automatic, after
+            about 5 D rows of training (ceil(5 D / m) steps of m rows), which bounds their drift for well under 1 %
+            of the run time; 0: never.
         min_rcond: a step whose factor M = (1 - lr wd) I - lr H^T diag(2 dL/dq) H has a reciprocal condition
             number below this is refused (default sqrt of the state dtype's machine epsilon).
         copy: False adopts ``weight`` as V when it is a C-contiguous float32/float64 array (the layer then works in
             place on it) instead of copying it.
         **loss_options: options of ``loss`` (see :data:`LOSS_OPTIONS` for defaults).
+
+    Failures: every method checks its arguments and raises ValueError or TypeError naming the bad one; a step that
+    cannot be applied exactly (a singular factor, an overflow) raises before anything is written. Either way the
+    layer is left bit-identical.
+
+    Threads: a layer may be shared between threads. Each call that changes or reads the state (steps, the dense
+    views, :meth:`state_dict`, :meth:`save`, ...) holds the layer's lock for its whole duration, so concurrent steps
+    are applied one after the other (in an order the threads' timing decides) and every read sees the state before
+    or after a step, never part of one. Different layers never wait for each other.
     """
 
     def __init__(
@@ -305,16 +320,24 @@ class FactoredOutput:
         return {"loss": self._loss, "loss_options": self._loss_options, "ignore_index": self.ignore_index, **policy}
 
     def state_dict(self) -> dict[str, Any]:
-        """A copy of the complete state (arrays and configuration); :meth:`load_state_dict` resumes bit-exactly."""
-        sd: dict[str, Any] = {k: v.copy() for k, v in self._engine.arrays.items()}
-        sd["config"] = self.config()
+        """A copy of the complete state (arrays and configuration); :meth:`load_state_dict` resumes bit-exactly.
+        Taken while no other thread changes the layer."""
+        with self._engine.lock:
+            sd: dict[str, Any] = {k: v.copy() for k, v in self._engine.arrays.items()}
+            sd["config"] = self.config()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` of a layer with the same D, d and dtypes (arrays are copied in place)."""
+        """Restore a :meth:`state_dict` of a layer with the same D, d and dtypes (arrays are copied in place).
+
+        All or nothing: the configuration, the arrays' shapes, dtypes and finiteness, and the invariants
+        U U^-1 = I, Q = W^T W and w_bar = W^T 1 (one O(D d) pass over V, see :func:`check_state`) are checked first;
+        on any error the layer is unchanged.
+        """
         missing = [k for k in (*STATE_ARRAYS, "config") if k not in state]
         if missing:
             raise KeyError(f"state is missing {missing}")
+        settings = _checked_config(state["config"], self.state_dtype)
         arrays = self._engine.arrays
         new = {}
         for k in STATE_ARRAYS:
@@ -324,34 +347,207 @@ class FactoredOutput:
                 raise ValueError(f"state[{k!r}] has shape {src.shape} and dtype {src.dtype}, expected {dst.shape} "
                                  f"and {dst.dtype}")
             new[k] = src
-        cfg = state["config"]
-        spec, options = loss_spec(cfg["loss"], dict(cfg["loss_options"]))
-        min_rcond = cfg.get("min_rcond")
-        if min_rcond is None or min_rcond < 0:  # files of 0.1 stored -1 for the default
-            min_rcond = default_min_rcond(self.state_dtype)
-        policy = dict(sigma_range=tuple(cfg["sigma_range"]), inverse_tol=cfg["inverse_tol"],
-                      check_every=cfg["check_every"], refresh_every=cfg["refresh_every"], min_rcond=min_rcond)
-        stabilization_updates(**policy)  # checked before anything changes
-        for k, src in new.items():
-            np.copyto(arrays[k], src)
-        self._spec, self._loss_options, self._loss = spec, options, cfg["loss"]
-        self.ignore_index = int(cfg["ignore_index"])
-        self._engine.set_stabilization(**policy)
+        check_state(new, settings["policy"]["inverse_tol"])
+        with self._engine.lock:
+            for k, src in new.items():
+                np.copyto(arrays[k], src)
+            self._apply_config(settings)
+
+    def _apply_config(self, settings: dict[str, Any]) -> None:
+        """Apply a configuration checked by :func:`_checked_config` (cannot fail)."""
+        self._spec, self._loss_options, self._loss = settings["spec"], settings["loss_options"], settings["loss"]
+        self.ignore_index = settings["ignore_index"]
+        self._engine.set_stabilization(**settings["policy"])
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickling and ``copy.deepcopy``: the layer is rebuilt from its :meth:`state_dict`."""
+        return _from_state_dict, (self.state_dict(),)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save the complete state to an ``.npz`` file (see :meth:`load`)."""
-        sd = self.state_dict()
-        config = json.dumps(sd.pop("config"))
-        with open(path, "wb") as f:
-            np.savez(f, config=np.array(config), **sd)
+        """Save the complete state to an ``.npz`` file (see :meth:`load`).
+
+        Atomic: the file is written under a temporary name in the same directory, flushed to disk (fsync) and then
+        renamed over ``path``, so a crash or kill during the save leaves any previous file at ``path`` intact.
+        Streamed: the arrays are written from the layer's memory in chunks (no copy of V). Other threads' calls on
+        the layer wait until the save is done, so the file holds one consistent state.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                with self._engine.lock:
+                    np.savez(f, config=np.array(json.dumps(self.config())), **self._engine.arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+            except FileNotFoundError:
+                os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FactoredOutput:
-        """A layer restored from :meth:`save`, resuming bit-exactly."""
-        with np.load(path, allow_pickle=False) as data:
-            sd: dict[str, Any] = {k: data[k] for k in STATE_ARRAYS}
-            sd["config"] = json.loads(str(data["config"]))
-        cfg = sd["config"]
-        layer = cls(sd["V"], copy=False, state_dtype=sd["U"].dtype, loss=cfg["loss"], **cfg["loss_options"])
-        layer.load_state_dict(sd)
-        return layer
+        """A layer restored from :meth:`save`, resuming bit-exactly.
+
+        The file is checked before a layer is built: its format, the configuration, every array's presence, shape,
+        dtype and finiteness, and the invariants of the state (:func:`check_state`); a damaged or foreign file
+        raises ValueError saying what is wrong. Each array is read once, into the memory the layer then uses.
+        """
+        name = os.fspath(path)
+        with open(name, "rb") as f:  # opened here so that it is closed whatever np.load raises
+            try:
+                data = np.load(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{name!r} is not a FactoredOutput file (.npz): {err}") from err
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError(f"{name!r} is not a FactoredOutput file: it holds one array, not an .npz")
+            with data:
+                missing = [k for k in (*STATE_ARRAYS, "config") if k not in data.files]
+                if missing:
+                    raise ValueError(f"{name!r} is not a complete FactoredOutput file: missing {missing}")
+                try:
+                    state: dict[str, Any] = {"config": json.loads(str(data["config"][()]))}
+                    for k in STATE_ARRAYS:
+                        state[k] = data[k]
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+                    raise ValueError(f"{name!r} is damaged: {err}") from err
+        return _from_state_dict(state, copy=False)
+
+
+def _from_state_dict(state: dict[str, Any], copy: bool = True) -> FactoredOutput:
+    """A new layer holding ``state`` (a :meth:`FactoredOutput.state_dict`), checked as by
+    :meth:`FactoredOutput.load_state_dict`; with ``copy=False`` the arrays themselves become the layer's state."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    missing = [k for k in (*STATE_ARRAYS, "config") if k not in state]
+    if missing:
+        raise ValueError(f"state is missing {missing}")
+    V, U = np.asarray(state["V"]), np.asarray(state["U"])
+    float_dtype(V.dtype, "V")
+    sdt = float_dtype(U.dtype, "U")
+    if V.ndim != 2 or V.shape[0] < 1 or V.shape[1] < 1:
+        raise ValueError(f"V must be a non-empty (D, d) array, got shape {V.shape}")
+    settings = _checked_config(state["config"], sdt)
+    d = V.shape[1]
+    expected = {name: (arr.shape, arr.dtype) for name, arr in initial_small_state(d, sdt).items()}
+    expected["V"] = (V.shape, V.dtype)
+    arrays = {}
+    for k in STATE_ARRAYS:
+        arr = np.asarray(state[k])
+        shape, dtype = expected[k]
+        if arr.shape != shape or arr.dtype != dtype:
+            raise ValueError(f"state[{k!r}] has shape {arr.shape} and dtype {arr.dtype}, expected {shape} and {dtype}")
+        arrays[k] = np.array(arr, order="C", copy=True) if copy else np.ascontiguousarray(arr)
+        if not arrays[k].flags.writeable:
+            arrays[k] = arrays[k].copy()
+    check_state(arrays, settings["policy"]["inverse_tol"])
+    layer = FactoredOutput.__new__(FactoredOutput)
+    layer._engine = CpuEngine(arrays, settings["policy"])
+    layer._apply_config(settings)
+    return layer
+
+
+def _checked_config(config: Any, state_dtype: Any) -> dict[str, Any]:
+    """A layer configuration (:meth:`FactoredOutput.config`) checked completely, ready for ``_apply_config``;
+    raises ValueError or TypeError naming the bad entry."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    keys = ("loss", "loss_options", "ignore_index", "sigma_range", "inverse_tol", "check_every", "refresh_every")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing}")
+    if not isinstance(config["loss"], str):
+        raise TypeError(f"config['loss'] must be a str, got {type(config['loss']).__name__}")
+    if not isinstance(config["loss_options"], dict):
+        raise TypeError(f"config['loss_options'] must be a dict, got {type(config['loss_options']).__name__}")
+    for name, value in config["loss_options"].items():
+        check_finite_number(value, f"config['loss_options'][{name!r}]")
+    spec, options = loss_spec(config["loss"], dict(config["loss_options"]))
+    ignore_index = config["ignore_index"]
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"config['ignore_index'] must be an int, got {ignore_index!r}")
+    min_rcond = config.get("min_rcond")
+    if min_rcond is None or (isinstance(min_rcond, (int, float)) and min_rcond < 0):  # 0.1 stored -1: the default
+        min_rcond = default_min_rcond(state_dtype)
+    policy = dict(sigma_range=config["sigma_range"], inverse_tol=config["inverse_tol"],
+                  check_every=config["check_every"], refresh_every=config["refresh_every"], min_rcond=min_rcond)
+    for name in ("sigma_range", "inverse_tol", "check_every", "refresh_every"):
+        if policy[name] is None:
+            raise ValueError(f"config[{name!r}] must be set, got None")
+    try:
+        updates = stabilization_updates(**policy)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"config: {err}") from err
+    policy["sigma_range"] = (updates["sigma_low"], updates["sigma_high"])
+    return {"spec": spec, "loss_options": options, "loss": config["loss"], "ignore_index": int(ignore_index),
+            "policy": policy}
+
+
+def check_finite_number(x: Any, name: str) -> float:
+    """``x`` as a finite float (not a str or bool); raises TypeError or ValueError naming ``name``."""
+    if isinstance(x, (str, bytes, bool)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    if not np.isfinite(float(x)):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return float(x)
+
+
+_ROWS_PER_TILE = 1 << 16
+
+
+def check_state(arrays: dict[str, np.ndarray], inverse_tol: float) -> None:
+    """Check a layer's state arrays (shapes and dtypes already checked) before they are used; raises ValueError.
+
+    Every array must be finite; U U^-1 must be I to within max(1e-2, 10 inverse_tol) per column (d^3); and, from
+    one O(D d) pass over V in row tiles with a fixed random probe x, Q x must be W^T (W x) and w_bar must be W^T 1
+    to within a relative 1e-2 (float32 state) or 1e-6 (float64 state): loose enough for the drift a long run can
+    accumulate, tight enough to catch arrays from different states or damaged values.
+    """
+    for name in STATE_ARRAYS:
+        if name == "V":
+            continue
+        if not np.all(np.isfinite(arrays[name])):
+            raise ValueError(f"state[{name!r}] contains NaN or inf")
+    V, U, U_inv = arrays["V"], arrays["U"].astype(np.float64), arrays["U_inv"].astype(np.float64)
+    D, d = V.shape
+    residual = np.linalg.norm(U @ U_inv - np.eye(d)) / np.sqrt(d)
+    if not residual <= max(1e-2, 10 * inverse_tol):
+        raise ValueError(f"state['U_inv'] is not the inverse of state['U']: ||U U^-1 - I||_F / sqrt(d) = "
+                         f"{residual:.3g}")
+    omega = arrays["omega"].astype(np.float64)
+    x = np.random.default_rng(0).standard_normal(d)
+    x /= np.linalg.norm(x)
+    Ux, omega_x = U @ x, float(omega @ x)
+    VtWx, Vt1 = np.zeros(d), np.zeros(d)
+    Wx_sq = Wx_sum = 0.0
+    for r0 in range(0, D, _ROWS_PER_TILE):
+        tile = V[r0:r0 + _ROWS_PER_TILE]
+        if not np.all(np.isfinite(tile)):
+            raise ValueError("state['V'] contains NaN or inf")
+        tile = tile.astype(np.float64, copy=False)
+        Wx = tile @ Ux + omega_x
+        Wx_sq += float(Wx @ Wx)
+        VtWx += tile.T @ Wx
+        Vt1 += tile.sum(0)
+        Wx_sum += float(Wx.sum())
+    WtWx = U.T @ VtWx + omega * Wx_sum
+    Wt1 = U.T @ Vt1 + D * omega
+    tol = 1e-2 if arrays["U"].dtype == np.float32 else 1e-6
+    Q, w_bar = arrays["Q"].astype(np.float64), arrays["w_bar"].astype(np.float64)
+    if not np.linalg.norm(Q @ x - WtWx) <= tol * np.linalg.norm(WtWx):
+        raise ValueError("state['Q'] is not W^T W for W = V U + 1 omega^T (the arrays do not belong to one state, "
+                         "or are damaged)")
+    if not np.linalg.norm(w_bar - Wt1) <= tol * (np.linalg.norm(Wt1) + np.sqrt(d * Wx_sq)):
+        raise ValueError("state['w_bar'] is not W^T 1 for W = V U + 1 omega^T (the arrays do not belong to one "
+                         "state, or are damaged)")
