@@ -18,7 +18,8 @@
 //                                       where the new state is written: the CPU writes in place after every check
 //                                       passed; CUDA writes a copy and commits it only if no failure was recorded
 //   count_step, steps, flags, correction_requested, correction_done, synchronize, can_wait, download, upload,
-//   accumulate_gram, exact_math         bookkeeping of the stabilisation policy
+//   accumulate_gram, exact_math, monitor_may_be_due
+//                                       bookkeeping of the stabilisation policy
 #pragma once
 
 namespace sparsetarget {
@@ -65,6 +66,7 @@ enum Slot : int {
   kSlotBounds,         // norms and bounds of the commit's products (double)
   kSlotScatterStep,    // per target entry: a bound on what the V scatter adds (double)
   kSlotScatterRow,     // per target entry: the largest |entry| of its row of V (double)
+  kSlotRowNorms,
   kSlotCount,
   kSlotBackend = 48,  // and up: the backend's own (sorting, LU pivots, ...)
 };

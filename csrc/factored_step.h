@@ -275,6 +275,10 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   b.commit(omega_out, st.omega, static_cast<std::size_t>(d));
   b.commit(w_bar_out, st.w_bar, static_cast<std::size_t>(d));
   b.count_step(st.stats);
+  // What the monitoring knows about U's singular values, carried across this step as bounds (§8.2).
+  TS* hh = b.template scratch<TS>(kSlotRowNorms, m);
+  b.row_dots(H, H, m, d, hh);
+  b.for_each(1, parts::WidenMonitorBounds<TS>{dq, hh, opt.lr, 1.0 - opt.lr * opt.weight_decay, st.stats, b.flags(), m});
 }
 
 }  // namespace sparsetarget

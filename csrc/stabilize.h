@@ -137,8 +137,10 @@ double inverse_error(B& b, const FactoredState<TV, TS>& st) {
   return inverse_error_of(st.d, U.data(), U_inv.data());
 }
 
-// The policy after a step: a refresh every refresh_every steps, else monitoring every check_every steps, and a
-// correction when one has been requested and the backend can run it now. A refresh needs to wait for the device, so
+// The policy after a step: a refresh every refresh_every steps, else monitoring at least every check_every steps
+// and earlier whenever the bounds carried since the last check no longer keep U's singular values in band (a
+// backend that would have to wait to read them monitors every step), and a correction when one has been requested
+// and the backend can run it now. A refresh needs to wait for the device, so
 // a GPU skips it while a CUDA graph is being captured; a correction that fails (U singular) is not asked for again.
 template <class B, class TV, class TS>
 void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt, std::int64_t rows) {
@@ -148,7 +150,7 @@ void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt, st
     refresh(b, st);
     return;
   }
-  if (opt.check_every > 0 && steps % opt.check_every == 0) monitor(b, st, opt);
+  if (opt.check_every > 0 && (steps % opt.check_every == 0 || b.monitor_may_be_due(st, opt))) monitor(b, st, opt);
   if (!b.correction_requested()) return;
   try {
     correct(b, st, opt);

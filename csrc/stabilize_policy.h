@@ -23,7 +23,7 @@ struct StabilizeOptions {
   double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
   double sigma_high = 2.0;
   double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
-  std::int64_t check_every = 1;     // monitor every this many steps (>= 1; the Python front ends refuse 0)
+  std::int64_t check_every = 16;    // monitor at least every this many steps, earlier when due (>= 1)
   std::int64_t refresh_every = -1;  // full refresh every this many steps; 0 never; -1 automatic (refresh_period)
 };
 

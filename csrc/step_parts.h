@@ -182,6 +182,27 @@ struct UpdateProbe {
   }
 };
 
+// After a committed step U <- U M with the symmetric factor M = c I - lr H^T diag(alpha) H: every singular value of M
+// lies in [c - lr tau, c + lr tau] with tau = sum_j |alpha_j| ||h_j||^2 >= ||H^T diag(alpha) H|| (Weyl), so
+// sigma_max(U M) <= sigma_max(U) (c + lr tau) and sigma_min(U M) >= sigma_min(U) (c - lr tau). The monitored values
+// in the stats widen by these factors until the next check replaces them (§8.2). hh_j = ||h_j||^2. Runs once.
+template <class TS>
+struct WidenMonitorBounds {
+  const TS *dq, *hh;
+  double lr, c;
+  double* stats;
+  const StepFlags* flags;
+  int m;
+  ST_HD void operator()(std::size_t) const {
+    if (flags->error != kOk) return;  // nothing was committed
+    double tau = 0;
+    for (int j = 0; j < m; ++j) tau += std::fabs(2.0 * static_cast<double>(dq[j])) * static_cast<double>(hh[j]);
+    const double lo = c - lr * tau;
+    stats[kStatSigmaMax] *= c + lr * tau;
+    stats[kStatSigmaMin] *= lo > 0 ? lo : 0.0;
+  }
+};
+
 // The monitoring decision from the norms (sigma_max = |U p|, |U^-1 p'| = 1 / sigma_min, residual |U U^-1 p' - p'|),
 // recorded in the stats; raises flags->needs_correction (§8.2-§8.3); and the coefficients of the two UpdateProbe
 // passes. Runs once.

@@ -38,11 +38,11 @@ def test_default_policy_is_set_explicitly_in_the_core(state_dtype):
     assert core.min_rcond == pytest.approx(np.sqrt(eps), rel=1e-12)
     assert (core.sigma_low, core.sigma_high) == _engine.STABILIZATION_DEFAULTS["sigma_range"]
     assert core.inverse_tol == _engine.STABILIZATION_DEFAULTS["inverse_tol"]
-    assert (core.check_every, core.refresh_every) == (1, -1)  # -1: automatic refresh
+    assert (core.check_every, core.refresh_every) == (16, -1)  # -1: automatic refresh
     cfg = layer.config()
     assert cfg["min_rcond"] == core.min_rcond
     layer.set_stabilization(min_rcond=1e-3, check_every=None)  # None: unchanged
-    assert core.min_rcond == 1e-3 and core.check_every == 1
+    assert core.min_rcond == 1e-3 and core.check_every == 16
     sd = layer.state_dict()
     sd["config"]["min_rcond"] = -1.0  # how 0.1 saved the default
     layer.load_state_dict(sd)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import sparsetarget as st
+from sparsetarget._engine import Stat
 from conftest import make_targets
 from reference import DenseSGD, dense_loss, dense_targets, rel_err
 
@@ -19,9 +20,18 @@ def ill_conditioned(layer, rng, cond=1e4):
     sd = layer.state_dict()
     sd["V"] = np.ascontiguousarray(W @ np.linalg.inv(U))
     sd["U"], sd["U_inv"] = U, np.linalg.inv(U)
+    describe_U(sd)
     layer.load_state_dict(sd)
     assert np.linalg.cond(layer.state_dict()["U"]) > cond / 2
     return W
+
+
+def describe_U(sd):
+    """Record U's singular values in the monitoring scalars, as a check would have: a state edited by hand must say
+    what its U is, since the monitoring carries bounds from them instead of checking every step."""
+    sv = np.linalg.svd(sd["U"], compute_uv=False)
+    sd["stats"] = sd["stats"].copy()
+    sd["stats"][int(Stat.sigma_max)], sd["stats"][int(Stat.sigma_min)] = sv.max(), sv.min()
 
 
 def test_correction_restores_conditioning_and_keeps_W(rng):
@@ -205,6 +215,7 @@ def refactor(layer, U):
     sd = layer.state_dict()
     sd["V"] = np.ascontiguousarray(W @ np.linalg.inv(U))
     sd["U"], sd["U_inv"] = U, np.linalg.inv(U)
+    describe_U(sd)
     layer.load_state_dict(sd)
     return W
 
@@ -258,4 +269,50 @@ def test_squared_error_training_with_shrinking_U_stays_exact():
     diag = layer.diagnostics()
     assert diag["sigma_max"] < 0.01  # U shrank a lot ...
     assert diag["corrections"] <= 20 and diag["condition"] < 4  # ... without a correction per step
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-9
+
+
+@pytest.mark.parametrize("m", [1, 6, 40])  # Woodbury (m < d) and explicit (m > d) steps
+@pytest.mark.parametrize("loss", ["squared_error", "spherical_softmax"])
+def test_monitoring_bounds_carried_across_unchecked_steps_contain_U(rng, m, loss):
+    """Between checks the monitored singular values widen by the step's factor bounds: they must contain the
+    true extreme singular values of the new U (starting from exact ones), and be tight enough to be useful."""
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss=loss, check_every=10**6)
+    P, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    R, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    refactor(layer, (P * np.geomspace(0.8, 1.25, d)) @ R.T)
+    unchecked = 0
+    for _ in range(8):
+        before = layer.state_dict()
+        H = rng.standard_normal((m, d)) / np.sqrt(d)
+        layer.step(H, rng.integers(0, D, m), 0.05 / m, 0.1)
+        sd = layer.state_dict()
+        if not np.array_equal(sd["probe_max"], before["probe_max"]):
+            describe_U(sd)  # a check ran: start again from exact values
+            layer.load_state_dict(sd)
+            continue
+        unchecked += 1
+        sv = np.linalg.svd(sd["U"], compute_uv=False)
+        hi, lo = sd["stats"][int(Stat.sigma_max)], sd["stats"][int(Stat.sigma_min)]
+        assert lo <= sv.min() * (1 + 1e-12) and sv.max() <= hi * (1 + 1e-12)
+        assert hi / lo < 4 * sv.max() / sv.min()  # not vacuous
+    assert unchecked >= 4
+
+
+def test_monitoring_runs_before_its_turn_when_U_may_leave_the_band():
+    """Squared error shrinks U fast; with the regular check far away, the carried bounds still call the checks
+    (and corrections) that keep U in band, and W follows dense SGD."""
+    rng = np.random.default_rng(3)
+    W0 = rng.standard_normal((D, d)) / np.sqrt(d)
+    layer = st.FactoredOutput(W0, loss="squared_error", check_every=10**6)
+    dense = DenseSGD(W0)
+    for _ in range(150):
+        H = rng.standard_normal((8, d))
+        H /= np.linalg.norm(H, axis=1, keepdims=True)
+        y = rng.integers(0, D, 8)
+        Y, _ = dense_targets(y, 8, D)
+        dense.step(H, Y, "squared_error", {}, 0.05)
+        layer.step(H, y, 0.05)
+    diag = layer.diagnostics()
+    assert diag["corrections"] >= 1 and diag["condition"] < 4
     assert rel_err(layer.dense_weight(), dense.W) < 1e-9

@@ -511,7 +511,7 @@ def test_bad_input_raises_and_keeps_state():
             fn()
         assert_state_equal(head, snap)
     assert head._stabilization == policy  # a refused set_stabilization changed nothing, also in the core
-    assert head._engine().core.check_every == 1 and head._engine().core.inverse_tol == 1e-3
+    assert head._engine().core.check_every == 16 and head._engine().core.inverse_tol == 1e-3
 
 
 def test_singular_update_is_refused_at_step_and_keeps_state_and_gradients():

@@ -238,6 +238,12 @@ class CpuBackend {
     std::copy(src.begin(), src.end(), dst);
   }
   int exact_math() { return 0; }  // the CPU has no reduced-precision mode
+  // Whether the singular-value bounds carried since the last check (parts::WidenMonitorBounds) could have left the
+  // band: the check then runs before its turn.
+  template <class TV, class TS>
+  bool monitor_may_be_due(const FactoredState<TV, TS>& st, const StabilizeOptions& opt) const {
+    return needs_correction(st.stats[kStatSigmaMax], st.stats[kStatSigmaMin], st.stats[kStatInverseResidual], opt);
+  }
   // VtV (upper triangle) += tile^T tile and Vt1 += tile^T 1, accumulated in float64 (the product in V's dtype).
   template <class TV>
   void accumulate_gram(const TV* tile, int rows, int d, double* VtV, double* Vt1) {

@@ -82,6 +82,37 @@ void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x,
   Vendor<T>::gemv(kRowMajor, op(oa), m, n, alpha, a, lda, x, incx, beta, y, incy);
 }
 
+// C (2 x n) <- alpha A B + beta C with A 2 x k and B k x n, row-major: one pass over the rows of B, each added to
+// both rows of C (which stay in cache). Built for the machine's vector width, chosen at load time.
+template <class T>
+__attribute__((target_clones("default", "avx2", "avx512f"))) void two_row_gemm_impl(int n, int k, T alpha, const T* a,
+                                                                                     int lda, const T* b, int ldb,
+                                                                                     T beta, T* c, int ldc) {
+  T* c0 = c;
+  T* c1 = c + ldc;
+  for (int j = 0; j < n; ++j) {
+    c0[j] = beta == T(0) ? T(0) : beta * c0[j];
+    c1[j] = beta == T(0) ? T(0) : beta * c1[j];
+  }
+  for (int l = 0; l < k; ++l) {
+    const T x0 = alpha * a[l], x1 = alpha * a[lda + l];
+    const T* row = b + static_cast<std::ptrdiff_t>(l) * ldb;
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {
+      c0[j] += x0 * row[j];
+      c1[j] += x1 * row[j];
+    }
+  }
+}
+void two_row_gemm(int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                  int ldc) {
+  two_row_gemm_impl<float>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void two_row_gemm(int n, int k, double alpha, const double* a, int lda, const double* b, int ldb, double beta,
+                  double* c, int ldc) {
+  two_row_gemm_impl<double>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // A GEMM with one output row or column is a GEMV; BLAS libraries do not all take that shortcut themselves,
 // and it matters for single-example steps.
 template <class T>
@@ -93,6 +124,10 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
       gemv_strided<T>(Op::T, k, n, alpha, b, ldb, a, incx, beta, c, 1);
     else
       gemv_strided<T>(Op::N, n, k, alpha, b, ldb, a, incx, beta, c, 1);
+    return true;
+  }
+  if (m == 2 && oa == Op::N && ob == Op::N) {  // two rows through B once (a packed GEMM would copy all of B first)
+    two_row_gemm(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return true;
   }
   if (n == 1) {  // c = op(A) x with x the single column of op(B)

@@ -18,6 +18,7 @@
 
 #include "../backend.h"
 #include "../host_device.h"
+#include "../stabilize_policy.h"
 #include "../state.h"
 #include "blas_cuda.cuh"
 #include "state_cuda.cuh"
@@ -148,6 +149,11 @@ class CudaBackend {
   bool correction_requested();
   // Whether the host may wait for the device now (not while a CUDA graph is being captured).
   bool can_wait() const { return !capturing(); }
+  // The carried bounds live on the device; reading them would wait for it, so every step is monitored.
+  template <class TV, class TS>
+  bool monitor_may_be_due(const FactoredState<TV, TS>&, const StabilizeOptions&) const {
+    return true;
+  }
   void correction_done() { clear(); }
   void synchronize();
   template <class T>
