@@ -54,8 +54,9 @@ class FactoredOutput:
             it to 1.
         inverse_tol: tolerated ||U U^-1 x - x|| / ||x|| on the monitoring vector before U^-1 is rebuilt (default
             1e-3).
-        check_every: steps between O(d^2) monitoring checks (default 1; must be >= 1: without monitoring nothing
-            looks at U, whose condition could then grow until the results lose every digit).
+        check_every: the longest run of steps without an O(d^2) monitoring check (default 16; a check also runs
+            whenever bounds carried from the steps say U may have left the band); must be >= 1: without
+            monitoring nothing looks at U, whose condition could then grow until the results lose every digit.
         refresh_every: steps between full O(D d^2) refreshes of U^-1, Q and w_bar; default -1: automatic, after
             about 5 D rows of training (ceil(5 D / m) steps of m rows), which bounds their drift for well under 1 %
             of the run time; 0: never.
