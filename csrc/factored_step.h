@@ -253,8 +253,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* U = b.stage(st.U, dd, kSlotStageU, true);
   b.gemm(Op::T, Op::N, d, d, m, -lr, p.UH, d, aH, d, c, U, d);  // U <- c U - lr U H^T aH
   TS* Q = b.stage(st.Q, dd, kSlotStageQ, true);
-  b.syr2k_t(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H)
-  b.mirror_upper(d, Q, d);
+  b.sym_rank2k(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H), exactly symmetric
   TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, KHU != nullptr);
   if (KHU)
     b.gemm(Op::T, Op::N, d, d, m, 1 / c, H, d, KHU, d, 1 / c, U_inv, d);

@@ -71,6 +71,10 @@ class CpuBackend {
   void mirror_upper(int n, T* c, int ldc) {
     blas::mirror_upper<T>(n, c, ldc);
   }
+  template <class T>
+  void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+    blas::sym_rank2k<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
 
   // ---- elementwise
   template <class F>

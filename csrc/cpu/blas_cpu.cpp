@@ -113,6 +113,36 @@ void two_row_gemm(int n, int k, double alpha, const double* a, int lda, const do
   two_row_gemm_impl<double>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// C (m x n) <- beta C + alpha x y^T, with x_i = x[i * incx] and y_j = y[j * incy]: one pass over C (a packed GEMM with
+// k = 1 runs its full machinery for the same traffic).
+template <class T>
+__attribute__((target_clones("default", "avx2", "avx512f"))) void rank1_update_impl(int m, int n, T alpha,
+                                                                                    const T* x, int incx, const T* y,
+                                                                                    int incy, T beta, T* c, int ldc) {
+  std::vector<T> yv(static_cast<std::size_t>(n));
+  for (int j = 0; j < n; ++j) yv[j] = y[static_cast<std::ptrdiff_t>(j) * incy];
+  const T* yp = yv.data();
+  for (int i = 0; i < m; ++i) {
+    const T xi = alpha * x[static_cast<std::ptrdiff_t>(i) * incx];
+    T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    if (beta == T(0)) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) row[j] = xi * yp[j];
+    } else {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) row[j] = beta * row[j] + xi * yp[j];
+    }
+  }
+}
+void rank1_update(int m, int n, float alpha, const float* x, int incx, const float* y, int incy, float beta, float* c,
+                  int ldc) {
+  rank1_update_impl<float>(m, n, alpha, x, incx, y, incy, beta, c, ldc);
+}
+void rank1_update(int m, int n, double alpha, const double* x, int incx, const double* y, int incy, double beta,
+                  double* c, int ldc) {
+  rank1_update_impl<double>(m, n, alpha, x, incx, y, incy, beta, c, ldc);
+}
+
 // A GEMM with one output row or column is a GEMV; BLAS libraries do not all take that shortcut themselves,
 // and it matters for single-example steps.
 template <class T>
@@ -128,6 +158,10 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
   }
   if (m == 2 && oa == Op::N && ob == Op::N) {  // two rows through B once (a packed GEMM would copy all of B first)
     two_row_gemm(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return true;
+  }
+  if (k == 1) {  // an outer product: x the single column of op(A), y the single row of op(B)
+    rank1_update(m, n, alpha, a, oa == Op::N ? lda : 1, b, ob == Op::N ? 1 : ldb, beta, c, ldc);
     return true;
   }
   if (n == 1) {  // c = op(A) x with x the single column of op(B)
@@ -160,6 +194,40 @@ void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
   Vendor<T>::syrk(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
 }
 
+// Both triangles of C (n x n) <- beta C + alpha (A^T B + B^T A), A and B k x n, for small k: one pass over C. Entry
+// (i, j) sums a_li b_lj + b_li a_lj over l, the same two products as entry (j, i) added in the other order, so C stays
+// exactly symmetric (this file is compiled without floating-point contraction).
+template <class T>
+__attribute__((target_clones("default", "avx2", "avx512f"))) void sym_rank2k_small(int n, int k, T alpha, const T* a,
+                                                                                   int lda, const T* b, int ldb,
+                                                                                   T beta, T* c, int ldc) {
+  std::vector<T> acc(static_cast<std::size_t>(n));
+  T* s = acc.data();
+  for (int i = 0; i < n; ++i) {
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int l = 0; l < k; ++l) {
+      const T* al = a + static_cast<std::ptrdiff_t>(l) * lda;
+      const T* bl = b + static_cast<std::ptrdiff_t>(l) * ldb;
+      const T ai = al[i], bi = bl[i];
+#pragma omp simd
+      for (int j = 0; j < n; ++j) s[j] += ai * bl[j] + bi * al[j];
+    }
+    T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
+#pragma omp simd
+    for (int j = 0; j < n; ++j) row[j] = beta * row[j] + alpha * s[j];
+  }
+}
+
+template <class T>
+void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+  if (k <= 2) {
+    sym_rank2k_small<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  mirror_upper<T>(n, c, ldc);
+}
+
 template <class T>
 void mirror_upper(int n, T* c, int ldc) {
   // Through a small tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided
@@ -182,7 +250,8 @@ void mirror_upper(int n, T* c, int ldc) {
   template void gemv<T>(Op, int, int, T, const T*, int, const T*, T, T*);                                  \
   template void syr2k_t<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                         \
   template void syrk_t<T>(int, int, T, const T*, int, T, T*, int);                                         \
-  template void mirror_upper<T>(int, T*, int);
+  template void mirror_upper<T>(int, T*, int);                                                            \
+  template void sym_rank2k<T>(int, int, T, const T*, int, const T*, int, T, T*, int);
 ST_INSTANTIATE(float)
 ST_INSTANTIATE(double)
 #undef ST_INSTANTIATE

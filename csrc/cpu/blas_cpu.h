@@ -26,6 +26,10 @@ void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T 
 template <class T>
 void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc);
 
+// Both triangles of C (n x n) <- alpha * (A^T B + B^T A) + beta * C, exactly symmetric, with A and B of shape k x n.
+template <class T>
+void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc);
+
 // Copies the upper triangle of a square row-major matrix onto its lower triangle.
 template <class T>
 void mirror_upper(int n, T* c, int ldc);

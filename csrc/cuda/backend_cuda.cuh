@@ -88,6 +88,11 @@ class CudaBackend {
   void mirror_upper(int n, T* c, int ldc) {
     blas::mirror_upper<T>(blas, n, c, ldc);
   }
+  template <class T>
+  void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+    syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mirror_upper<T>(n, c, ldc);
+  }
 
   // ---- elementwise (kernels)
   template <class F>
