@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import sparsetarget as st
-from sparsetarget._engine import Stat
 from conftest import make_targets
 from reference import DenseSGD, dense_loss, dense_targets, rel_err
+from sparsetarget._engine import Stat
 
 D, d = 211, 17
 
