@@ -20,6 +20,7 @@
 #include "../state.h"
 #include "blas_cpu.h"
 #include "kernels_cpu.h"
+#include "thread_pool_cpu.h"
 
 namespace sparsetarget::cpu {
 
@@ -249,12 +250,22 @@ class CpuBackend {
     return needs_correction(st.stats[kStatSigmaMax], st.stats[kStatSigmaMin], st.stats[kStatInverseResidual], opt);
   }
   // VtV (upper triangle) += tile^T tile and Vt1 += tile^T 1, accumulated in float64 (the product in V's dtype).
+  // The tile's rows are split over the core's threads, one product each.
   template <class TV>
   void accumulate_gram(const TV* tile, int rows, int d, double* VtV, double* Vt1) {
-    TV* part = scratch<TV>(kSlotTile, static_cast<std::size_t>(d) * d);
-    blas::syrk_t<TV>(d, rows, 1, tile, d, 0, part, d);
-    for (int i = 0; i < d; ++i)
-      for (int j = i; j < d; ++j) VtV[static_cast<std::size_t>(i) * d + j] += part[static_cast<std::size_t>(i) * d + j];
+    const std::size_t dd = static_cast<std::size_t>(d) * d;
+    const int parts = std::max(1, std::min(pool_threads(), rows / 256));
+    TV* part = scratch<TV>(kSlotTile, parts * dd);
+    parallel_for(parts, [&](int p) {
+      const int r0 = rows * p / parts, r1 = rows * (p + 1) / parts;
+      blas::syrk_t<TV>(d, r1 - r0, 1, tile + static_cast<std::ptrdiff_t>(r0) * d, d, 0, part + p * dd, d);
+    });
+    for (int p = 0; p < parts; ++p)
+      for (int i = 0; i < d; ++i)
+        for (int j = i; j < d; ++j) {
+          const std::size_t x = static_cast<std::size_t>(i) * d + j;
+          VtV[x] += part[p * dd + x];
+        }
     for (int r = 0; r < rows; ++r) {
       const TV* v = tile + static_cast<std::ptrdiff_t>(r) * d;
       for (int i = 0; i < d; ++i) Vt1[i] += v[i];

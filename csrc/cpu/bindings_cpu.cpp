@@ -450,8 +450,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("default_min_rcond", [](bool float64) {
     return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
   }, py::arg("float64"), "The default min_rcond of a state dtype: sqrt of its machine epsilon.");
-  m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), "Set the number of BLAS threads.");
-  m.def("get_num_threads", &blas::get_num_threads, "Number of BLAS threads.");
+  m.def("set_num_threads", &blas::set_num_threads, py::arg("n"),
+        "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
+        "BLAS call).");
+  m.def("get_num_threads", &blas::get_num_threads, "Number of threads the core splits its products over.");
 
   py::class_<LossSpec>(m, "LossSpec", "A built-in loss and its options (see make_loss_spec).")
       .def_readonly("eps", &LossSpec::eps)

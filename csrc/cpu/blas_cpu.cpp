@@ -2,6 +2,8 @@
 // for a system BLAS; the declarations below are the standard CBLAS / Fortran LAPACK ABI.
 #include "blas_cpu.h"
 
+#include "thread_pool_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -171,23 +173,76 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
   }
   return false;
 }
+
+// How many parts a product of this many FLOPs is split into: one per thread, each worth at least kMinFlopsPerPart
+// (below that, handing a part over costs more than computing it).
+constexpr double kMinFlopsPerPart = 4e6;
+int parts_for(double flops) {
+  const double by_size = flops / kMinFlopsPerPart;
+  return by_size < 2 ? 1 : std::min(cpu::pool_threads(), static_cast<int>(by_size));
+}
+// Edges of `parts` blocks of [0, n), multiples of 16 (whole vectors and cache lines) except the last.
+std::vector<int> block_edges(int n, int parts) {
+  std::vector<int> edge(parts + 1, n);
+  edge[0] = 0;
+  for (int t = 1; t < parts; ++t)
+    edge[t] = std::min(n, (static_cast<int>(static_cast<long long>(n) * t / parts) + 15) / 16 * 16);
+  return edge;
+}
 }  // namespace
 
+// Split over the longer side of C into parts computed at once by the core's threads, each a single-threaded
+// vendor GEMM: every entry of C is computed by the same kernel with the same k-order as unsplit.
 template <class T>
 void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
           int ldc) {
   if (m == 0 || n == 0) return;
   if (gemm_as_gemv<T>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
-  Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const int parts = parts_for(2.0 * m * n * k);
+  if (parts <= 1) {
+    Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const bool by_columns = n >= m;
+  const std::vector<int> edge = block_edges(by_columns ? n : m, parts);
+  cpu::parallel_for(parts, [&](int t) {
+    const int lo = edge[t], len = edge[t + 1] - lo;
+    if (len <= 0) return;
+    if (by_columns)
+      Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, len, k, alpha, a, lda,
+                      ob == Op::N ? b + lo : b + static_cast<std::ptrdiff_t>(lo) * ldb, ldb, beta, c + lo, ldc);
+    else
+      Vendor<T>::gemm(kRowMajor, op(oa), op(ob), len, n, k, alpha,
+                      oa == Op::N ? a + static_cast<std::ptrdiff_t>(lo) * lda : a + lo, lda, b, ldb, beta,
+                      c + static_cast<std::ptrdiff_t>(lo) * ldc, ldc);
+  });
 }
 template <class T>
 void gemv(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y) {
   if (m == 0 || n == 0) return;
   gemv_strided<T>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
 }
+// Split into column blocks [e_t, e_t+1) of the upper triangle with equal areas (e_t = n sqrt(t / parts)): block t is
+// the rectangle above its diagonal block (two GEMMs) and the diagonal block (a SYR2K).
 template <class T>
 void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
-  Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const int parts = parts_for(2.0 * k * n * n);
+  if (parts <= 1) {
+    Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  std::vector<int> edge(parts + 1, n);
+  for (int t = 0; t < parts; ++t) edge[t] = static_cast<int>(std::lround(n * std::sqrt(static_cast<double>(t) / parts)));
+  cpu::parallel_for(parts, [&](int t) {
+    const int j0 = edge[t], w = edge[t + 1] - j0;
+    if (w <= 0) return;
+    if (j0 > 0) {  // rows [0, j0) x columns [j0, j0 + w): A[:, :j0]^T B[:, block] + B[:, :j0]^T A[:, block]
+      Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, a, lda, b + j0, ldb, beta, c + j0, ldc);
+      Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, b, ldb, a + j0, lda, T(1), c + j0, ldc);
+    }
+    Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, w, k, alpha, a + j0, lda, b + j0, ldb, beta,
+                     c + static_cast<std::ptrdiff_t>(j0) * ldc + j0, ldc);
+  });
 }
 template <class T>
 void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
@@ -311,11 +366,25 @@ void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vecto
 template void svd<float>(int, const float*, std::vector<float>&, std::vector<float>&, std::vector<float>&);
 template void svd<double>(int, const double*, std::vector<double>&, std::vector<double>&, std::vector<double>&);
 
+namespace {
+// The core splits its products over its own threads (thread_pool_cpu.h), each part a single-threaded vendor call:
+// the vendor's threads would spin between the calls of a step, against the core's and any other pool. At load, the
+// core takes the vendor's default thread count (OPENBLAS_NUM_THREADS, else all cores) and sets the vendor to one.
+const int g_threads_at_load = [] {
+  const int n = ST_SYM(openblas_get_num_threads) ? ST_SYM(openblas_get_num_threads)() : 1;
+  if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(1);
+  cpu::set_pool_threads(n > 0 ? n : 1);
+  return n;
+}();
+}  // namespace
+
 void set_num_threads(int n) {
-  if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(n);
+  cpu::set_pool_threads(n);
+  if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(1);
 }
 int get_num_threads() {
-  return ST_SYM(openblas_get_num_threads) ? ST_SYM(openblas_get_num_threads)() : 1;
+  static_cast<void>(g_threads_at_load);
+  return cpu::pool_threads();
 }
 
 }  // namespace sparsetarget::blas

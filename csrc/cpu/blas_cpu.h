@@ -43,6 +43,7 @@ double invert(int n, T* a);
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);
 
+// Threads the core's products are split over (the vendor library itself runs single-threaded); n >= 1.
 void set_num_threads(int n);
 int get_num_threads();
 

@@ -1,0 +1,127 @@
+#include "thread_pool_cpu.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace sparsetarget::cpu {
+namespace {
+
+thread_local bool t_in_worker = false;
+
+// Workers are added on demand and live as long as the process. A child of fork() has the object but none of its
+// threads: it runs every job on the calling thread.
+class Pool {
+ public:
+  bool usable() const { return getpid() == owner_; }
+
+  // Runs a job of `parts` parts with at least parts - 1 workers; false when another job holds the pool.
+  bool run(int parts, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
+    if (!job.owns_lock()) return false;
+    while (static_cast<int>(workers_.size()) < parts - 1) workers_.emplace_back([this] { work(); });
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &f;
+      parts_ = parts;
+      next_ = 0;
+      unfinished_ = parts;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    take_parts();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return unfinished_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+  }
+
+ private:
+  void work() {
+    t_in_worker = true;
+    std::uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+      }
+      take_parts();
+    }
+  }
+
+  void take_parts() {
+    for (;;) {
+      int part = 0;
+      const std::function<void(int)>* f = nullptr;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (job_ == nullptr || next_ >= parts_) return;
+        part = next_++;
+        f = job_;
+      }
+      std::exception_ptr error;
+      try {
+        (*f)(part);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      if (error && !error_) error_ = error;
+      if (--unfinished_ == 0) done_.notify_all();
+    }
+  }
+
+  const pid_t owner_ = getpid();
+  std::vector<std::thread> workers_;  // guarded by job_mu_
+  std::mutex job_mu_;                 // one job at a time
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int parts_ = 0, next_ = 0, unfinished_ = 0;
+  std::uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+// Never destroyed: workers blocked in wait() cannot be joined at static destruction without racing interpreter
+// shutdown, and a forked child must not join threads it does not have.
+Pool& the_pool() {
+  static Pool* const pool = new Pool;  // NOLINT: intentionally leaked process-wide singleton
+  return *pool;
+}
+
+int default_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+std::atomic<int> g_threads{0};  // 0: not chosen (default_threads())
+
+}  // namespace
+
+int pool_threads() {
+  const int n = g_threads.load();
+  return n > 0 ? n : default_threads();
+}
+
+void set_pool_threads(int n) {
+  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+  g_threads.store(n);
+}
+
+void parallel_for(int parts, const std::function<void(int)>& f) {
+  if (parts > 1 && !t_in_worker && the_pool().usable() && the_pool().run(parts, f)) return;
+  for (int i = 0; i < parts; ++i) f(i);
+}
+
+}  // namespace sparsetarget::cpu
