@@ -172,7 +172,7 @@ def test_check_every_0_is_refused():
     layer = st.FactoredOutput.random(30, 4)
     with pytest.raises(ValueError, match="check_every"):
         layer.set_stabilization(check_every=0)
-    assert layer.config()["check_every"] == 1
+    assert layer.config()["check_every"] == st._engine.STABILIZATION_DEFAULTS["check_every"]
     for bad in (1.5, "2", True):
         with pytest.raises(TypeError, match="check_every"):
             layer.set_stabilization(check_every=bad)

@@ -316,3 +316,20 @@ def test_monitoring_runs_before_its_turn_when_U_may_leave_the_band():
     diag = layer.diagnostics()
     assert diag["corrections"] >= 1 and diag["condition"] < 4
     assert rel_err(layer.dense_weight(), dense.W) < 1e-9
+
+
+def test_repeated_example_at_large_lr_is_checked_in_time():
+    """40 repeated examples at lr 0.45 drive U towards singular within a few steps; the carried bounds call the
+    checks (and corrections) at once, and W follows dense SGD."""
+    rng = np.random.default_rng(7)
+    W0 = rng.standard_normal((61, 5)) / np.sqrt(5)
+    layer = st.FactoredOutput(W0, loss="squared_error")
+    dense = DenseSGD(W0)
+    h = rng.standard_normal((1, 5))
+    h /= np.linalg.norm(h)
+    Y, _ = dense_targets(np.array([3]), 1, 61)
+    for _ in range(40):
+        dense.step(h, Y, "squared_error", {}, 0.45)
+        layer.step(h, np.array([3]), 0.45)
+    assert layer.diagnostics()["condition"] < 4
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-9
