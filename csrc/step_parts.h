@@ -145,16 +145,23 @@ struct ScatterBound {
   int d;
   double *step, *row_max;
   ST_HD void operator()(int j, int) const {
-    double x_max = 0;
-    for (int i = 0; i < d; ++i) x_max = fmax(x_max, fabs(static_cast<double>(X[static_cast<std::size_t>(j) * d + i])));
+    const double x_max = abs_max(X + static_cast<std::size_t>(j) * d, d);
     for (std::int64_t e = indptr[j]; e < indptr[j + 1]; ++e) {
       const std::int64_t k = indices[e];
-      double v_max = 0;
-      if (k >= 0 && k < D)
-        for (int i = 0; i < d; ++i) v_max = fmax(v_max, fabs(static_cast<double>(V[k * d + i])));
       step[e] = fabs(lr * static_cast<double>(dA[e])) * x_max;
-      row_max[e] = v_max;
+      row_max[e] = k >= 0 && k < D ? abs_max(V + k * d, d) : 0.0;
     }
+  }
+  // max |x_i| (NaN entries ignored, as fmax does), written so that the loop vectorises
+  template <class T>
+  ST_HD static double abs_max(const T* x, int n) {
+    T m = 0;
+#pragma omp simd reduction(max : m)
+    for (int i = 0; i < n; ++i) {
+      const T a = x[i] < T(0) ? -x[i] : x[i];
+      m = a > m ? a : m;
+    }
+    return static_cast<double>(m);
   }
 };
 

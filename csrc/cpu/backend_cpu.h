@@ -80,14 +80,30 @@ class CpuBackend {
   // ---- elementwise
   template <class F>
   void for_each(std::size_t n, const F& f) {
-    for (std::size_t i = 0; i < n; ++i) f(i);
+    const int parts = loop_parts(n);
+    if (parts <= 1) {
+      for (std::size_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    parallel_for(parts, [&](int p) {
+      for (std::size_t i = n * p / parts, end = n * (p + 1) / parts; i < end; ++i) f(i);
+    });
   }
+  // Rows split over the core's threads when there is enough work (the functors are elementwise).
   template <class F>
   void for_rows(int rows, int cols, const F& f) {
-    for (int i = 0; i < rows; ++i) {
+    const int parts = std::min(rows, loop_parts(static_cast<std::size_t>(rows) * std::max(cols, 1)));
+    const auto run = [&](int lo, int hi) {
+      for (int i = lo; i < hi; ++i) {
 #pragma omp simd
-      for (int j = 0; j < cols; ++j) f(i, j);
+        for (int j = 0; j < cols; ++j) f(i, j);
+      }
+    };
+    if (parts <= 1) {
+      run(0, rows);
+      return;
     }
+    parallel_for(parts, [&](int p) { run(rows * p / parts, rows * (p + 1) / parts); });
   }
   template <class T>
   void copy(const T* src, T* dst, std::size_t n) {
@@ -282,6 +298,12 @@ class CpuBackend {
       norm = std::max(norm, row);
     }
     return norm;
+  }
+
+  // Parts for an elementwise loop of n iterations: one per thread once each part has kLoopPart of them.
+  static int loop_parts(std::size_t n) {
+    constexpr std::size_t kLoopPart = std::size_t{1} << 15;
+    return n < 2 * kLoopPart ? 1 : static_cast<int>(std::min<std::size_t>(pool_threads(), n / kLoopPart));
   }
 
   std::vector<std::vector<double>> slots_;
