@@ -9,7 +9,8 @@
 //                                       elementwise loops running a functor of step_parts.h as f(i) / f(i, j)
 //   copy, fill, scale, row_dots, norm2  small dense helpers (norm2 writes a double into the backend's memory)
 //   invert(n, a, scratch, floor_one)    the inverse of a small matrix (a is destroyed) and its reciprocal condition
-//   gather_outputs, combine_target_rows, target_row_sums, order_targets, add_target_overlaps, scatter_rows
+//   gather_outputs, combine_target_rows, target_row_sums, order_targets, add_target_overlaps,
+//   target_overlaps_times, scatter_rows
 //                                       the sparse parts: gathers from and a deterministic scatter into rows of V
 //   require_rcond, require_finite, require_finite_input
 //                                       failure reports: the CPU throws before the commit; CUDA records the failure in
@@ -67,6 +68,14 @@ enum Slot : int {
   kSlotScatterStep,    // per target entry: a bound on what the V scatter adds (double)
   kSlotScatterRow,     // per target entry: the largest |entry| of its row of V (double)
   kSlotRowNorms,
+  kSlotGfA,  // the Q update without the Gram matrix (large m): d x d pieces, T (m x d), vectors, dQ, ||Gamma||^2
+  kSlotGfE,
+  kSlotGfT,
+  kSlotGfF,
+  kSlotGfR,
+  kSlotGfVec,
+  kSlotGfDQ,
+  kSlotGfEnergy,
   kSlotCount,
   kSlotBackend = 48,  // and up: the backend's own (sorting, LU pivots, ...)
 };

@@ -93,7 +93,44 @@ void hidden_gradient_parts(B& b, const FactoredState<TV, TS>& st, const Targets&
   b.for_rows(m, d, parts::GradRow<TS>{dq, ds, p.HQ, st.w_bar, st.omega, z_sum, WZ, grad_H, d});
 }
 
+// The Q update dQ (Q_new = c^2 Q + dQ) for large m, from d x d pieces: -lr c (H^T G_H + G_H^T H) + lr^2 Gamma^T Gamma
+// (see parts::GammaVector). O(m d^2 + d^3 + nnz d), memory O(m d + d^2): no m x m matrix. Writes ||Gamma||_F^2 into
+// *energy. §5.10.
+template <class B, class TV, class TS, class Order>
+void q_update_without_gram(B& b, const FactoredState<TV, TS>& st, const TS* H, int m, const Targets& t, const TS* dA,
+                           const Order& order, const TS* grad_H, const TS* aH, const TS* WZ, const TS* z_sum,
+                           const TS* ds, TS lr, TS c, TS D, TS* dQ, double* energy) {
+  const int d = st.d;
+  const std::size_t dd = static_cast<std::size_t>(d) * d, md = static_cast<std::size_t>(m) * d;
+  TS* A = b.template scratch<TS>(kSlotGfA, dd);
+  TS* E = b.template scratch<TS>(kSlotGfE, dd);
+  TS* T = b.template scratch<TS>(kSlotGfT, md);
+  TS* F = b.template scratch<TS>(kSlotGfF, dd);
+  TS* R = b.template scratch<TS>(kSlotGfR, dd);
+  TS* vec = b.template scratch<TS>(kSlotGfVec, 3 * static_cast<std::size_t>(d));
+  TS *bv = vec, *v = vec + d, *e = vec + 2 * d;
+  b.gemm(Op::T, Op::N, d, d, m, TS(1), H, d, aH, d, TS(0), A, d);    // A = H^T diag(alpha) H
+  b.gemm(Op::T, Op::N, d, d, m, TS(1), WZ, d, H, d, TS(0), E, d);    // E = sum_j (W^T z_j) h_j^T
+  b.target_overlaps_times(t, st.D, dA, order, H, d, T);              // T = Z Z^T H
+  b.gemm(Op::N, Op::N, d, d, d, TS(1), A, d, st.Q, d, TS(0), F, d);  // F = A Q
+  b.gemm(Op::N, Op::N, d, d, d, TS(0.5), F, d, A, d, TS(0), R, d);   // R = A Q A / 2
+  b.gemm(Op::N, Op::N, d, d, d, TS(1), A, d, E, d, TS(1), R, d);     //   + A E
+  b.gemm(Op::T, Op::N, d, d, m, TS(0.5), H, d, T, d, TS(1), R, d);   //   + H^T Z Z^T H / 2
+  b.gemv(Op::T, m, d, TS(1), H, d, ds, TS(0), bv);                   // b = H^T beta
+  b.gemv(Op::T, m, d, TS(1), H, d, z_sum, TS(0), e);                 // e = H^T z_sum
+  b.gemv(Op::N, d, d, TS(1), A, d, st.w_bar, TS(0), v);              // v = A w_bar ...
+  b.for_each(static_cast<std::size_t>(d), parts::GammaVector<TS>{bv, e, v, D / 2});  // ... + e + (D / 2) b
+  b.sym_rank2k(d, m, -lr * c, H, d, grad_H, d, TS(0), dQ, d);        // -lr c (H^T G_H + G_H^T H)
+  b.for_rows(d, d, parts::AddGammaGram<TS>{R, bv, v, lr * lr, dQ, d});
+  b.mirror_upper(d, dQ, d);  // exactly symmetric on every backend
+  b.for_each(1, parts::GammaEnergy<TS>{R, bv, v, d, energy});
+}
+
 }  // namespace detail
+
+// Above this many rows per hidden unit, the Q update is formed from d x d pieces instead of the m x m Gram matrix
+// of the output gradients: 6 m^2 d flops and m^2 memory against 8 m d^2 + 6 d^3 (equal at m = 1.6 d).
+constexpr int kGramFreeRowsPerUnit = 2;
 
 // grad_H = dL/dH (m x d) for a loss with per-example partials dA (per target entry), dq and ds, at the current
 // weights: grad_h_j = 2 dq_j Q h_j + ds_j w_bar + W^T z_j. No state change.
@@ -151,14 +188,19 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* v = b.template scratch<TS>(kSlotV, m);
   b.for_each(static_cast<std::size_t>(m), parts::RowScalars<TS>{dq, ds, p.s, p.Hw, z_sum, g_one, v, D});
 
-  // Gram matrix of the output gradients g_j = alpha_j o_j + beta_j 1 + z_j, from small quantities only (§5.3).
-  TS* G = b.template scratch<TS>(kSlotG, mm);
-  TS* P2 = b.template scratch<TS>(kSlotP2, mm);
-  b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, p.HQ, d, TS(0), G, m);  // o_i . o_j
-  b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
-  b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
+  // Gram matrix of the output gradients g_j = alpha_j o_j + beta_j 1 + z_j, from small quantities only (§5.3);
+  // for large m the Q update is formed without it (q_update_without_gram).
+  const bool gram_free = static_cast<std::int64_t>(m) >= static_cast<std::int64_t>(kGramFreeRowsPerUnit) * d;
   const auto order = b.order_targets(t, st.D);
-  b.add_target_overlaps(t, st.D, dA, order, G);
+  TS* G = nullptr;
+  if (!gram_free) {
+    G = b.template scratch<TS>(kSlotG, mm);
+    TS* P2 = b.template scratch<TS>(kSlotP2, mm);
+    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, p.HQ, d, TS(0), G, m);  // o_i . o_j
+    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
+    b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
+    b.add_target_overlaps(t, st.D, dA, order, G);
+  }
 
   TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
   b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
@@ -205,15 +247,27 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   b.copy(st.w_bar, w_bar, static_cast<std::size_t>(d));
   b.gemv(Op::T, m, d, -lr, H, d, v, c, omega);
   b.gemv(Op::T, m, d, -lr, H, d, g_one, c, w_bar);
-  // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10)
-  TS* Bq = b.template scratch<TS>(kSlotB, md);
-  b.copy(grad_H, Bq, md);
-  b.gemm(Op::N, Op::N, m, d, m, -lr / 2, G, m, H, d, c, Bq, d);
+  // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10); for large m, Q <- c^2 Q + dQ
+  TS* Bq = nullptr;
+  TS* dQ = nullptr;
+  double* gamma_energy = nullptr;
+  if (!gram_free) {
+    Bq = b.template scratch<TS>(kSlotB, md);
+    b.copy(grad_H, Bq, md);
+    b.gemm(Op::N, Op::N, m, d, m, -lr / 2, G, m, H, d, c, Bq, d);
+  } else {
+    dQ = b.template scratch<TS>(kSlotGfDQ, dd);
+    gamma_energy = b.template scratch<double>(kSlotGfEnergy, 1);
+    detail::q_update_without_gram(b, st, H, m, t, dA, order, grad_H, aH, WZ, z_sum, ds, lr, c, D, dQ, gamma_energy);
+  }
 
   // The d x d updates are products of these m x d factors, checked here so that the commit cannot meet a NaN or inf.
   b.require_finite(p.UH, md, "U");
   b.require_finite(aH, md, "U");
-  b.require_finite(Bq, md, "Q");
+  if (Bq)
+    b.require_finite(Bq, md, "Q");
+  else
+    b.require_finite(dQ, dd, "Q");
   if (KHU)
     b.require_finite(KHU, 2 * md, "U^-1");
   else
@@ -230,14 +284,19 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.norm2(p.UH, static_cast<int>(md), bounds + 0);
     b.norm2(aH, static_cast<int>(md), bounds + 1);
     b.norm2(H, static_cast<int>(md), bounds + 2);
-    b.norm2(Bq, static_cast<int>(md), bounds + 3);
+    if (Bq)
+      b.norm2(Bq, static_cast<int>(md), bounds + 3);
+    else
+      b.norm2(dQ, static_cast<int>(dd), bounds + 3);
     if (KHU)
       b.norm2(KHU, static_cast<int>(md), bounds + 4);
     else
       b.fill(bounds + 4, 1, 0.0);
-    b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5});
+    b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5,
+                                     dQ != nullptr});
     b.require_finite(bounds + 5, 1, "U, Q or U^-1");
-    b.for_each(1, parts::WeightBound<TS>{st.Q, G, bounds + 2, opt.lr, kWeightLimit / 16, d, m, bounds + 7});
+    b.for_each(1, parts::WeightBound<TS>{st.Q, G, bounds + 2, gamma_energy, opt.lr, kWeightLimit / 16, d, m,
+                                         bounds + 7});
     b.require_finite(bounds + 7, 1, "W (its entries would come near the limit of the weight dtype)");
     const std::size_t nnz = static_cast<std::size_t>(t.nnz);
     double* step = b.template scratch<double>(kSlotScatterStep, nnz);
@@ -253,7 +312,10 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* U = b.stage(st.U, dd, kSlotStageU, true);
   b.gemm(Op::T, Op::N, d, d, m, -lr, p.UH, d, aH, d, c, U, d);  // U <- c U - lr U H^T aH
   TS* Q = b.stage(st.Q, dd, kSlotStageQ, true);
-  b.sym_rank2k(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H), exactly symmetric
+  if (Bq)
+    b.sym_rank2k(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H), exactly symmetric
+  else
+    b.for_rows(d, d, parts::ScaleAdd<TS>{dQ, c * c, Q, d});  // Q <- c^2 Q + dQ
   TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, KHU != nullptr);
   if (KHU)
     b.gemm(Op::T, Op::N, d, d, m, 1 / c, H, d, KHU, d, 1 / c, U_inv, d);

@@ -120,6 +120,7 @@ void refresh_small(int d, std::int64_t D_rows, std::vector<double>& VtV, const s
       Q[static_cast<std::size_t>(i) * d + j] += Ut1[i] * omega[j] + omega[i] * Ut1[j] + D * omega[i] * omega[j];
   const double rcond = blas::invert<double>(d, U.data());
   if (!(rcond > 0)) throw std::domain_error("U is singular: cannot refresh U^-1");
+  blas::mirror_upper<double>(d, Q.data(), d);  // exactly symmetric, as every step keeps it
   for (std::size_t i = 0; i < dd; ++i) Q_out[i] = static_cast<TS>(Q[i]);
   for (int i = 0; i < d; ++i) w_bar_out[i] = static_cast<TS>(Ut1[i] + D * omega[i]);
   for (std::size_t i = 0; i < dd; ++i) U_inv_out[i] = static_cast<TS>(U[i]);

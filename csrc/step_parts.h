@@ -109,8 +109,10 @@ struct CommitBound {
   const double* norms;
   double lr, inv_c, limit;
   double* out;
+  bool q_update_given = false;  // norms[3] is ||dQ||_F itself (large m), not ||B||
   ST_HD void operator()(std::size_t) const {
-    const double u = lr * norms[0] * norms[1], q = 2 * lr * norms[2] * norms[3], u_inv = inv_c * norms[2] * norms[4];
+    const double u = lr * norms[0] * norms[1], u_inv = inv_c * norms[2] * norms[4];
+    const double q = q_update_given ? norms[3] : 2 * lr * norms[2] * norms[3];
     out[0] = u <= limit && q <= limit && u_inv <= limit ? 0.0 : static_cast<double>(INFINITY);
   }
 };
@@ -118,16 +120,22 @@ struct CommitBound {
 // The dense W must stay within its dtype's range too (a correction would otherwise carry an overflow of W into V):
 // ||W_new||_F <= ||W||_F + lr sum_j ||g_j|| ||h_j|| <= sqrt(tr Q) + lr sqrt(tr G) ||H||_F. out[0] is 0 when that
 // stays below limit, inf otherwise. Runs once: O(d + m).
+// Without G (large m), ||Gamma||_F^2 is given (GammaEnergy) and bounds sum_j ||g_j|| ||h_j|| itself.
 template <class TS>
 struct WeightBound {
-  const TS *Q, *G;
+  const TS *Q, *G;  // G: nullptr when gamma_energy is given
   const double* H_norm;
+  const double* gamma_energy;
   double lr, limit;
   int d, m;
   double* out;
   ST_HD void operator()(std::size_t) const {
     double trace_Q = 0, trace_G = 0;
     for (int i = 0; i < d; ++i) trace_Q += fabs(static_cast<double>(Q[static_cast<std::size_t>(i) * d + i]));
+    if (G == nullptr) {
+      out[0] = sqrt(trace_Q) + lr * sqrt(fabs(gamma_energy[0])) <= limit ? 0.0 : static_cast<double>(INFINITY);
+      return;
+    }
     for (int j = 0; j < m; ++j) trace_G += fabs(static_cast<double>(G[static_cast<std::size_t>(j) * m + j]));
     out[0] = sqrt(trace_Q) + lr * sqrt(trace_G) * H_norm[0] <= limit ? 0.0 : static_cast<double>(INFINITY);
   }
@@ -186,6 +194,58 @@ struct UpdateProbe {
   TS* out;
   ST_HD void operator()(std::size_t i) const {
     out[i] = static_cast<TS>(coef[0] * out[i] + coef[1] * x[i] + coef[2]);
+  }
+};
+
+// The Q update without the m x m Gram matrix (§5.10, large m): Gamma = sum_j g_j h_j^T = W A + 1 b^T + Z^T H with
+// A = H^T diag(alpha) H and b = H^T beta, so Gamma^T Gamma = R + R^T + b v^T + v b^T with R = A Q A / 2 + A E +
+// H^T Z Z^T H / 2 (E = sum_j (W^T z_j) h_j^T) and v = A w_bar + H^T z_sum + (D / 2) b.
+// v <- u + e + (D / 2) b, in place in u.
+template <class TS>
+struct GammaVector {
+  const TS *b, *e;
+  TS* u;
+  TS half_D;
+  ST_HD void operator()(std::size_t i) const { u[i] = u[i] + e[i] + half_D * b[i]; }
+};
+
+// dQ_ij += lr^2 (R_ij + R_ji + b_i v_j + v_i b_j)
+template <class TS>
+struct AddGammaGram {
+  const TS *R, *b, *v;
+  TS lr2;
+  TS* dQ;
+  int d;
+  ST_HD void operator()(int i, int j) const {
+    const std::size_t ij = static_cast<std::size_t>(i) * d + j, ji = static_cast<std::size_t>(j) * d + i;
+    dQ[ij] += lr2 * ((R[ij] + R[ji]) + (b[i] * v[j] + v[i] * b[j]));
+  }
+};
+
+// ||Gamma||_F^2 = tr(Gamma^T Gamma) = 2 tr(R) + 2 b . v, for the weight bound. Runs once.
+template <class TS>
+struct GammaEnergy {
+  const TS *R, *b, *v;
+  int d;
+  double* out;
+  ST_HD void operator()(std::size_t) const {
+    double acc = 0;
+    for (int i = 0; i < d; ++i)
+      acc += 2 * (static_cast<double>(R[static_cast<std::size_t>(i) * d + i]) + static_cast<double>(b[i]) * v[i]);
+    out[0] = acc;
+  }
+};
+
+// out <- scale out + add (the commit of a precomputed update).
+template <class TS>
+struct ScaleAdd {
+  const TS* add;
+  TS scale;
+  TS* out;
+  int d;
+  ST_HD void operator()(int i, int j) const {
+    const std::size_t x = static_cast<std::size_t>(i) * d + j;
+    out[x] = scale * out[x] + add[x];
   }
 };
 

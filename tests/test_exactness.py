@@ -29,7 +29,7 @@ def run_pair(loss, opts, kind, m, weight_decay, dtype=np.float64, state_dtype=No
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
-@pytest.mark.parametrize("m", [1, 5, 23])
+@pytest.mark.parametrize("m", [1, 5, 23, 40])  # Woodbury, explicit with the m x m Gram matrix, and without it (m >= 2d)
 @pytest.mark.parametrize("kind", ["class", "class_ignore", "csr"])
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_float64_matches_dense(loss, kind, m, weight_decay):
@@ -195,3 +195,30 @@ def test_split_backward_with_kept_projections(m):
         core.grad_hidden(H1, t1.indptr, t1.indices, dA1, dq1, ds1, (p1[0],))
     with pytest.raises(ValueError, match="projections UH"):
         core.grad_hidden(H1, t1.indptr, t1.indices, dA1, dq1, ds1, (p2[0], *p1[1:]))
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_large_minibatch_forms_no_m_by_m_matrix():
+    """m = 6000 rows at d = 8: the m x m Gram matrices would take 2 x 288 MB in float64; the step needs O(m d + d^2)
+    and still equals dense SGD (repeated targets, so the sparse overlaps are large)."""
+    rng = np.random.default_rng(3)
+    Dn, dn, m = 50, 8, 6000
+    W0 = rng.uniform(-1, 1, (Dn, dn)) / np.sqrt(dn)
+    layer = st.FactoredOutput(W0, loss="spherical_softmax")
+    dense = DenseSGD(W0)
+    H = rng.standard_normal((m, dn)) / np.sqrt(dn)
+    y = rng.integers(0, Dn, m)
+    Y, _ = dense_targets(y, m, Dn)
+    L_ref, g_ref = dense.step(H, Y, "spherical_softmax", {}, 1e-4)
+    before = _peak_rss_mib()
+    L, g = layer.step(H, y, 1e-4)
+    assert _peak_rss_mib() - before < 100
+    assert rel_err(L, L_ref) < 1e-10 and rel_err(g, g_ref) < 1e-10
+    W = layer.dense_weight()
+    assert rel_err(W, dense.W) < 1e-10
+    sd = layer.state_dict()
+    assert rel_err(sd["Q"], W.T @ W) < 1e-10 and np.array_equal(sd["Q"], sd["Q"].T)

@@ -199,26 +199,26 @@ class CpuBackend {
   // entries by index: O(nnz log nnz + sum_k n_k^2).
   template <class TS>
   void add_target_overlaps(const Targets& t, std::int64_t /*D*/, const TS* dA, const TargetOrder&, TS* G) {
-    struct Entry {
-      std::int64_t index;
-      std::int64_t row;
-      TS z;
-    };
-    std::vector<Entry> entries;
-    entries.reserve(static_cast<std::size_t>(t.nnz));
-    for (std::int64_t j = 0; j < t.m; ++j)
-      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
-        if (dA[e] != TS(0)) entries.push_back({t.indices[e], j, dA[e]});
-    std::sort(entries.begin(), entries.end(),
-              [](const Entry& a, const Entry& b) { return std::tie(a.index, a.row) < std::tie(b.index, b.row); });
+    const auto entries = entries_by_index(t, dA);
     const std::ptrdiff_t m = static_cast<std::ptrdiff_t>(t.m);
-    for (std::size_t lo = 0; lo < entries.size();) {
-      std::size_t hi = lo;
-      while (hi < entries.size() && entries[hi].index == entries[lo].index) ++hi;
+    for_index_groups(entries, [&](std::size_t lo, std::size_t hi) {
       for (std::size_t a = lo; a < hi; ++a)
         for (std::size_t b = lo; b < hi; ++b) G[entries[a].row * m + entries[b].row] += entries[a].z * entries[b].z;
-      lo = hi;
-    }
+    });
+  }
+  // T (m x d) = S H with S_ij the overlaps above: per index k, y_k = sum of z_f H[row f] over its entries, then
+  // T[row e] += z_e y_k. O(nnz log nnz + nnz d), whatever the number of rows sharing an index.
+  template <class TS>
+  void target_overlaps_times(const Targets& t, std::int64_t /*D*/, const TS* dA, const TargetOrder&, const TS* H,
+                             int d, TS* T) {
+    std::fill(T, T + static_cast<std::size_t>(t.m) * d, TS(0));
+    const auto entries = entries_by_index(t, dA);
+    std::vector<TS> y(static_cast<std::size_t>(d));
+    for_index_groups(entries, [&](std::size_t lo, std::size_t hi) {
+      std::fill(y.begin(), y.end(), TS(0));
+      for (std::size_t f = lo; f < hi; ++f) axpy_row(entries[f].z, row_ptr(H, entries[f].row, d), y.data(), d);
+      for (std::size_t e = lo; e < hi; ++e) axpy_row(entries[e].z, y.data(), row_ptr(T, entries[e].row, d), d);
+    });
   }
   // V[k] += alpha sum over entries e with index k of z_e X[row(e)], in CSR order.
   template <class TV, class TS>
@@ -298,6 +298,36 @@ class CpuBackend {
       norm = std::max(norm, row);
     }
     return norm;
+  }
+
+  // The nonzero target entries as (index, row, z), sorted by index then row.
+  template <class TS>
+  struct Entry {
+    std::int64_t index;
+    std::int64_t row;
+    TS z;
+  };
+  template <class TS>
+  static std::vector<Entry<TS>> entries_by_index(const Targets& t, const TS* dA) {
+    std::vector<Entry<TS>> entries;
+    entries.reserve(static_cast<std::size_t>(t.nnz));
+    for (std::int64_t j = 0; j < t.m; ++j)
+      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
+        if (dA[e] != TS(0)) entries.push_back({t.indices[e], j, dA[e]});
+    std::sort(entries.begin(), entries.end(), [](const Entry<TS>& a, const Entry<TS>& b) {
+      return std::tie(a.index, a.row) < std::tie(b.index, b.row);
+    });
+    return entries;
+  }
+  // f(lo, hi) for each run of entries with one index.
+  template <class E, class F>
+  static void for_index_groups(const std::vector<E>& entries, F f) {
+    for (std::size_t lo = 0; lo < entries.size();) {
+      std::size_t hi = lo;
+      while (hi < entries.size() && entries[hi].index == entries[lo].index) ++hi;
+      f(lo, hi);
+      lo = hi;
+    }
   }
 
   // Parts for an elementwise loop of n iterations: one per thread once each part has kLoopPart of them.

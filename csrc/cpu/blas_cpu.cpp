@@ -268,8 +268,13 @@ __attribute__((target_clones("default", "avx2", "avx512f"))) void sym_rank2k_sma
       for (int j = 0; j < n; ++j) s[j] += ai * bl[j] + bi * al[j];
     }
     T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    if (beta == T(0)) {  // C may be uninitialised
 #pragma omp simd
-    for (int j = 0; j < n; ++j) row[j] = beta * row[j] + alpha * s[j];
+      for (int j = 0; j < n; ++j) row[j] = alpha * s[j];
+    } else {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) row[j] = beta * row[j] + alpha * s[j];
+    }
   }
 }
 

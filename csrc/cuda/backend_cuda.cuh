@@ -131,6 +131,9 @@ class CudaBackend {
   TargetOrder order_targets(const Targets& t, std::int64_t D);
   template <class TS>
   void add_target_overlaps(const Targets& t, std::int64_t D, const TS* dA, const TargetOrder& order, TS* G);
+  template <class TS>
+  void target_overlaps_times(const Targets& t, std::int64_t D, const TS* dA, const TargetOrder& order, const TS* H,
+                             int d, TS* T);
   template <class TV, class TS>
   void scatter_rows(TV* V, std::int64_t D, int d, const Targets& t, const TS* dA, const TargetOrder& order,
                     const TS* X, TS alpha);

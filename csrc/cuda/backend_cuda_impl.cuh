@@ -24,6 +24,7 @@ enum BackendSlot : int {
   kSlotSortTemp,
   kSlotWide,
   kSlotOnes,
+  kSlotIndexSums,
 };
 
 inline unsigned warps_grid(std::int64_t warps) {
@@ -143,6 +144,50 @@ __global__ void overlaps_kernel(const std::int64_t* indptr, const std::int64_t* 
         if (zf != TS(0)) row[row_of(indptr, m, f)] += z * zf;
       }
     }
+  }
+}
+
+// Y[p] = sum over the run of equal sorted keys starting at p of z_f H[row(f)] (one warp per run start), for
+// target_overlaps_times.
+template <class TS>
+__global__ void index_sums_kernel(int d, const std::int64_t* sorted_keys, const std::int64_t* sorted_ids,
+                                  std::int64_t nnz, const std::int64_t* indptr, std::int64_t m, const TS* dA,
+                                  const TS* H, TS* Y) {
+  const std::int64_t p = (blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (p >= nnz) return;
+  const std::int64_t k = sorted_keys[p];
+  if (p > 0 && sorted_keys[p - 1] == k) return;
+  std::int64_t end = p + 1;
+  while (end < nnz && sorted_keys[end] == k) ++end;
+  for (int i = lane; i < d; i += kWarp) {
+    TS acc = 0;
+    for (std::int64_t q = p; q < end; ++q) {
+      const std::int64_t f = sorted_ids[q];
+      const TS z = dA[f];
+      if (z != TS(0)) acc += z * H[row_of(indptr, m, f) * d + i];
+    }
+    Y[p * d + i] = acc;
+  }
+}
+
+// T[j] = sum over the entries e of row j of z_e Y[first sorted position of index(e)] (one warp per row).
+template <class TS>
+__global__ void overlaps_times_kernel(int d, const std::int64_t* indptr, const std::int64_t* indices, std::int64_t m,
+                                      std::int64_t nnz, std::int64_t D, const TS* dA, const std::int64_t* sorted_keys,
+                                      const TS* Y, TS* T) {
+  const std::int64_t j = (blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (j >= m) return;
+  for (int i = lane; i < d; i += kWarp) {
+    TS acc = 0;
+    for (std::int64_t e = indptr[j]; e < indptr[j + 1]; ++e) {
+      const TS z = dA[e];
+      const std::int64_t k = indices[e];
+      if (z == TS(0) || k < 0 || k >= D) continue;  // out of range: flagged, the step commits nothing
+      acc += z * Y[lower_bound(sorted_keys, nnz, k) * d + i];
+    }
+    T[j * d + i] = acc;
   }
 }
 
@@ -279,6 +324,22 @@ void CudaBackend::add_target_overlaps(const Targets& t, std::int64_t D, const TS
   overlaps_kernel<TS><<<blocks_for(static_cast<std::size_t>(t.m), 128), 128, 0, stream()>>>(
       t.indptr, t.indices, t.m, t.nnz, D, dA, order.keys, order.ids, G);
   check_launch("overlaps");
+}
+
+template <class TS>
+void CudaBackend::target_overlaps_times(const Targets& t, std::int64_t D, const TS* dA, const TargetOrder& order,
+                                        const TS* H, int d, TS* T) {
+  if (t.nnz == 0) {
+    fill(T, static_cast<std::size_t>(t.m) * d, TS(0));
+    return;
+  }
+  TS* Y = ws_.get<TS>(kSlotIndexSums, static_cast<std::size_t>(t.nnz) * d);
+  index_sums_kernel<TS><<<warps_grid(t.nnz), kThreads, 0, stream()>>>(d, order.keys, order.ids, t.nnz, t.indptr, t.m,
+                                                                      dA, H, Y);
+  check_launch("index sums");
+  overlaps_times_kernel<TS><<<warps_grid(t.m), kThreads, 0, stream()>>>(d, t.indptr, t.indices, t.m, t.nnz, D, dA,
+                                                                        order.keys, Y, T);
+  check_launch("overlaps times");
 }
 
 template <class TV, class TS>
