@@ -87,6 +87,7 @@ void apply_to_V(B& b, FactoredState<TV, TS>& st, const CorrectionPlan<TS>& plan)
 template <class B, class TV, class TS>
 CorrectionReport correct(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
   [[maybe_unused]] const auto exact = b.exact_math();  // no reduced-precision products while W is re-expressed
+  [[maybe_unused]] const auto passes = b.pass_scope();
   const std::size_t dd = static_cast<std::size_t>(st.d) * st.d;
   b.synchronize();
   const std::vector<TS> U = b.download(st.U, dd);
@@ -107,6 +108,7 @@ CorrectionReport correct(B& b, FactoredState<TV, TS>& st, const StabilizeOptions
 template <class B, class TV, class TS>
 void refresh(B& b, FactoredState<TV, TS>& st) {
   [[maybe_unused]] const auto exact = b.exact_math();
+  [[maybe_unused]] const auto passes = b.pass_scope();
   const int d = st.d;
   const std::size_t dd = static_cast<std::size_t>(d) * d;
   double* VtV = b.template scratch<double>(kSlotVtV, dd);

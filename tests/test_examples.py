@@ -155,15 +155,15 @@ import os, sparsetarget
 {before}
 import sparsetarget.torch
 {after}
-print(sparsetarget.get_num_threads())
+print(sparsetarget.get_num_threads(), sparsetarget._core.get_pass_threads())
 """
 
 
 @pytest.mark.parametrize("before, after, env, want", [
-    ("", "", {}, "1"),  # torch's threads and the core's would compete: the core gets 1
-    ("sparsetarget.set_num_threads(2)", "", {}, "2"),  # chosen before the import: kept
-    ("", "sparsetarget.set_num_threads(2)", {}, "2"),  # chosen after: wins
-    ("", "", {"OPENBLAS_NUM_THREADS": "2"}, "2"),  # chosen in the environment: kept
+    ("", "", {"OPENBLAS_NUM_THREADS": "3"}, "3 3"),  # chosen in the environment: kept, steps and passes
+    ("", "", {}, "1 {cores}"),  # torch's threads and the core's would compete in steps; passes keep every core
+    ("sparsetarget.set_num_threads(2)", "", {}, "2 2"),  # chosen before the import: kept
+    ("", "sparsetarget.set_num_threads(2)", {}, "2 2"),  # chosen after: wins
 ])
 def test_importing_the_torch_front_end_gives_the_core_one_blas_thread_unless_chosen(before, after, env, want):
     import os
@@ -174,4 +174,4 @@ def test_importing_the_torch_front_end_gives_the_core_one_blas_thread_unless_cho
     code = THREADS.format(before=before, after=after)
     res = subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
                          check=True)
-    assert res.stdout.strip() == want
+    assert res.stdout.strip() == want.format(cores=os.cpu_count())

@@ -259,6 +259,8 @@ class CpuBackend {
     std::copy(src.begin(), src.end(), dst);
   }
   int exact_math() { return 0; }  // the CPU has no reduced-precision mode
+  // For the lifetime of the result, products use the threads set for passes over V.
+  PassThreads pass_scope() const { return PassThreads(); }
   // Whether the singular-value bounds carried since the last check (parts::WidenMonitorBounds) could have left the
   // band: the check then runs before its turn.
   template <class TV, class TS>

@@ -450,10 +450,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("default_min_rcond", [](bool float64) {
     return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
   }, py::arg("float64"), "The default min_rcond of a state dtype: sqrt of its machine epsilon.");
-  m.def("set_num_threads", &blas::set_num_threads, py::arg("n"),
+  m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), py::arg("passes") = true,
         "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
-        "BLAS call).");
-  m.def("get_num_threads", &blas::get_num_threads, "Number of threads the core splits its products over.");
+        "BLAS call); with passes, also for the long passes over V (refresh, correction, logits, top-k).");
+  m.def("get_num_threads", &blas::get_num_threads, "Number of threads the core splits a step's products over.");
+  m.def("get_pass_threads", &blas::get_pass_threads,
+        "Number of threads for the long passes over V (refresh, correction, logits, top-k).");
 
   py::class_<LossSpec>(m, "LossSpec", "A built-in loss and its options (see make_loss_spec).")
       .def_readonly("eps", &LossSpec::eps)

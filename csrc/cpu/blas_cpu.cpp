@@ -379,13 +379,19 @@ const int g_threads_at_load = [] {
   const int n = ST_SYM(openblas_get_num_threads) ? ST_SYM(openblas_get_num_threads)() : 1;
   if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(1);
   cpu::set_pool_threads(n > 0 ? n : 1);
+  cpu::set_pass_threads(n > 0 ? n : 1);
   return n;
 }();
 }  // namespace
 
-void set_num_threads(int n) {
+void set_num_threads(int n, bool passes) {
   cpu::set_pool_threads(n);
+  if (passes) cpu::set_pass_threads(n);
   if (ST_SYM(openblas_set_num_threads)) ST_SYM(openblas_set_num_threads)(1);
+}
+int get_pass_threads() {
+  static_cast<void>(g_threads_at_load);
+  return cpu::pass_threads();
 }
 int get_num_threads() {
   static_cast<void>(g_threads_at_load);

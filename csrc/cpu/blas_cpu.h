@@ -43,8 +43,10 @@ double invert(int n, T* a);
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);
 
-// Threads the core's products are split over (the vendor library itself runs single-threaded); n >= 1.
-void set_num_threads(int n);
+// Threads the core's products are split over (the vendor library itself runs single-threaded); n >= 1. With
+// passes, also the count for the long passes over V (refresh, correction, logits, top-k).
+void set_num_threads(int n, bool passes = true);
 int get_num_threads();
+int get_pass_threads();
 
 }  // namespace sparsetarget::blas

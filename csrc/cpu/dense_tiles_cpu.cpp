@@ -1,5 +1,7 @@
 #include "dense_tiles_cpu.h"
 
+#include "thread_pool_cpu.h"
+
 #include <algorithm>
 #include <type_traits>
 #include <utility>
@@ -54,6 +56,7 @@ void logit_tile(const FactoredState<TV, TS>& st, const std::vector<TS>& UH, cons
 
 template <class TV, class TS>
 void weight_rows(const FactoredState<TV, TS>& st, std::int64_t start, std::int64_t stop, TV* out) {
+  const cpu::PassThreads passes;
   const int d = st.d;
   std::vector<TS> buf, result(static_cast<std::size_t>(std::min<std::int64_t>(kTileRows, stop - start)) * d);
   for (std::int64_t r0 = start; r0 < stop; r0 += kTileRows) {
@@ -69,6 +72,7 @@ void weight_rows(const FactoredState<TV, TS>& st, std::int64_t start, std::int64
 
 template <class TV, class TS>
 void logits(const FactoredState<TV, TS>& st, const TS* H, int m, std::int64_t start, std::int64_t stop, TS* out) {
+  const cpu::PassThreads passes;
   std::vector<TS> UH, Hw, buf;
   hidden_products(st, H, m, UH, Hw);
   const std::int64_t width = stop - start;
@@ -81,6 +85,7 @@ void logits(const FactoredState<TV, TS>& st, const TS* H, int m, std::int64_t st
 template <class TV, class TS>
 void topk(const FactoredState<TV, TS>& st, const TS* H, int m, int k, TopkRank rank, TS* values,
           std::int64_t* indices) {
+  const cpu::PassThreads passes;
   std::vector<TS> UH, Hw, buf;
   hidden_products(st, H, m, UH, Hw);
   const auto score = [rank](TS o) -> TS {

@@ -105,19 +105,39 @@ int default_threads() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-std::atomic<int> g_threads{0};  // 0: not chosen (default_threads())
+std::atomic<int> g_threads{0};       // 0: not chosen (default_threads())
+std::atomic<int> g_pass_threads{0};  // 0: not chosen (default_threads())
+thread_local int t_override = 0;     // set by PassThreads
+
+void check_count(int n) {
+  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+}
 
 }  // namespace
 
 int pool_threads() {
+  if (t_override > 0) return t_override;
   const int n = g_threads.load();
   return n > 0 ? n : default_threads();
 }
 
 void set_pool_threads(int n) {
-  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+  check_count(n);
   g_threads.store(n);
 }
+
+int pass_threads() {
+  const int n = g_pass_threads.load();
+  return n > 0 ? n : default_threads();
+}
+
+void set_pass_threads(int n) {
+  check_count(n);
+  g_pass_threads.store(n);
+}
+
+PassThreads::PassThreads() : saved_(t_override) { t_override = pass_threads(); }
+PassThreads::~PassThreads() { t_override = saved_; }
 
 void parallel_for(int parts, const std::function<void(int)>& f) {
   if (parts > 1 && !t_in_worker && the_pool().usable() && the_pool().run(parts, f)) return;

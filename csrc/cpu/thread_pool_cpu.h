@@ -7,10 +7,27 @@
 
 namespace sparsetarget::cpu {
 
-// Threads a job may use (>= 1), the calling thread included.
+// Threads a job may use (>= 1), the calling thread included: the step's count, or within a PassThreads scope the
+// count for passes over V.
 int pool_threads();
-// Sets it (n >= 1); throws std::invalid_argument naming n otherwise.
+// Sets the step's count (n >= 1); throws std::invalid_argument naming n otherwise.
 void set_pool_threads(int n);
+// Threads for the long passes over V (refresh, correction, logits, top-k); by default every core, also when the
+// step's count is kept at one next to torch (a pass runs for seconds between training steps, nothing competes).
+int pass_threads();
+void set_pass_threads(int n);
+
+// Within its lifetime, on this thread, pool_threads() is pass_threads().
+class PassThreads {
+ public:
+  PassThreads();
+  ~PassThreads();
+  PassThreads(const PassThreads&) = delete;
+  PassThreads& operator=(const PassThreads&) = delete;
+
+ private:
+  int saved_;
+};
 
 // Runs f(0), ..., f(parts - 1) and returns when all have run: part 0 and any left over on the calling thread, the
 // others on the workers. Runs everything on the calling thread when parts <= 1, when called from a worker, or while

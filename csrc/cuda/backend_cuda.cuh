@@ -157,6 +157,8 @@ class CudaBackend {
   bool correction_requested();
   // Whether the host may wait for the device now (not while a CUDA graph is being captured).
   bool can_wait() const { return !capturing(); }
+  struct NoScope {};
+  NoScope pass_scope() const { return {}; }  // the device's parallelism is not the host's concern
   // The carried bounds live on the device; reading them would wait for it, so every step is monitored.
   template <class TV, class TS>
   bool monitor_may_be_due(const FactoredState<TV, TS>&, const StabilizeOptions&) const {

@@ -324,9 +324,11 @@ _threads_chosen = "OPENBLAS_NUM_THREADS" in os.environ
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of BLAS threads the core uses (OpenBLAS; default: all cores or OPENBLAS_NUM_THREADS, and 1
-    once ``sparsetarget.torch`` is imported, unless chosen here or by OPENBLAS_NUM_THREADS: see
-    :func:`threads_for_torch`). A count chosen here is kept for every call."""
+    """Set the number of threads the core splits its products over, for steps and for the long passes over V
+    (refresh, correction, logits, top-k). The threads are the core's own (they block when idle; each part is a
+    single-threaded OpenBLAS call). Default: OPENBLAS_NUM_THREADS, else every core; once ``sparsetarget.torch`` is
+    imported, steps use 1 unless chosen here or by OPENBLAS_NUM_THREADS (see :func:`threads_for_torch`). A count
+    chosen here is kept for every call."""
     global _threads_chosen
     n = check_int(n, "n")
     if n < 1:
@@ -336,19 +338,20 @@ def set_num_threads(n: int) -> None:
 
 
 def threads_for_torch() -> int:
-    """One BLAS thread for the core next to torch, unless the count was chosen; returns the count in force.
+    """One thread for the core's steps next to torch, unless the count was chosen; returns the count in force.
 
-    A factored step is a few small BLAS calls interleaved with torch operations. When the core's OpenBLAS threads and
-    torch's intra-op threads both try to use every core, each pool busy-waits while the other works: on a 2-core
-    machine one factored spherical-softmax step at (D, d, m) = (100000, 128, 128) took 385 ms with 2 torch threads
-    and 2 BLAS threads instead of 1.9 ms with 1 BLAS thread (``benchmarks/bench_lm_step.py``)."""
+    A factored step is a few BLAS calls interleaved with torch operations, whose intra-op threads keep spinning for a
+    while after each of them: threads of the core's own would compete with them for the cores. (With OpenBLAS's
+    spinning threads it was far worse: on a 2-core machine one factored spherical-softmax step at (D, d, m) =
+    (100000, 128, 128) took 385 ms with 2 torch threads and 2 OpenBLAS threads instead of 1.9 ms with 1,
+    ``benchmarks/bench_lm_step.py``.) The long passes over V (refresh, correction, logits, top-k) keep every core."""
     if not _threads_chosen:
-        _core.set_num_threads(1)
+        _core.set_num_threads(1, passes=False)
     return int(_core.get_num_threads())
 
 
 def get_num_threads() -> int:
-    """Number of BLAS threads the core uses."""
+    """Number of threads the core splits a step's products over."""
     return int(_core.get_num_threads())
 
 
