@@ -1,0 +1,106 @@
+"""Scaling of the CPU step over the core's threads: the same training steps with 1 and with N threads, interleaved.
+
+Run:  python benchmarks/bench_threads.py [--threads 2] [--rounds 7]
+
+One layer per shape (float32 weights and state, spherical softmax); timing bursts alternate between 1 thread and N
+threads (``sparsetarget.set_num_threads``) on the same layer and batches; medians of the per-burst medians. Before
+timing, three steps at a small size with N threads are checked against dense float64 SGD. Also times one refresh
+(the O(D d^2) pass of construction) with 1 and N threads. Writes benchmarks/results/threads_<host>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+
+import numpy as np
+import sparsetarget as st
+
+SHAPES = [(793_471, 512, 200), (200_000, 512, 128), (100_000, 256, 128)]
+
+
+def check(threads: int) -> float:
+    st.set_num_threads(threads)
+    rng = np.random.default_rng(5)
+    D, d, eps, lr = 3001, 256, 1e-2, 0.05
+    W = rng.uniform(-0.1, 0.1, (D, d))
+    layer = st.FactoredOutput(W, loss="spherical_softmax", eps=eps)
+    for _ in range(3):
+        H, y = rng.standard_normal((300, d)) / 16, rng.integers(0, D, 300)
+        layer.step(H, y, lr)
+        O = H @ W.T
+        num = O * O + eps
+        Z = num.sum(1, keepdims=True)
+        rows = np.arange(len(y))
+        dO = 2 * O / Z
+        dO[rows, y] -= 2 * O[rows, y] / num[rows, y]
+        W = W - lr * dO.T @ H
+    err = float(np.abs(layer.dense_weight() - W).max() / np.abs(W).max())
+    if err > 1e-10:
+        raise SystemExit(f"the step with {threads} threads disagrees with dense SGD: relative error {err:.3g}")
+    return err
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--burst", type=float, default=0.8)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    n = args.threads
+    err = check(n)
+    print(f"check: 3 steps with {n} threads vs dense float64 SGD, relative error {err:.1e}")
+    print(f"{'(D, d, m)':>20} {'1 thread ms':>12} {f'{n} threads ms':>13} {'speed-up':>9}")
+    rows = []
+    for D, d, m in SHAPES:
+        layer = st.FactoredOutput.random(D, d, loss="spherical_softmax", seed=1)
+        rng = np.random.default_rng(0)
+        batches = [((rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float32), rng.integers(0, D, m))
+                   for _ in range(8)]
+        times: dict[int, list[float]] = {1: [], n: []}
+        done = 0
+        for r in range(args.rounds):
+            for t in ((1, n) if r % 2 == 0 else (n, 1)):
+                st.set_num_threads(t)
+                burst = []
+                stop = time.perf_counter() + args.burst
+                while time.perf_counter() < stop or len(burst) < 3:
+                    H, y = batches[done % 8]
+                    t0 = time.perf_counter()
+                    layer.step(H, y, 0.05)
+                    burst.append(time.perf_counter() - t0)
+                    done += 1
+                times[t].append(1e3 * statistics.median(burst))
+        refresh = {}
+        for t in (1, n):
+            st.set_num_threads(t)
+            t0 = time.perf_counter()
+            layer.refresh()
+            refresh[t] = time.perf_counter() - t0
+        t1, tn = statistics.median(times[1]), statistics.median(times[n])
+        rows.append({"shape": (D, d, m), "ms_1": t1, f"ms_{n}": tn, "speedup": t1 / tn, "bursts": times,
+                     "refresh_s": refresh})
+        print(f"{str((D, d, m)):>20} {t1:12.2f} {tn:13.2f} {t1 / tn:8.2f}x   refresh {refresh[1]:.2f} s -> "
+              f"{refresh[n]:.2f} s", flush=True)
+    machine = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    try:
+        with open("/proc/cpuinfo") as f:
+            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"threads_{socket.gethostname()}.json")
+    with open(out, "w") as f:
+        json.dump({"machine": machine, "threads": n, "rounds": args.rounds, "check": err, "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
