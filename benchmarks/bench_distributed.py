@@ -297,13 +297,18 @@ def main() -> None:
     print(f"{'':<88} {'8 ranks':>9} {'64 ranks':>9}")
     for name in names:
         print(f"{name:<88} {human(computed[8][name]):>9} {human(computed[64][name]):>9}")
-    print("\nThe data-parallel step applies the W m stacked rows of the group on every rank; the core forms their "
-          "(W m) x (W m) Gram matrix G (docs/algorithm.md 5.3):")
+    print("\nThe data-parallel step applies the W m stacked rows of the group on every rank. From 2d rows on it forms "
+          "its Q update from d x d pieces (docs/algorithm.md 5.10), not from the (W m) x (W m) Gram matrix G that "
+          "would take:")
     gram = {}
+    d_1b = 512
     for W in (2, 8, 64):
         rows_stacked = W * 4096
-        gram[W] = {"rows_stacked": rows_stacked, "gram_bytes_float32": rows_stacked**2 * FLOAT}
-        print(f"  {W:>2} ranks x 4096 tokens: {rows_stacked} rows, G = {human(rows_stacked**2 * FLOAT)} in float32")
+        step_bytes = (rows_stacked * d_1b * 8 + d_1b * d_1b * 8) * FLOAT  # about 8 m x d and 8 d x d buffers
+        gram[W] = {"rows_stacked": rows_stacked, "gram_bytes_float32": rows_stacked**2 * FLOAT,
+                   "step_scratch_bytes_float32_approx": step_bytes}
+        print(f"  {W:>2} ranks x 4096 tokens: {rows_stacked} rows, G would be {human(rows_stacked**2 * FLOAT)}; the "
+              f"step's scratch is about {human(step_bytes)} in float32")
     result = {"machine": machine(), "world": WORLD,
               "D": args.D, "d": args.d, "m": args.m, "rounds": args.rounds, "steps": args.steps,
               "measured": rows, "check_rel_err": measured["check_rel_err"],

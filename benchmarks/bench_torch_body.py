@@ -11,7 +11,7 @@ steps are timed in interleaved bursts, each with its own copy of the weights (sa
 - head alone: forward, loss, backward and FactoredSGD step on a fixed H (requires_grad, as the body's output is);
 - together: the body's output fed to the head, one backward through both, both optimiser steps.
 
-The ratio together / (body alone + head alone) says whether the two halves slow each other down; the goal is <= 1.10.
+The ratio together / (body alone + head alone) says whether the two halves slow each other down (1: not at all).
 Settings are the defaults (torch's intra-op threads; sparsetarget's BLAS threads as chosen by
 ``threads_for_torch()``) unless ``--blas-threads`` forces a count for the head's OpenBLAS. Before timing, one
 together-step is checked against the same step with a dense head (nn.Linear weight = the factored W, dense loss,

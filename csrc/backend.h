@@ -79,5 +79,6 @@ enum Slot : int {
   kSlotCount,
   kSlotBackend = 48,  // and up: the backend's own (sorting, LU pivots, ...)
 };
+static_assert(kSlotCount <= kSlotBackend, "the algorithm's scratch slots overlap the backend's");
 
 }  // namespace sparsetarget

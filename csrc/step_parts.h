@@ -120,7 +120,7 @@ struct CommitBound {
 // The dense W must stay within its dtype's range too (a correction would otherwise carry an overflow of W into V):
 // ||W_new||_F <= ||W||_F + lr sum_j ||g_j|| ||h_j|| <= sqrt(tr Q) + lr sqrt(tr G) ||H||_F. out[0] is 0 when that
 // stays below limit, inf otherwise. Runs once: O(d + m).
-// Without G (large m), ||Gamma||_F^2 is given (GammaEnergy) and bounds sum_j ||g_j|| ||h_j|| itself.
+// Without G (large m), ||Gamma^T H||_F (from GammaEnergy) takes the place of sum_j ||g_j|| ||h_j||, which it never exceeds.
 template <class TS>
 struct WeightBound {
   const TS *Q, *G;  // G: nullptr when gamma_energy is given

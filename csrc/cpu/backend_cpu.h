@@ -103,7 +103,9 @@ class CpuBackend {
       run(0, rows);
       return;
     }
-    parallel_for(parts, [&](int p) { run(rows * p / parts, rows * (p + 1) / parts); });
+    parallel_for(parts, [&](int p) {
+      run(static_cast<int>(std::int64_t{rows} * p / parts), static_cast<int>(std::int64_t{rows} * (p + 1) / parts));
+    });
   }
   template <class T>
   void copy(const T* src, T* dst, std::size_t n) {

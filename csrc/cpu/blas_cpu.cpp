@@ -49,6 +49,13 @@ void ST_SYM(openblas_set_num_threads)(int) __attribute__((weak));
 int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 }
 
+// Loops built for the machine's vector width, chosen when the library loads (x86-64 with GCC; elsewhere one build).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ST_VECTOR_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define ST_VECTOR_CLONES
+#endif
+
 namespace sparsetarget::blas {
 namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kUpper = 121;
@@ -87,7 +94,7 @@ void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x,
 // C (2 x n) <- alpha A B + beta C with A 2 x k and B k x n, row-major: one pass over the rows of B, each added to
 // both rows of C (which stay in cache). Built for the machine's vector width, chosen at load time.
 template <class T>
-__attribute__((target_clones("default", "avx2", "avx512f"))) void two_row_gemm_impl(int n, int k, T alpha, const T* a,
+ST_VECTOR_CLONES void two_row_gemm_impl(int n, int k, T alpha, const T* a,
                                                                                      int lda, const T* b, int ldb,
                                                                                      T beta, T* c, int ldc) {
   T* c0 = c;
@@ -118,7 +125,7 @@ void two_row_gemm(int n, int k, double alpha, const double* a, int lda, const do
 // C (m x n) <- beta C + alpha x y^T, with x_i = x[i * incx] and y_j = y[j * incy]: one pass over C (a packed GEMM with
 // k = 1 runs its full machinery for the same traffic).
 template <class T>
-__attribute__((target_clones("default", "avx2", "avx512f"))) void rank1_update_impl(int m, int n, T alpha,
+ST_VECTOR_CLONES void rank1_update_impl(int m, int n, T alpha,
                                                                                     const T* x, int incx, const T* y,
                                                                                     int incy, T beta, T* c, int ldc) {
   std::vector<T> yv(static_cast<std::size_t>(n));
@@ -192,7 +199,7 @@ std::vector<int> block_edges(int n, int parts) {
 }  // namespace
 
 // Split over the longer side of C into parts computed at once by the core's threads, each a single-threaded
-// vendor GEMM: every entry of C is computed by the same kernel with the same k-order as unsplit.
+// vendor GEMM (results agree with the unsplit product to rounding).
 template <class T>
 void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
           int ldc) {
@@ -253,7 +260,7 @@ void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
 // (i, j) sums a_li b_lj + b_li a_lj over l, the same two products as entry (j, i) added in the other order, so C stays
 // exactly symmetric (this file is compiled without floating-point contraction).
 template <class T>
-__attribute__((target_clones("default", "avx2", "avx512f"))) void sym_rank2k_small(int n, int k, T alpha, const T* a,
+ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a,
                                                                                    int lda, const T* b, int ldb,
                                                                                    T beta, T* c, int ldc) {
   std::vector<T> acc(static_cast<std::size_t>(n));

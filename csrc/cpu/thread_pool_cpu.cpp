@@ -15,7 +15,7 @@
 namespace sparsetarget::cpu {
 namespace {
 
-thread_local bool t_in_worker = false;
+thread_local bool t_in_worker = false;  // on a worker, or on a caller running a job: nested jobs run inline
 
 // Workers are added on demand and live as long as the process. A child of fork() has the object but none of its
 // threads: it runs every job on the calling thread.
@@ -140,7 +140,13 @@ PassThreads::PassThreads() : saved_(t_override) { t_override = pass_threads(); }
 PassThreads::~PassThreads() { t_override = saved_; }
 
 void parallel_for(int parts, const std::function<void(int)>& f) {
-  if (parts > 1 && !t_in_worker && the_pool().usable() && the_pool().run(parts, f)) return;
+  if (parts > 1 && !t_in_worker && the_pool().usable()) {
+    t_in_worker = true;
+    struct Reset {
+      ~Reset() { t_in_worker = false; }
+    } reset;
+    if (the_pool().run(parts, f)) return;
+  }
   for (int i = 0; i < parts; ++i) f(i);
 }
 

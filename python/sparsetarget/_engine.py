@@ -328,7 +328,9 @@ def set_num_threads(n: int) -> None:
     (refresh, correction, logits, top-k). The threads are the core's own (they block when idle; each part is a
     single-threaded OpenBLAS call). Default: OPENBLAS_NUM_THREADS, else every core; once ``sparsetarget.torch`` is
     imported, steps use 1 unless chosen here or by OPENBLAS_NUM_THREADS (see :func:`threads_for_torch`). A count
-    chosen here is kept for every call."""
+    chosen here is kept for every call. LAPACK calls (the d x d inverse of steps with m >= d, the SVD of a
+    correction) run on one thread. Built against a BLAS other than OpenBLAS, the core cannot set that library's
+    threads, and each part may use them too."""
     global _threads_chosen
     n = check_int(n, "n")
     if n < 1:
