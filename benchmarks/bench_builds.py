@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from _machine import machine_info, write_results
 
 SHAPES = [(793_471, 512, 200), (200_000, 512, 128), (100_000, 256, 128), (793_471, 512, 1)]
 APIS = ("numpy", "torch")
@@ -140,18 +140,8 @@ def main() -> None:
                          "old_bursts": t_old, "new_bursts": t_new})
             print(f"{api:6} {str(shape):>20} {mo:9.3f} {mn:9.3f} {mn / mo:8.3f}", flush=True)
 
-    machine = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"builds_{socket.gethostname()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "rounds": args.rounds, "burst_s": args.burst, "rows": rows}, f, indent=1)
+    out = write_results("builds", {"machine": machine_info(), "rounds": args.rounds, "burst_s": args.burst,
+                                   "rows": rows}, args.out)
     print(f"wrote {out}")
 
 

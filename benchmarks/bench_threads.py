@@ -11,15 +11,12 @@ timing, three steps at a small size with N threads are checked against dense flo
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import socket
 import statistics
 import time
 
 import numpy as np
 import sparsetarget as st
+from _machine import machine_info, write_results
 
 SHAPES = [(793_471, 512, 200), (200_000, 512, 128), (100_000, 256, 128)]
 
@@ -88,17 +85,8 @@ def main() -> None:
                      "refresh_s": refresh})
         print(f"{str((D, d, m)):>20} {t1:12.2f} {tn:13.2f} {t1 / tn:8.2f}x   refresh {refresh[1]:.2f} s -> "
               f"{refresh[n]:.2f} s", flush=True)
-    machine = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"threads_{socket.gethostname()}.json")
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "threads": n, "rounds": args.rounds, "check": err, "rows": rows}, f, indent=1)
+    out = write_results("threads", {"machine": machine_info(), "threads": n, "rounds": args.rounds, "check": err,
+                                    "rows": rows}, args.out)
     print(f"wrote {out}")
 
 

@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
-import socket
 import statistics
 import time
 
@@ -40,6 +36,7 @@ args = ap.parse_args()
 import sparsetarget as st  # noqa: E402
 import sparsetarget.torch as stt  # noqa: E402
 import torch  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 if args.blas_threads is not None:
@@ -155,20 +152,10 @@ def main() -> None:
         rows.append(row)
         print(f"{str((D, d, m)):>20} {row['body_ms']:8.2f} {row['head_ms']:8.2f} "
               f"{row['body_ms'] + row['head_ms']:8.2f} {row['together_ms']:9.2f} {row['ratio']:6.3f}", flush=True)
-    machine = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "blas_threads": st.get_num_threads(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"torch_body_{socket.gethostname()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "rounds": args.rounds, "burst_s": args.burst, "check": err, "rows": rows}, f,
-                  indent=1)
+    machine = machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                           blas_threads=st.get_num_threads())
+    out = write_results("torch_body", {"machine": machine, "rounds": args.rounds, "burst_s": args.burst, "check": err,
+                                       "rows": rows}, args.out)
     print(f"wrote {out}")
 
 

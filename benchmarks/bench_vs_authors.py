@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
-import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +34,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 from bench_builds import Worker  # noqa: E402
 
 # (D, d, m): authors' % of the sgemm peak (None: not measured) and authors' time / sparsetarget 0.2.0's time.
@@ -177,19 +175,8 @@ def main() -> None:
         print(f"{str(shape):>19} {tn:8.3f} {100 * row['ours_fraction_of_peak']:6.0f}% {peak:9.1f} {fmt(to, 9, 3)} "
               f"{fmt(auth_peak, 17, 3)} {fmt(auth_old, 8, 3)} {fmt(speedup, 8, 2)}x", flush=True)
 
-    machine = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "openblas_core": sgemm.core, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"vs_authors_{socket.gethostname()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "rounds": args.rounds, "burst_s": args.burst, "dense_check": dense_err,
-                   "rows": rows}, f, indent=1)
+    out = write_results("vs_authors", {"machine": machine_info(openblas_core=sgemm.core), "rounds": args.rounds,
+                                       "burst_s": args.burst, "dense_check": dense_err, "rows": rows}, args.out)
     print(f"wrote {out}")
 
 

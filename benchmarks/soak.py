@@ -39,6 +39,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import sparsetarget as st  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 if args.quick:
     args.D, args.steps = 5000, 3000
@@ -124,13 +125,8 @@ def soak(loss: str, state_dtype: type, refresh_every: int, seed: int) -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one) and the number of cores."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
+    """The CPU model and core count."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def main() -> None:

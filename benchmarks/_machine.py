@@ -1,0 +1,34 @@
+"""What every benchmark records about the machine it ran on, and where it writes its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """Host, CPU model, core count, Python version and OPENBLAS_CORETYPE, plus ``extra``."""
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), **extra}
+
+
+def write_results(name: str, result: dict[str, Any], out: str | None = None) -> str:
+    """Write ``result`` as JSON to ``out`` or benchmarks/results/<name>_<host>.json; returns the path."""
+    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                               f"{name}_{socket.gethostname()}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path
