@@ -16,31 +16,16 @@ import time
 
 import numpy as np
 import sparsetarget as st
+from _dense_check import spherical_softmax_steps_error
 from _machine import machine_info, write_results
 
 SHAPES = [(793_471, 512, 200), (200_000, 512, 128), (100_000, 256, 128)]
 
 
 def check(threads: int) -> float:
+    """Three steps with ``threads`` threads at a size where the products are split, against dense float64 SGD."""
     st.set_num_threads(threads)
-    rng = np.random.default_rng(5)
-    D, d, eps, lr = 3001, 256, 1e-2, 0.05
-    W = rng.uniform(-0.1, 0.1, (D, d))
-    layer = st.FactoredOutput(W, loss="spherical_softmax", eps=eps)
-    for _ in range(3):
-        H, y = rng.standard_normal((300, d)) / 16, rng.integers(0, D, 300)
-        layer.step(H, y, lr)
-        O = H @ W.T
-        num = O * O + eps
-        Z = num.sum(1, keepdims=True)
-        rows = np.arange(len(y))
-        dO = 2 * O / Z
-        dO[rows, y] -= 2 * O[rows, y] / num[rows, y]
-        W = W - lr * dO.T @ H
-    err = float(np.abs(layer.dense_weight() - W).max() / np.abs(W).max())
-    if err > 1e-10:
-        raise SystemExit(f"the step with {threads} threads disagrees with dense SGD: relative error {err:.3g}")
-    return err
+    return spherical_softmax_steps_error(3001, 256, 300, 0.05, h_scale=1 / 16)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from _dense_check import spherical_softmax_steps_error  # noqa: E402
 from _machine import machine_info, write_results  # noqa: E402
 from bench_builds import Worker  # noqa: E402
 
@@ -94,26 +95,7 @@ class Sgemm:
 
 def check_against_dense() -> float:
     """Three steps of the new build at a small size against dense float64 SGD; returns the relative error."""
-    import sparsetarget as st
-
-    rng = np.random.default_rng(5)
-    D, d, eps, lr = 997, 61, 1e-2, 0.3
-    W = rng.uniform(-0.1, 0.1, (D, d))
-    layer = st.FactoredOutput(W, loss="spherical_softmax", eps=eps)
-    for _ in range(3):
-        H, y = rng.standard_normal((9, d)), rng.integers(0, D, 9)
-        layer.step(H, y, lr)
-        O = H @ W.T
-        num = O * O + eps
-        Z = num.sum(1, keepdims=True)
-        rows = np.arange(len(y))
-        dO = 2 * O / Z
-        dO[rows, y] -= 2 * O[rows, y] / num[rows, y]
-        W = W - lr * dO.T @ H
-    err = float(np.abs(layer.dense_weight() - W).max() / np.abs(W).max())
-    if err > 1e-10:
-        raise SystemExit(f"the step disagrees with dense SGD: relative error {err:.3g}")
-    return err
+    return spherical_softmax_steps_error(997, 61, 9, 0.3)
 
 
 def main() -> None:
