@@ -94,9 +94,8 @@ void gemv_strided(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x,
 // C (2 x n) <- alpha A B + beta C with A 2 x k and B k x n, row-major: one pass over the rows of B, each added to
 // both rows of C (which stay in cache). Built for the machine's vector width, chosen at load time.
 template <class T>
-ST_VECTOR_CLONES void two_row_gemm_impl(int n, int k, T alpha, const T* a,
-                                                                                     int lda, const T* b, int ldb,
-                                                                                     T beta, T* c, int ldc) {
+ST_VECTOR_CLONES void two_row_gemm(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                                  int ldc) {
   T* c0 = c;
   T* c1 = c + ldc;
   for (int j = 0; j < n; ++j) {
@@ -113,24 +112,18 @@ ST_VECTOR_CLONES void two_row_gemm_impl(int n, int k, T alpha, const T* a,
     }
   }
 }
-void two_row_gemm(int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                  int ldc) {
-  two_row_gemm_impl<float>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void two_row_gemm(int n, int k, double alpha, const double* a, int lda, const double* b, int ldb, double beta,
-                  double* c, int ldc) {
-  two_row_gemm_impl<double>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
 
 // C (m x n) <- beta C + alpha x y^T, with x_i = x[i * incx] and y_j = y[j * incy]: one pass over C (a packed GEMM with
 // k = 1 runs its full machinery for the same traffic).
 template <class T>
-ST_VECTOR_CLONES void rank1_update_impl(int m, int n, T alpha,
-                                                                                    const T* x, int incx, const T* y,
-                                                                                    int incy, T beta, T* c, int ldc) {
-  std::vector<T> yv(static_cast<std::size_t>(n));
-  for (int j = 0; j < n; ++j) yv[j] = y[static_cast<std::ptrdiff_t>(j) * incy];
-  const T* yp = yv.data();
+ST_VECTOR_CLONES void rank1_update(int m, int n, T alpha, const T* x, int incx, const T* y, int incy, T beta, T* c,
+                                  int ldc) {
+  std::vector<T> yv;  // y gathered into a contiguous row when strided
+  if (incy != 1) {
+    yv.resize(static_cast<std::size_t>(n));
+    for (int j = 0; j < n; ++j) yv[j] = y[static_cast<std::ptrdiff_t>(j) * incy];
+  }
+  const T* yp = incy == 1 ? y : yv.data();
   for (int i = 0; i < m; ++i) {
     const T xi = alpha * x[static_cast<std::ptrdiff_t>(i) * incx];
     T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
@@ -142,14 +135,6 @@ ST_VECTOR_CLONES void rank1_update_impl(int m, int n, T alpha,
       for (int j = 0; j < n; ++j) row[j] = beta * row[j] + xi * yp[j];
     }
   }
-}
-void rank1_update(int m, int n, float alpha, const float* x, int incx, const float* y, int incy, float beta, float* c,
-                  int ldc) {
-  rank1_update_impl<float>(m, n, alpha, x, incx, y, incy, beta, c, ldc);
-}
-void rank1_update(int m, int n, double alpha, const double* x, int incx, const double* y, int incy, double beta,
-                  double* c, int ldc) {
-  rank1_update_impl<double>(m, n, alpha, x, incx, y, incy, beta, c, ldc);
 }
 
 // A GEMM with one output row or column is a GEMV; BLAS libraries do not all take that shortcut themselves,
@@ -166,11 +151,11 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
     return true;
   }
   if (m == 2 && oa == Op::N && ob == Op::N) {  // two rows through B once (a packed GEMM would copy all of B first)
-    two_row_gemm(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    two_row_gemm<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return true;
   }
   if (k == 1) {  // an outer product: x the single column of op(A), y the single row of op(B)
-    rank1_update(m, n, alpha, a, oa == Op::N ? lda : 1, b, ob == Op::N ? 1 : ldb, beta, c, ldc);
+    rank1_update<T>(m, n, alpha, a, oa == Op::N ? lda : 1, b, ob == Op::N ? 1 : ldb, beta, c, ldc);
     return true;
   }
   if (n == 1) {  // c = op(A) x with x the single column of op(B)
@@ -260,9 +245,8 @@ void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
 // (i, j) sums a_li b_lj + b_li a_lj over l, the same two products as entry (j, i) added in the other order, so C stays
 // exactly symmetric (this file is compiled without floating-point contraction).
 template <class T>
-ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a,
-                                                                                   int lda, const T* b, int ldb,
-                                                                                   T beta, T* c, int ldc) {
+ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                                      int ldc) {
   std::vector<T> acc(static_cast<std::size_t>(n));
   T* s = acc.data();
   for (int i = 0; i < n; ++i) {
