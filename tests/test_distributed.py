@@ -113,6 +113,17 @@ def check_weights(model: Net, ref: Reference, what: str) -> None:
     assert max_rel(b, ref.head.bias) < TOL, f"{what}: head bias {max_rel(b, ref.head.bias)}"
 
 
+def step_and_check(model: Net, ref: Reference, losses: list, ref_losses: list, steppers: tuple, what: str) -> None:
+    """Losses and body gradients against the reference's, then the optimiser and scheduler steps (in order), then
+    every weight against the reference's."""
+    for a, b in zip(losses, ref_losses):
+        assert equal_losses(a, b), f"{what}: loss {a} vs {b}"
+    check_against(model, ref, what)
+    for stepper in steppers:
+        stepper.step()
+    check_weights(model, ref, what)
+
+
 def gathered(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, t.contiguous(), group=group)
@@ -168,14 +179,7 @@ def data_parallel_steps(ddp, model: Net, adam, fsgd, schedulers, ref: Reference,
                 value.backward()
             losses.append(value.detach())
         ref_losses = ref.step(batches, 1.0 / world)
-        for a, b in zip(losses, ref_losses[rank]):
-            assert equal_losses(a, b), f"data parallel step {i}: loss {a} vs {b}"
-        check_against(model, ref, f"data parallel step {i}")
-        adam.step()
-        fsgd.step()
-        for s in schedulers:
-            s.step()
-        check_weights(model, ref, f"data parallel step {i}")
+        step_and_check(model, ref, losses, ref_losses[rank], (adam, fsgd, *schedulers), f"data parallel step {i}")
         assert_same_on_all_ranks([getattr(model.head, name) for name in STATE], f"data parallel step {i}",
                                  data_group)
 
@@ -267,14 +271,7 @@ def vocab_parallel_job(rank: int, world: int, checkpoint: str) -> None:
             value.backward()
             losses.append(value.detach())
         ref_losses = ref.step([batches], 1.0)
-        for a, b in zip(losses, ref_losses[0]):
-            assert equal_losses(a, b), f"vocab parallel step {i}: loss {a} vs {b}"
-        check_against(model, ref, f"vocab parallel step {i}")
-        adam.step()
-        fsgd.step()
-        for s in schedulers:
-            s.step()
-        check_weights(model, ref, f"vocab parallel step {i}")
+        step_and_check(model, ref, losses, ref_losses[0], (adam, fsgd, *schedulers), f"vocab parallel step {i}")
         assert_same_on_all_ranks([head.U, head.U_inv, head.omega, head.stats, *model.body.parameters()],
                                  f"vocab parallel step {i}")
     diagnostics = head.diagnostics()

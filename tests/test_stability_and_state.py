@@ -252,20 +252,27 @@ def test_scale_far_from_one_is_reset_by_one_pass_and_spread_relative_to_it(rng):
     assert layer.diagnostics()["inverse_error"] < 1e-9
 
 
-def test_squared_error_training_with_shrinking_U_stays_exact():
-    """300 steps of squared error with |h| = 1 shrink U by ~400x; W still matches dense SGD and only few
-    (rank-k) corrections run."""
-    rng = np.random.default_rng(0)
+def train_squared_error_unit_rows(steps, seed, **policy):
+    """A layer and dense SGD trained alike on squared error, 8 rows of |h| = 1 per step at lr 0.05 (U shrinks at
+    every step)."""
+    rng = np.random.default_rng(seed)
     W0 = rng.standard_normal((D, d)) / np.sqrt(d)
-    layer = st.FactoredOutput(W0, loss="squared_error")
+    layer = st.FactoredOutput(W0, loss="squared_error", **policy)
     dense = DenseSGD(W0)
-    for _ in range(300):
+    for _ in range(steps):
         H = rng.standard_normal((8, d))
         H /= np.linalg.norm(H, axis=1, keepdims=True)
         y = rng.integers(0, D, 8)
         Y, _ = dense_targets(y, 8, D)
         dense.step(H, Y, "squared_error", {}, 0.05)
         layer.step(H, y, 0.05)
+    return layer, dense
+
+
+def test_squared_error_training_with_shrinking_U_stays_exact():
+    """300 steps of squared error with |h| = 1 shrink U by ~400x; W still matches dense SGD and only few
+    (rank-k) corrections run."""
+    layer, dense = train_squared_error_unit_rows(300, seed=0)
     diag = layer.diagnostics()
     assert diag["sigma_max"] < 0.01  # U shrank a lot ...
     assert diag["corrections"] <= 20 and diag["condition"] < 4  # ... without a correction per step
@@ -302,17 +309,7 @@ def test_monitoring_bounds_carried_across_unchecked_steps_contain_U(rng, m, loss
 def test_monitoring_runs_before_its_turn_when_U_may_leave_the_band():
     """Squared error shrinks U fast; with the regular check far away, the carried bounds still call the checks
     (and corrections) that keep U in band, and W follows dense SGD."""
-    rng = np.random.default_rng(3)
-    W0 = rng.standard_normal((D, d)) / np.sqrt(d)
-    layer = st.FactoredOutput(W0, loss="squared_error", check_every=10**6)
-    dense = DenseSGD(W0)
-    for _ in range(150):
-        H = rng.standard_normal((8, d))
-        H /= np.linalg.norm(H, axis=1, keepdims=True)
-        y = rng.integers(0, D, 8)
-        Y, _ = dense_targets(y, 8, D)
-        dense.step(H, Y, "squared_error", {}, 0.05)
-        layer.step(H, y, 0.05)
+    layer, dense = train_squared_error_unit_rows(150, seed=3, check_every=10**6)
     diag = layer.diagnostics()
     assert diag["corrections"] >= 1 and diag["condition"] < 4
     assert rel_err(layer.dense_weight(), dense.W) < 1e-9
