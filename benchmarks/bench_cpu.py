@@ -18,7 +18,10 @@ import time
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", type=int, default=1, help="BLAS threads for both factored and dense (default 1)")
 ap.add_argument("--quick", action="store_true", help="small sizes only (a smoke run, seconds)")
-ap.add_argument("--soak-steps", type=int, default=2000, help="steps of the stabilisation run")
+ap.add_argument("--soak-steps", type=int, default=2000, help="steps of each stabilisation run")
+ap.add_argument("--sections", default="steps,sweep,soak",
+                help="comma-separated: steps (the step table), sweep (time vs D), soak (stabilisation runs); "
+                     "a run without every section writes cpu_<sections>_<threads>thread.json")
 ap.add_argument("--out", default=None, help="JSON output path")
 args = ap.parse_args()
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -100,8 +103,10 @@ def bench_config(D, d, m, rng, dense=True):
     return row
 
 
-def soak(D, d, m, steps, loss, lr, weight_decay, sigma_range, rng):
-    layer = st.FactoredOutput.random(D, d, dtype=np.float32, seed=1, loss=loss, sigma_range=sigma_range)
+def soak(D, d, m, steps, loss, lr, weight_decay, state_dtype, sigma_range, rng):
+    """``steps`` steps of |h| = 1 rows: the median step, and the time the steps that corrected U took beyond it."""
+    layer = st.FactoredOutput.random(D, d, dtype=np.float32, seed=1, loss=loss, state_dtype=state_dtype,
+                                     sigma_range=sigma_range)
     times, corrected = [], []
     for _ in range(steps):
         H = rng.standard_normal((m, d)).astype(np.float32)
@@ -122,7 +127,8 @@ def soak(D, d, m, steps, loss, lr, weight_decay, sigma_range, rng):
     exact = sd["V"][rows].astype(np.float64) @ sd["U"].astype(np.float64) + sd["omega"]
     return {
         "D": D, "d": d, "m": m, "steps": steps, "loss": loss, "lr": lr, "weight_decay": weight_decay,
-        "sigma_range": list(sigma_range),
+        "state_dtype": state_dtype, "sigma_range": list(layer.config()["sigma_range"]),
+        "default_sigma_range": sigma_range is None,
         "median_step_ms": typical,
         "total_s": float(times.sum() / 1e3),
         "corrections": int(diag["corrections"]),
@@ -130,6 +136,7 @@ def soak(D, d, m, steps, loss, lr, weight_decay, sigma_range, rng):
         "correction_step_ms": [float(t) for t in times[corrected]],
         "amortised_stabilisation_ms_per_step": (
             float((times[corrected] - typical).sum() / steps) if corrected.any() else 0.0),
+        "mean_step_ms": float(times.mean()),
         "final_condition": diag["condition"],
         "final_inverse_error": diag["inverse_error"],
         "W_rows_consistency": float(np.abs(W[rows] - exact).max() / np.abs(exact).max()),
@@ -147,44 +154,61 @@ def main() -> None:
     if args.quick:
         configs = [(20000, 128, 64), (20000, 128, 1)]
         sweep_D, sweep = [5000, 20000, 50000], (128, 64)
-        soak_cfg = (20000, 128, 64)
+        soak_cfgs = [(20000, 128, 64)]
     else:
         configs = [(793471, 512, 200), (200000, 512, 128), (100000, 256, 128), (793471, 512, 1)]
         sweep_D, sweep = [12500, 25000, 50000, 100000, 200000, 400000, 793471], (256, 128)
-        soak_cfg = (793471, 512, 200)
+        soak_cfgs = [(200000, 512, 128), (793471, 512, 200)]
+    sections = set(args.sections.split(","))
     results = {"info": info, "configs": [], "sweep_D": [], "soak": []}
     print(f"# sparsetarget CPU benchmark, {info['cpu']}, {args.threads} BLAS thread(s), float32 weights\n")
-    print(f"{'D':>8} {'d':>4} {'m':>4} | {'factored ms':>11} {'(f64 state)':>11} | {'dense ms':>9} | "
-          f"{'speed-up':>8} {'D/4d':>6} | {'extra MiB':>9} {'dense MiB':>9}")
-    for D, d, m in configs:
-        r = bench_config(D, d, m, rng)
-        results["configs"].append(r)
-        f32, f64 = r["factored_ms_state_float32"], r["factored_ms_state_float64"]
-        print(f"{D:>8} {d:>4} {m:>4} | {f32:>11.3f} {f64:>11.3f} | "
-              f"{r['dense_ms']:>9.1f} | {r['speedup_f32_state']:>8.0f} {r['speedup_target_D_over_4d']:>6.0f} | "
-              f"{r['factored_peak_extra_mib_state_float32']:>9.1f} {r['dense_peak_extra_mib']:>9.1f}", flush=True)
+    if "steps" in sections:
+        print(f"{'D':>8} {'d':>4} {'m':>4} | {'factored ms':>11} {'(f64 state)':>11} | {'dense ms':>9} | "
+              f"{'speed-up':>8} {'D/4d':>6} | {'extra MiB':>9} {'dense MiB':>9}")
+        for D, d, m in configs:
+            r = bench_config(D, d, m, rng)
+            results["configs"].append(r)
+            f32, f64 = r["factored_ms_state_float32"], r["factored_ms_state_float64"]
+            print(f"{D:>8} {d:>4} {m:>4} | {f32:>11.3f} {f64:>11.3f} | "
+                  f"{r['dense_ms']:>9.1f} | {r['speedup_f32_state']:>8.0f} {r['speedup_target_D_over_4d']:>6.0f} | "
+                  f"{r['factored_peak_extra_mib_state_float32']:>9.1f} {r['dense_peak_extra_mib']:>9.1f}", flush=True)
     d, m = sweep
-    print(f"\n# time vs D at d={d}, m={m} (factored, float32 state)")
-    for D in sweep_D:
-        r = bench_config(D, d, m, rng, dense=D <= 100000)
-        results["sweep_D"].append(r)
-        extra = f"  dense {r['dense_ms']:.1f} ms" if "dense_ms" in r else ""
-        print(f"D={D:>8}: {r['factored_ms_state_float32']:.3f} ms{extra}", flush=True)
-    print(f"\n# stabilisation over {args.soak_steps} steps, |h| = 1, (D, d, m) = {soak_cfg}")
-    runs = (("spherical_softmax", 0.1, 1e-4, (0.5, 2.0)), ("squared_error", 0.01, 1e-4, (0.5, 2.0)),
-            ("squared_error", 0.01, 1e-4, (0.1, 10.0)))
-    for loss, lr, wd, band in runs:
-        r = soak(*soak_cfg, args.soak_steps, loss, lr, wd, band, rng)
-        results["soak"].append(r)
-        print(f"{loss:>17} lr={lr} sigma_range={band}: median {r['median_step_ms']:.2f} ms/step, "
-              f"{r['corrections']} corrections "
-              f"({r['corrected_values']} values), amortised {r['amortised_stabilisation_ms_per_step']:.3f} ms/step, "
-              f"final cond {r['final_condition']:.2f}", flush=True)
+    if "sweep" in sections:
+        print(f"\n# time vs D at d={d}, m={m} (factored, float32 state)")
+        for D in sweep_D:
+            r = bench_config(D, d, m, rng, dense=D <= 100000)
+            results["sweep_D"].append(r)
+            extra = f"  dense {r['dense_ms']:.1f} ms" if "dense_ms" in r else ""
+            print(f"D={D:>8}: {r['factored_ms_state_float32']:.3f} ms{extra}", flush=True)
+    if "soak" in sections:
+        print(f"\n# stabilisation over {args.soak_steps} steps, |h| = 1, float32 weights; amortised = time of the "
+              "correcting steps beyond the median, per step")
+        print(f"{'(D, d, m)':>18} {'loss':>17} {'lr':>5} {'state':>7} {'sigma_range':>12} | {'median ms':>9} "
+              f"{'corr':>4} {'values':>6} {'amortised ms':>12} {'share':>6} {'cond':>6}")
+        # the default band of each state dtype (None), and the narrow band (0.5, 2) beside it for squared error
+        runs = [("spherical_softmax", 0.1, None), ("squared_error", 0.01, None), ("squared_error", 0.01, (0.5, 2.0))]
+        for cfg in soak_cfgs:
+            for state_dtype in ("float32", "float64"):
+                for loss, lr, band in runs:
+                    if band is not None and state_dtype == "float64":
+                        continue
+                    r = soak(*cfg, args.soak_steps, loss, lr, 1e-4, state_dtype, band, rng)
+                    r["amortised_share"] = r["amortised_stabilisation_ms_per_step"] / r["median_step_ms"]
+                    results["soak"].append(r)
+                    print(f"{str(cfg):>18} {loss:>17} {lr:>5} {state_dtype:>7} "
+                          f"{str(tuple(r['sigma_range'])) + ('' if band else '*'):>12} | "
+                          f"{r['median_step_ms']:>9.2f} {r['corrections']:>4} {r['corrected_values']:>6} "
+                          f"{r['amortised_stabilisation_ms_per_step']:>12.3f} {100 * r['amortised_share']:>5.1f}% "
+                          f"{r['final_condition']:>6.1f}", flush=True)
+        print("* the default band of the state dtype")
+    name = "" if sections == {"steps", "sweep", "soak"} else "_".join(sorted(sections)) + "_"
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
+                                   f"cpu_{'quick_' if args.quick else ''}{name}{args.threads}thread.json")
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nsaved {out}")
+    if "sweep" not in sections:
+        return
     try:
         import matplotlib
 

@@ -18,14 +18,35 @@ namespace sparsetarget {
 // entries far from float32's range limits.
 constexpr double kScaleLimit = 16777216.0;  // 2^24
 
-// The policy; these defaults are the library's (the Python front ends take theirs from here).
+// The default band of U's singular values by state dtype (docs/algorithm.md §8.11). U's spread amplifies the
+// rounding of every V update (about eps_V sinh(2L) / 2L for a spread e^{2L}), and the passes over V that correct it
+// cost 2 D d k flops for k moved values: the wider the band, the rarer the passes (their number falls with the square
+// of the band's log-width) and the larger the amplification. A float32 state rounds U, U^-1 and Q at the level of
+// float32 V already, so the amplification of a spread up to 100 adds about as much again; a float64 state is exact
+// to far below V's rounding, so it keeps a spread up to 16, where the amplification stays below 3.
+constexpr double kSigmaLowFloat32 = 0.1, kSigmaHighFloat32 = 10.0;
+constexpr double kSigmaLowFloat64 = 0.25, kSigmaHighFloat64 = 4.0;
+
+// The policy; these defaults are the library's (the Python front ends take theirs from here). The band defaults
+// to the float32 state's; default_stabilize_options gives the one of each state dtype.
 struct StabilizeOptions {
-  double sigma_low = 0.5;   // with sigma_high: tolerated spread of U's singular values (sigma_high / sigma_low)
-  double sigma_high = 2.0;
+  double sigma_low = kSigmaLowFloat32;  // with sigma_high: tolerated spread of U's singular values (high / low)
+  double sigma_high = kSigmaHighFloat32;
   double inverse_tol = 1e-3;       // largest tolerated ||U U^-1 x - x|| / ||x||
   std::int64_t check_every = 16;    // monitor at least every this many steps, earlier when due (>= 1)
   std::int64_t refresh_every = -1;  // full refresh every this many steps; 0 never; -1 automatic (refresh_period)
 };
+
+// The default policy of a state dtype TS.
+template <class TS>
+StabilizeOptions default_stabilize_options() {
+  StabilizeOptions opt;
+  if (sizeof(TS) == sizeof(double)) {
+    opt.sigma_low = kSigmaLowFloat64;
+    opt.sigma_high = kSigmaHighFloat64;
+  }
+  return opt;
+}
 
 // Rows of training per output between automatic refreshes: a refresh costs about D d^2 flops, a step of m rows
 // about 14 m d^2, so refreshing after kAutoRefreshRows * D rows spends about 1 / (14 kAutoRefreshRows) of the step
@@ -76,7 +97,6 @@ struct CorrectionPlan {
   void dense_factor(std::vector<TV>& Tinv) const;
 };
 
-// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
 // SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
 template <class TS>
 CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt);

@@ -8,6 +8,7 @@ from reference import DenseSGD, dense_loss, dense_targets, rel_err
 from sparsetarget._engine import Stat
 
 D, d = 211, 17
+BAND = (0.5, 2.0)  # the band these tests' bounds are written for (corrections leave U within s [0.707, 1.414])
 
 
 def ill_conditioned(layer, rng, cond=1e4):
@@ -35,7 +36,7 @@ def describe_U(sd):
 
 
 def test_correction_restores_conditioning_and_keeps_W(rng):
-    layer = st.FactoredOutput(rng.standard_normal((D, d)))
+    layer = st.FactoredOutput(rng.standard_normal((D, d)), sigma_range=BAND)
     W = ill_conditioned(layer, rng)
     assert rel_err(layer.dense_weight(), W) < 1e-11
     report = layer.stabilize()
@@ -49,7 +50,7 @@ def test_correction_restores_conditioning_and_keeps_W(rng):
 
 @pytest.mark.parametrize("cond", [20.0, 1e5])  # few values out of band (rank-k pass) / most of them (d x d pass)
 def test_monitoring_triggers_correction_during_training(rng, cond):
-    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss="spherical_softmax")
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss="spherical_softmax", sigma_range=BAND)
     W0 = ill_conditioned(layer, rng, cond)
     dense = DenseSGD(W0)
     for _ in range(3):
@@ -233,7 +234,7 @@ def test_uniform_scale_of_U_needs_no_correction(rng):
 
 
 def test_scale_far_from_one_is_reset_by_one_pass_and_spread_relative_to_it(rng):
-    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d))
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), sigma_range=BAND)
     P, _ = np.linalg.qr(rng.standard_normal((d, d)))
     R, _ = np.linalg.qr(rng.standard_normal((d, d)))
     W = refactor(layer, 1e-9 * (P * np.linspace(0.9, 1.1, d)) @ R.T)  # beyond the 2^-24 scale limit
@@ -257,7 +258,7 @@ def train_squared_error_unit_rows(steps, seed, **policy):
     every step)."""
     rng = np.random.default_rng(seed)
     W0 = rng.standard_normal((D, d)) / np.sqrt(d)
-    layer = st.FactoredOutput(W0, loss="squared_error", **policy)
+    layer = st.FactoredOutput(W0, loss="squared_error", **{"sigma_range": BAND, **policy})
     dense = DenseSGD(W0)
     for _ in range(steps):
         H = rng.standard_normal((8, d))
@@ -279,12 +280,26 @@ def test_squared_error_training_with_shrinking_U_stays_exact():
     assert rel_err(layer.dense_weight(), dense.W) < 1e-9
 
 
+@pytest.mark.parametrize("state_dtype, spread, tol", [(np.float64, 16, 1e-9), (np.float32, 100, 1e-4)])
+def test_default_band_of_each_state_dtype_keeps_squared_error_training_exact(state_dtype, spread, tol):
+    """The default band depends on the state dtype ((0.25, 4) for float64, (0.1, 10) for float32): 600 steps that
+    spread U's singular values (and shrink them) stay within the band's spread, correct a few times, and follow
+    dense float64 SGD."""
+    layer, dense = train_squared_error_unit_rows(600, seed=1, sigma_range=None, state_dtype=state_dtype)
+    assert layer.config()["sigma_range"] == [1 / np.sqrt(spread), np.sqrt(spread)]
+    diag = layer.diagnostics()
+    assert diag["condition"] < spread
+    assert 1 <= diag["corrections"] <= 10
+    assert rel_err(layer.dense_weight(), dense.W) < tol
+
+
 @pytest.mark.parametrize("m", [1, 6, 40])  # Woodbury (m < d) and explicit (m > d) steps
 @pytest.mark.parametrize("loss", ["squared_error", "spherical_softmax"])
 def test_monitoring_bounds_carried_across_unchecked_steps_contain_U(rng, m, loss):
     """Between checks the monitored singular values widen by the step's factor bounds: they must contain the
     true extreme singular values of the new U (starting from exact ones), and be tight enough to be useful."""
-    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss=loss, check_every=10**6)
+    layer = st.FactoredOutput(rng.standard_normal((D, d)) / np.sqrt(d), loss=loss, check_every=10**6,
+                              sigma_range=BAND)
     P, _ = np.linalg.qr(rng.standard_normal((d, d)))
     R, _ = np.linalg.qr(rng.standard_normal((d, d)))
     refactor(layer, (P * np.geomspace(0.8, 1.25, d)) @ R.T)

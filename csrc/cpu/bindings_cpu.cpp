@@ -148,6 +148,7 @@ class Core {
     if (v32 && s64) state_ = make<float, double>();
     if (v64 && s32) state_ = make<double, float>();
     if (v64 && s64) state_ = make<double, double>();
+    stabilize_ = s64 ? default_stabilize_options<double>() : default_stabilize_options<float>();
   }
 
   std::int64_t D() const { return std::visit([](const auto& s) { return s.D; }, state_); }
@@ -450,6 +451,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("default_min_rcond", [](bool float64) {
     return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
   }, py::arg("float64"), "The default min_rcond of a state dtype: sqrt of its machine epsilon.");
+  m.def("default_sigma_range", [](bool float64) {
+    const StabilizeOptions o = float64 ? default_stabilize_options<double>() : default_stabilize_options<float>();
+    return py::make_tuple(o.sigma_low, o.sigma_high);
+  }, py::arg("float64"), "The default sigma_range (low, high) of a state dtype.");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), py::arg("passes") = true,
         "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
         "BLAS call); with passes, also for the long passes over V (refresh, correction, logits, top-k).");

@@ -118,6 +118,7 @@ class Core {
     if (!v64 && s64) state_ = make<float, double>();
     if (v64 && !s64) state_ = make<double, float>();
     if (v64 && s64) state_ = make<double, double>();
+    stabilize_ = s64 ? default_stabilize_options<double>() : default_stabilize_options<float>();
     backend_.emplace();
     sync_step_count();
   }

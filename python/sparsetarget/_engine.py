@@ -56,7 +56,7 @@ STATE_ARRAYS = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_mi
 
 _POLICY = _core.DEFAULT_STABILIZATION  # the core's own defaults (csrc/stabilize_policy.h)
 STABILIZATION_DEFAULTS: dict[str, Any] = {
-    "sigma_range": (_POLICY["sigma_low"], _POLICY["sigma_high"]),
+    "sigma_range": None,  # by state dtype: (0.1, 10) for float32, (0.25, 4) for float64 (default_sigma_range)
     "inverse_tol": _POLICY["inverse_tol"],
     "check_every": _POLICY["check_every"],
     "refresh_every": _POLICY["refresh_every"],
@@ -139,6 +139,14 @@ def default_min_rcond(state_dtype: Any) -> float:
     """The default ``min_rcond`` of a state dtype: sqrt of its machine epsilon (a step may cost at most half of the
     state's digits)."""
     return float(_core.default_min_rcond(np.dtype(state_dtype) == np.float64))
+
+
+def default_sigma_range(state_dtype: Any) -> tuple[float, float]:
+    """The default ``sigma_range`` of a state dtype: (0.1, 10) for float32, (0.25, 4) for float64. A wider band
+    means rarer corrections (each a pass over V) but more of V's rounding amplified by U's spread; a float32 state
+    already rounds at V's level, a float64 state does not (docs/algorithm.md §8.11)."""
+    low, high = _core.default_sigma_range(np.dtype(state_dtype) == np.float64)
+    return float(low), float(high)
 
 
 def stabilization_updates(
@@ -521,8 +529,10 @@ class Engine:
 
     def _set_initial_policy(self, policy: dict[str, Any] | None) -> None:
         """The stabilisation options given (None or left out: :data:`STABILIZATION_DEFAULTS`), every one set in the
-        core explicitly, ``min_rcond`` resolved for the state dtype."""
+        core explicitly, ``sigma_range`` and ``min_rcond`` resolved for the state dtype."""
         options = {**STABILIZATION_DEFAULTS, **{k: v for k, v in (policy or {}).items() if v is not None}}
+        if options["sigma_range"] is None:
+            options["sigma_range"] = default_sigma_range(self._numpy_state_dtype)
         if options["min_rcond"] is None:
             options["min_rcond"] = default_min_rcond(self._numpy_state_dtype)
         self.set_stabilization(**options)
@@ -536,7 +546,7 @@ class Engine:
 
     @_locked
     def policy(self) -> dict[str, Any]:
-        """The stabilisation policy in force, ``min_rcond`` resolved."""
+        """The stabilisation policy in force, ``sigma_range`` and ``min_rcond`` resolved."""
         core = self.core
         return {"sigma_range": (core.sigma_low, core.sigma_high), "inverse_tol": core.inverse_tol,
                 "check_every": core.check_every, "refresh_every": core.refresh_every, "min_rcond": core.min_rcond}

@@ -48,10 +48,11 @@ class FactoredOutput:
         state_dtype: dtype of the d x d state, float32 or float64; default the weight's dtype. float64 drifts
             less; float32 is about twice as fast.
         ignore_index: class label whose rows contribute no loss, no gradient and no update.
-        sigma_range: (low, high), default (0.5, 2): U's singular values may spread by high / low around their
-            geometric mean s; beyond that a correction brings every value outside s (sqrt(low), sqrt(high)) back to
-            s in one pass over V. A uniform scale of U is free; when s drifts beyond 2^+-24, one O(D d) pass resets
-            it to 1.
+        sigma_range: (low, high), default (0.1, 10) with a float32 state, (0.25, 4) with a float64 state: U's
+            singular values may spread by high / low around their geometric mean s; beyond that a correction brings
+            every value outside s (sqrt(low), sqrt(high)) back to s in one pass over V. Wider: rarer passes, more of
+            V's rounding amplified by the spread. A uniform scale of U is free; when s drifts beyond 2^+-24, one
+            O(D d) pass resets it to 1.
         inverse_tol: tolerated ||U U^-1 x - x|| / ||x|| on the monitoring vector before U^-1 is rebuilt (default
             1e-3).
         check_every: the longest run of steps without an O(d^2) monitoring check (default 16; a check also runs
