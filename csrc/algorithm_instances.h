@@ -16,7 +16,7 @@
                                         const ProjectionsView<TS>&, const TS*, const TS*, const TS*,            \
                                         const StepOptions&, TS*, bool);                                          \
   KEYWORD void after_step<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&, std::int64_t);        \
-  KEYWORD CorrectionReport correct<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&);             \
+  KEYWORD CorrectionReport correct<B, TV, TS>(B&, FactoredState<TV, TS>&, const StabilizeOptions&, bool);       \
   KEYWORD void refresh<B, TV, TS>(B&, FactoredState<TV, TS>&);                                                  \
   KEYWORD double inverse_error<B, TV, TS>(B&, const FactoredState<TV, TS>&);
 

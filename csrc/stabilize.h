@@ -83,15 +83,17 @@ void apply_to_V(B& b, FactoredState<TV, TS>& st, const CorrectionPlan<TS>& plan)
   }
 }
 
-// SVD-based correction now: every singular value of U out of band moves back, W unchanged (§8.4-§8.8). Synchronous.
+// SVD-based correction now, W unchanged (§8.4-§8.8): the singular values of U out of band move back when its spread
+// exceeds the trigger or on demand (`whole_band`, stabilize()); U's scale is reset when far from 1; U^-1 is rebuilt.
+// Synchronous.
 template <class B, class TV, class TS>
-CorrectionReport correct(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt) {
+CorrectionReport correct(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt, bool whole_band) {
   [[maybe_unused]] const auto exact = b.exact_math();  // no reduced-precision products while W is re-expressed
   [[maybe_unused]] const auto passes = b.pass_scope();
   const std::size_t dd = static_cast<std::size_t>(st.d) * st.d;
   b.synchronize();
   const std::vector<TS> U = b.download(st.U, dd);
-  const CorrectionPlan<TS> plan = plan_correction(st.d, U.data(), opt);
+  const CorrectionPlan<TS> plan = plan_correction(st.d, U.data(), opt, whole_band);
   if (plan.report.corrected) {
     apply_to_V(b, st, plan);
     b.upload(plan.U, st.U);
@@ -155,7 +157,7 @@ void after_step(B& b, FactoredState<TV, TS>& st, const StabilizeOptions& opt, st
   if (opt.check_every > 0 && (steps % opt.check_every == 0 || b.monitor_may_be_due(st, opt))) monitor(b, st, opt);
   if (!b.correction_requested()) return;
   try {
-    correct(b, st, opt);
+    correct(b, st, opt, false);
   } catch (...) {
     b.correction_done();
     throw;

@@ -42,7 +42,7 @@ void CorrectionPlan<TS>::dense_factor(std::vector<TV>& Tinv) const {
 }
 
 template <class TS>
-CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt) {
+CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt, bool whole_band) {
   CorrectionPlan<TS> plan;
   plan.d = d;
   CorrectionReport& report = plan.report;
@@ -60,11 +60,12 @@ CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& o
   const double t = (s >= 1 / std::sqrt(kScaleLimit) && s <= std::sqrt(kScaleLimit)) ? s : 1.0;
   plan.a = s / t;
   const double lo = std::sqrt(opt.sigma_low), hi = std::sqrt(opt.sigma_high);
+  const bool move = whole_band || !(sigma.front() <= opt.sigma_high / opt.sigma_low * sigma.back());
   // V <- V U U_new^-1 = V P diag(sigma / new_sigma) P^T = a V + V P_k diag(sigma_k / t - a) P_k^T.
   std::vector<TS> new_sigma(sigma);
   for (int i = 0; i < d; ++i) {
     const double ratio = sigma[i] / s;
-    if (ratio < lo || ratio > hi) {
+    if (move && (ratio < lo || ratio > hi)) {
       plan.cols.push_back(i);
       plan.coef.push_back(static_cast<double>(sigma[i]) / t - plan.a);
       new_sigma[i] = static_cast<TS>(t);
@@ -147,7 +148,7 @@ double inverse_error_of(int d, const TS* U_in, const TS* U_inv_in) {
   template void CorrectionPlan<TS>::low_rank_factors<double>(std::vector<double>&, std::vector<double>&) const;   \
   template void CorrectionPlan<TS>::dense_factor<float>(std::vector<float>&) const;                               \
   template void CorrectionPlan<TS>::dense_factor<double>(std::vector<double>&) const;                             \
-  template CorrectionPlan<TS> plan_correction<TS>(int, const TS*, const StabilizeOptions&);                       \
+  template CorrectionPlan<TS> plan_correction<TS>(int, const TS*, const StabilizeOptions&, bool);                 \
   template void refresh_small<TS>(int, std::int64_t, std::vector<double>&, const std::vector<double>&, const TS*, \
                                   const TS*, TS*, TS*, TS*);                                                      \
   template double inverse_error_of<TS>(int, const TS*, const TS*);

@@ -23,9 +23,9 @@ constexpr double kScaleLimit = 16777216.0;  // 2^24
 // cost 2 D d k flops for k moved values: the wider the band, the rarer the passes (their number falls with the square
 // of the band's log-width) and the larger the amplification. A float32 state rounds U, U^-1 and Q at the level of
 // float32 V already, so the amplification of a spread up to 100 adds about as much again; a float64 state is exact
-// to far below V's rounding, so it keeps a spread up to 16, where the amplification stays below 3.
+// to far below V's rounding, so it keeps a spread up to 25, where the amplification stays below 4.
 constexpr double kSigmaLowFloat32 = 0.1, kSigmaHighFloat32 = 10.0;
-constexpr double kSigmaLowFloat64 = 0.25, kSigmaHighFloat64 = 4.0;
+constexpr double kSigmaLowFloat64 = 0.2, kSigmaHighFloat64 = 5.0;
 
 // The policy; these defaults are the library's (the Python front ends take theirs from here). The band defaults
 // to the float32 state's; default_stabilize_options gives the one of each state dtype.
@@ -97,9 +97,11 @@ struct CorrectionPlan {
   void dense_factor(std::vector<TV>& Tinv) const;
 };
 
-// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular.
+// SVD of U (d x d, row-major) and the correction it calls for; throws std::domain_error when U is singular. The
+// values out of band move back only when U's spread exceeds the trigger or `whole_band` (an explicit stabilize()):
+// a correction called by the scale or the inverse residual alone rescales U and rebuilds U^-1, no more.
 template <class TS>
-CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt);
+CorrectionPlan<TS> plan_correction(int d, const TS* U, const StabilizeOptions& opt, bool whole_band);
 
 // Adds a correction's report to the monitoring scalars (kStatCount of them).
 void record_correction(const CorrectionReport& report, double* stats);

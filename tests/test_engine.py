@@ -36,7 +36,7 @@ def test_default_policy_is_set_explicitly_in_the_core(state_dtype):
     core = layer._engine.core
     eps = np.finfo(state_dtype).eps
     assert core.min_rcond == pytest.approx(np.sqrt(eps), rel=1e-12)
-    assert (core.sigma_low, core.sigma_high) == ((0.1, 10.0) if state_dtype == np.float32 else (0.25, 4.0))
+    assert (core.sigma_low, core.sigma_high) == ((0.1, 10.0) if state_dtype == np.float32 else (0.2, 5.0))
     assert tuple(cfg_sigma := layer.config()["sigma_range"]) == (core.sigma_low, core.sigma_high), cfg_sigma
     assert core.inverse_tol == _engine.STABILIZATION_DEFAULTS["inverse_tol"]
     assert (core.check_every, core.refresh_every) == (16, -1)  # -1: automatic refresh
@@ -89,6 +89,6 @@ def test_policy_defaults_come_from_the_core():
     defaults = _engine._core.DEFAULT_STABILIZATION
     assert _engine.STABILIZATION_DEFAULTS["sigma_range"] is None  # resolved by the state dtype
     assert _engine.default_sigma_range(np.float32) == (defaults["sigma_low"], defaults["sigma_high"]) == (0.1, 10.0)
-    assert _engine.default_sigma_range(np.float64) == (0.25, 4.0)
+    assert _engine.default_sigma_range(np.float64) == (0.2, 5.0)
     assert _engine.default_min_rcond(np.float32) == pytest.approx(np.sqrt(np.finfo(np.float32).eps), rel=1e-6)
     assert _engine.default_min_rcond(np.float64) == pytest.approx(np.sqrt(np.finfo(np.float64).eps), rel=1e-12)

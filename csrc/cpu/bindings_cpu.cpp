@@ -285,7 +285,7 @@ class Core {
   py::dict stabilize() {
     CorrectionReport r = std::visit([&](auto& st) {
       py::gil_scoped_release release;
-      return sparsetarget::correct(cpu_backend(), st, stabilize_);
+      return sparsetarget::correct(cpu_backend(), st, stabilize_, true);
     }, state_);
     return report_dict(r);
   }

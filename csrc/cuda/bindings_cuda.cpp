@@ -189,7 +189,7 @@ class Core {
 
   py::dict stabilize() {
     enter_synchronized();
-    return report_dict(std::visit([&](auto& st) { return sparsetarget::correct(*backend_, st, stabilize_); }, state_));
+    return report_dict(std::visit([&](auto& st) { return sparsetarget::correct(*backend_, st, stabilize_, true); }, state_));
   }
 
   double inverse_error() {

@@ -56,7 +56,7 @@ STATE_ARRAYS = ("V", "U", "U_inv", "Q", "omega", "w_bar", "probe_max", "probe_mi
 
 _POLICY = _core.DEFAULT_STABILIZATION  # the core's own defaults (csrc/stabilize_policy.h)
 STABILIZATION_DEFAULTS: dict[str, Any] = {
-    "sigma_range": None,  # by state dtype: (0.1, 10) for float32, (0.25, 4) for float64 (default_sigma_range)
+    "sigma_range": None,  # by state dtype: (0.1, 10) for float32, (0.2, 5) for float64 (default_sigma_range)
     "inverse_tol": _POLICY["inverse_tol"],
     "check_every": _POLICY["check_every"],
     "refresh_every": _POLICY["refresh_every"],
@@ -142,7 +142,7 @@ def default_min_rcond(state_dtype: Any) -> float:
 
 
 def default_sigma_range(state_dtype: Any) -> tuple[float, float]:
-    """The default ``sigma_range`` of a state dtype: (0.1, 10) for float32, (0.25, 4) for float64. A wider band
+    """The default ``sigma_range`` of a state dtype: (0.1, 10) for float32, (0.2, 5) for float64. A wider band
     means rarer corrections (each a pass over V) but more of V's rounding amplified by U's spread; a float32 state
     already rounds at V's level, a float64 state does not (docs/algorithm.md §8.11)."""
     low, high = _core.default_sigma_range(np.dtype(state_dtype) == np.float64)

@@ -48,7 +48,7 @@ class FactoredOutput:
         state_dtype: dtype of the d x d state, float32 or float64; default the weight's dtype. float64 drifts
             less; float32 is about twice as fast.
         ignore_index: class label whose rows contribute no loss, no gradient and no update.
-        sigma_range: (low, high), default (0.1, 10) with a float32 state, (0.25, 4) with a float64 state: U's
+        sigma_range: (low, high), default (0.1, 10) with a float32 state, (0.2, 5) with a float64 state: U's
             singular values may spread by high / low around their geometric mean s; beyond that a correction brings
             every value outside s (sqrt(low), sqrt(high)) back to s in one pass over V. Wider: rarer passes, more of
             V's rounding amplified by the spread. A uniform scale of U is free; when s drifts beyond 2^+-24, one
