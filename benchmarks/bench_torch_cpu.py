@@ -56,6 +56,18 @@ def measure(fn, min_reps: int, min_seconds: float) -> dict:
     return {"ms": float(np.median(times)) * 1e3, "reps": len(times), "peak_extra_mib": rss_mib("VmHWM") - base}
 
 
+def interleaved(fns: dict, bursts: int = 25, calls: int = 8) -> dict:
+    """Median ms of each function over ``bursts`` rounds of ``calls`` calls, the functions taking turns."""
+    times: dict = {name: [] for name in fns}
+    for _ in range(bursts):
+        for name, fn in fns.items():
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
 def dense_spherical(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     num = o * o + EPS
     return (torch.log(num.sum(1)) - torch.log(num.gather(1, y[:, None])[:, 0])).sum()
@@ -96,7 +108,13 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
     row["factored"] = measure(factored_step, 10, 1.5)
     np_batches = [(h.numpy(), y.numpy()) for h, y in batches]
     spec_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
-    row["core"] = measure(lambda: spec_layer.step(*np_batches[next(counter) % 8], LR), 10, 1.5)
+
+    def core_step():
+        spec_layer.step(*np_batches[next(counter) % 8], LR)
+
+    row["core"] = measure(core_step, 10, 1.5)
+    # the cost of the torch path: both steps in alternating bursts, so that the machine's load falls on both alike
+    row["interleaved_ms"] = interleaved({"factored": factored_step, "core": core_step})
 
     sgd = torch.optim.SGD(linear.parameters(), lr=LR)
     reps = 2 if D * m > 5e7 else 5
@@ -136,16 +154,19 @@ def main() -> None:
           f"{torch.__version__}\n# one training step (forward + loss + backward + SGD update), median ms; peak MiB "
           "added during the step\n")
     print(f"{'D':>7} {'d':>4} {'m':>4} | {'factored':>9} {'core':>7} | {'dense':>9} {'lce':>9} {'lce chunk':>9} | "
-          f"{'vs dense':>8} {'vs lce':>7} | {'fact MiB':>8} {'dense MiB':>9} {'lce MiB':>8} {'chunk MiB':>9}")
+          f"{'vs dense':>8} {'vs lce':>7} | {'fact MiB':>8} {'dense MiB':>9} {'lce MiB':>8} {'chunk MiB':>9} | "
+          f"{'interleaved: torch':>18} {'core':>7} {'ratio':>6} {'+ms':>6}")
     results = {"info": info, "configs": []}
     for D, d, m in configs:
         r = bench_config(D, d, m, rng)
         results["configs"].append(r)
         f, c, dn, lc, lk = (r[k]["ms"] for k in ("factored", "core", "dense", "lce", "lce_chunked"))
+        tf, tc = r["interleaved_ms"]["factored"], r["interleaved_ms"]["core"]
         print(f"{D:>7} {d:>4} {m:>4} | {f:>9.2f} {c:>7.2f} | {dn:>9.1f} {lc:>9.1f} {lk:>9.1f} | {dn / f:>7.0f}x "
               f"{min(lc, lk) / f:>6.0f}x | {r['factored']['peak_extra_mib']:>8.1f} "
               f"{r['dense']['peak_extra_mib']:>9.1f} {r['lce']['peak_extra_mib']:>8.1f} "
-              f"{r['lce_chunked']['peak_extra_mib']:>9.1f}", flush=True)
+              f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f}",
+              flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"torch_cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
     with open(out, "w") as f:

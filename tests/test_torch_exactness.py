@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import sparsetarget.torch as stt  # noqa: E402
 from reference import LOSSES  # noqa: E402
+from sparsetarget.torch.functional import LOSSES as TORCH_LOSSES  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_reference import dense_loss, max_rel, to_device, torch_targets  # noqa: E402
 
@@ -30,8 +31,10 @@ def make_pair(bias: bool, seed: int = 0, device: str = "cpu"):
 
 
 def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, custom=None, steps=3, lr=0.3,
-                     schedule=True, seed=0, device="cpu", batches=BATCHES):
-    """Train both for ``steps`` steps of ``accumulate`` micro-batches; return the worst relative errors."""
+                     schedule=True, seed=0, device="cpu", batches=BATCHES, written_in_torch=False):
+    """Train both for ``steps`` steps of ``accumulate`` micro-batches; return the worst relative errors. The
+    factored loss is ``linear_spherical_loss`` (on the CPU one autograd node, evaluated by the core), or with
+    ``written_in_torch`` the torch function of ``loss`` on the head's (A, q, s)."""
     (body_d, linear), (body_f, head) = make_pair(bias, seed, device)
     opts = LOSSES[loss]
     opt_bd = torch.optim.Adam(body_d.parameters(), lr=0.01)
@@ -55,7 +58,13 @@ def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, cust
             x_f, target_f = x.to(device), to_device(target, device)
             if custom is None:
                 L_d = dense_loss(o, target, loss, opts, reduction)
-                L_f = stt.linear_spherical_loss(body_f(x_f), head, target_f, loss=loss, reduction=reduction, **opts)
+                if written_in_torch:
+                    L_f = TORCH_LOSSES[loss](head(body_f(x_f), target_f), reduction=reduction, **opts)
+                else:
+                    L_f = stt.linear_spherical_loss(body_f(x_f), head, target_f, loss=loss, reduction=reduction,
+                                                    **opts)
+                fused = type(L_f.grad_fn).__name__ == "FactoredLossFunctionBackward"
+                assert fused == (device == "cpu" and not written_in_torch), L_f.grad_fn
             else:
                 A_d = o.gather(1, target[:, None])[:, 0]
                 L_d = custom(A_d, (o * o).sum(1), o.sum(1))
@@ -91,6 +100,16 @@ def compare_training(loss, reduction, kind, bias, weight_decay, accumulate, cust
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_training_matches_dense(loss, reduction, kind, bias, weight_decay, accumulate, device):
     errs = compare_training(loss, reduction, kind, bias, weight_decay, accumulate, device=device)
+    assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("kind", ["class_ignore", "csr"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_losses_written_in_torch_match_dense(loss, reduction, kind, device):
+    """The torch functions of the built-in losses on (A, q, s), which linear_spherical_loss fuses into one node
+    on the CPU, train exactly too."""
+    errs = compare_training(loss, reduction, kind, True, 0.1, 2, device=device, written_in_torch=True)
     assert max(errs.values()) < TOL, errs
 
 

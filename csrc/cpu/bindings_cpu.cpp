@@ -104,6 +104,23 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
   return t;
 }
 
+// The target values and the active mask of a built-in loss, checked; sets t.view.values.
+struct LossTargets {
+  py::array_t<double> values;
+  py::array_t<std::uint8_t> active;
+  bool has_active = false;  // false: every row is active
+
+  LossTargets(TargetArrays& t, const py::handle& values_, const py::handle& active_, py::ssize_t m)
+      : values(checked<double>(values_, "targets values", {t.indices.shape(0)}, false)) {
+    if (!all_finite(values.data(), static_cast<std::size_t>(values.size())))
+      throw py::value_error("targets values contain NaN or inf");
+    t.view.values = values.data();
+    has_active = !active_.is_none();
+    if (has_active) active = checked<std::uint8_t>(active_, "active", {m}, false);
+  }
+  const std::uint8_t* active_ptr() const { return has_active ? active.data() : nullptr; }
+};
+
 // The projections of H (docs/algorithm.md §3) into this thread's scratch, valid until the next call on this thread.
 template <class TV, class TS>
 ProjectionsView<TS> project_into_scratch(const FactoredState<TV, TS>& st, const TS* H, int m) {
@@ -200,13 +217,8 @@ class Core {
       auto h = checked_H<TS>(H);
       const auto m = h.shape(0);
       auto t = checked_targets(indptr, indices, m, st.D);
-      auto vals = checked<double>(values, "targets values", {t.indices.shape(0)}, false);
-      if (!all_finite(vals.data(), static_cast<std::size_t>(vals.size())))
-        throw py::value_error("targets values contain NaN or inf");
-      t.view.values = vals.data();
-      py::array_t<std::uint8_t> act;
-      if (!active.is_none()) act = checked<std::uint8_t>(active, "active", {m}, false);
-      const std::uint8_t* act_ptr = active.is_none() ? nullptr : act.data();
+      const LossTargets lt(t, values, active, m);
+      const std::uint8_t* act_ptr = lt.active_ptr();
       py::array_t<double> losses(m);
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
@@ -226,6 +238,31 @@ class Core {
       }
       if (!do_step) return losses;
       return py::make_tuple(losses, grad_H);
+    }, state_);
+  }
+
+  // Per-example losses (float64) and their partials (dA per entry, dq, ds) at outputs (A per entry, q, s) from
+  // forward; no state change.
+  py::tuple loss_partials(const py::handle& indptr, const py::handle& indices, const py::handle& values,
+                          const py::handle& active, const py::handle& A, const py::handle& q, const py::handle& s,
+                          const LossSpec& spec) const {
+    return std::visit([&](const auto& st) -> py::tuple {
+      using TS = typename std::decay_t<decltype(st)>::state_type;
+      auto qa = checked<TS>(q, "q", {-1}, false);
+      const py::ssize_t m = qa.shape(0);
+      auto sa = checked<TS>(s, "s", {m}, false);
+      auto t = checked_targets(indptr, indices, m, st.D);
+      const py::ssize_t nnz = t.indices.shape(0);
+      auto Aa = checked<TS>(A, "A", {nnz}, false);
+      const LossTargets lt(t, values, active, m);
+      py::array_t<double> losses(m);
+      py::array_t<TS> dA(nnz), dq(m), ds(m);
+      {
+        py::gil_scoped_release release;
+        evaluate_loss(spec, st.D, t.view, lt.active_ptr(), Aa.data(), qa.data(), sa.data(), losses.mutable_data(),
+                      dA.mutable_data(), dq.mutable_data(), ds.mutable_data());
+      }
+      return py::make_tuple(losses, dA, dq, ds);
     }, state_);
   }
 
@@ -481,6 +518,10 @@ PYBIND11_MODULE(_core, m) {
                       double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
+      .def("loss_partials", &Core::loss_partials, py::arg("indptr"), py::arg("indices"), py::arg("values"),
+           py::arg("active"), py::arg("A"), py::arg("q"), py::arg("s"), py::arg("spec"),
+           "(losses (float64), dL/dA per entry, dL/dq, dL/ds) of a built-in loss at outputs A (per entry), q, s; no "
+           "state change.")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",

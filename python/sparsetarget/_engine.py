@@ -522,6 +522,7 @@ class Engine:
     """
 
     lock: threading.RLock
+    fuses_losses = False  # True: forward_loss evaluates the built-in losses in the core
     out_features: int  # D
     in_features: int  # d, the width of H (including a bias column if the front end adds one)
     core: Any  # the compiled core
@@ -605,6 +606,8 @@ class CpuEngine(Engine):
     core as zero-copy NumPy views) and array results come back as tensors sharing the core's output memory.
     """
 
+    fuses_losses = True
+
     def __init__(self, arrays: dict[str, np.ndarray], policy: dict[str, Any] | None = None, *,
                  tensors: bool = False) -> None:
         self.lock = threading.RLock()
@@ -623,6 +626,17 @@ class CpuEngine(Engine):
         A = rows_from_entries(out[0], targets)
         wrap = self._from_numpy
         return wrap(A), wrap(out[1]), wrap(out[2]), (out[3] if keep_projections else None)
+
+    @_locked
+    def forward_loss(self, H: Any, targets: CSRTargets, spec: Any) -> tuple[Any, Any, Any, Any, Any]:
+        """A built-in loss (``spec`` from :func:`loss_spec`) in one pass: ``(losses, dA, dq, ds, projections)``,
+        the per-example losses (float64), their partials dL/dA (shaped like :meth:`forward`'s A), dL/dq, dL/ds,
+        and the projections of H for :meth:`grad_hidden` and the step. No state change."""
+        A, q, s, projections = self.core.forward(_np(H), targets.indptr, targets.indices, True)
+        losses, dA, dq, ds = self.core.loss_partials(targets.indptr, targets.indices, targets.values, targets.active,
+                                                     A, q, s, spec)
+        wrap = self._from_numpy
+        return wrap(losses), wrap(rows_from_entries(dA, targets)), wrap(dq), wrap(ds), projections
 
     @_locked
     def grad_hidden(self, H: Any, targets: CSRTargets, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:

@@ -125,11 +125,27 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 """The built-in losses by name, as in :data:`sparsetarget.LOSS_OPTIONS`."""
 
 
-def loss_function(loss: str, options: dict[str, Any]) -> Callable[[HeadOutput, str], torch.Tensor]:
-    """The loss ``loss`` with its options checked and bound: a function of (HeadOutput, reduction)."""
-    _, bound = loss_spec(loss, options)  # the NumPy API's checks: names and domains of the options
-    fn = LOSSES[loss]
-    return lambda out, reduction: fn(out, reduction=reduction, **bound)
+class BoundLoss(NamedTuple):
+    """A built-in loss with its options checked: ``spec`` for the cores, ``fn`` and ``options`` for torch."""
+
+    spec: Any
+    fn: Callable[..., torch.Tensor]
+    options: dict[str, float]
+
+    def of_head(self, input: torch.Tensor, head: FactoredLinear, target: Any, reduction: str,
+                ignore_index: int) -> torch.Tensor:
+        """The reduced loss of ``head`` on ``input`` and ``target``: one autograd node where the head's engine
+        evaluates the loss itself (the CPU core), else ``fn`` written in torch on the head's (A, q, s)."""
+        fused = head._fused_loss(input, target, ignore_index, self.spec, reduction)
+        if fused is not None:
+            return fused
+        return self.fn(head(input, target, ignore_index=ignore_index), reduction=reduction, **self.options)
+
+
+def loss_function(loss: str, options: dict[str, Any]) -> BoundLoss:
+    """The loss ``loss`` with its options checked and bound."""
+    spec, bound = loss_spec(loss, options)  # the NumPy API's checks: names and domains of the options
+    return BoundLoss(spec, LOSSES[loss], bound)
 
 
 def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any, *,
@@ -137,6 +153,10 @@ def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any
                           **loss_options: float) -> torch.Tensor:
     """The output layer ``head`` and a spherical-family loss in one call, like
     ``torch.nn.functional.linear_cross_entropy`` (a softmax cross-entropy) but exact in O(d^2) per example.
+
+    On the CPU the loss is evaluated by the core with the head's outputs and enters autograd as one node (its
+    backward scales the loss's partial derivatives); elsewhere it is written in torch on the head's (A, q, s) like
+    the functions above. Both give the same values and gradients.
 
     Args:
         input: hidden activations (..., in_features), any floating dtype (half precision is computed in the head's
@@ -149,7 +169,7 @@ def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any
         reduction: ``"mean"`` (over rows that are not ignored), ``"sum"`` or ``"none"``.
         ignore_index: class label whose rows contribute no loss, gradient or update.
     """
-    fn = loss_function(loss, loss_options)
+    bound = loss_function(loss, loss_options)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return fn(head(input, target, ignore_index=ignore_index), reduction)
+    return bound.of_head(input, head, target, reduction, ignore_index)

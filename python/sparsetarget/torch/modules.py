@@ -25,7 +25,7 @@ from .._engine import (
     log_prob_of_entries,
     stabilization_updates,
 )
-from ._function import FactoredHeadFunction, HeadCall
+from ._function import FactoredHeadFunction, FactoredLossFunction, HeadCall
 from ._target import convert_target
 from .distributed import VocabParallelHeadFunction, VocabShard, gather_update
 from .functional import REDUCTIONS, HeadOutput, loss_function
@@ -243,18 +243,31 @@ class FactoredLinear(nn.Module):
         ``target``: class indices with the input's leading shape (``ignore_index`` rows are left out), or for a
         2-D input a sparse CSR tensor / (crow_indices, col_indices, values) tuple of shape (m, out_features).
         """
+        h, call = self._call(input, target, ignore_index)
+        if self._shard is None:
+            A, q, s = FactoredHeadFunction.apply(h, self._anchor, call)
+        else:
+            A, q, s = VocabParallelHeadFunction.apply(h, self._anchor, call, self._shard)
+        return HeadOutput(A, q, s, call.target)
+
+    def _call(self, input: torch.Tensor, target: Any, ignore_index: int) -> tuple[torch.Tensor, HeadCall]:
+        """The input rows h (m, in_features) and what the autograd Function of one forward pass needs."""
         if not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         h, lead = self._input(input)
         target_info = convert_target(target, lead, self.out_features, ignore_index, self.U.dtype, self.V.device)
         self._anchor.requires_grad_(not self._frozen)
         H, owned = self._hidden(h)
-        call = HeadCall(self._engine(), target_info, H, owned, self._current_check(), self._record)
-        if self._shard is None:
-            A, q, s = FactoredHeadFunction.apply(h, self._anchor, call)
-        else:
-            A, q, s = VocabParallelHeadFunction.apply(h, self._anchor, call, self._shard)
-        return HeadOutput(A, q, s, target_info)
+        return h, HeadCall(self._engine(), target_info, H, owned, self._current_check(), self._record)
+
+    def _fused_loss(self, input: torch.Tensor, target: Any, ignore_index: int, spec: Any,
+                    reduction: str) -> torch.Tensor | None:
+        """The built-in loss ``spec`` of this head's outputs as one autograd node, or None where the engine does not
+        evaluate losses itself (a GPU, a vocab-parallel shard): then the loss is written in torch on (A, q, s)."""
+        if self._shard is not None or not self._engine().fuses_losses:
+            return None
+        h, call = self._call(input, target, ignore_index)
+        return FactoredLossFunction.apply(h, self._anchor, call, spec, reduction)
 
     def _current_check(self) -> Callable[[], None]:
         """A check that raises once the weights changed after this call (for a backward of this forward)."""
@@ -606,7 +619,7 @@ class LinearSphericalLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, head: FactoredLinear, target: Any) -> torch.Tensor:
         """The loss of ``head`` on ``input`` and ``target`` (see :func:`linear_spherical_loss`)."""
-        return self._fn(head(input, target, ignore_index=self.ignore_index), self.reduction)
+        return self._fn.of_head(input, head, target, self.reduction, self.ignore_index)
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v}" for k, v in self.loss_options.items())
