@@ -159,6 +159,16 @@ def main() -> None:
     with open(args.out + ".json", "w") as f:
         json.dump({"config": vars(args), "machine": f"{cpu_name()}; {platform.platform()}", "dense_check": checks,
                    "runs": runs}, f, indent=1)
+    period = -(-5 * args.D // args.m)
+    lines.append(
+        f"Q_err: ||Q - W^T W||_F / ||W^T W||_F at the end and its largest value over {len(r['trace'])} checkpoints; "
+        "auto = the default\n"
+        f"refresh_every=-1 (every ceil(5 D / m) = {period} steps), never = refresh_every=0; refr % = refreshes x "
+        "median refresh\n"
+        "time / run time. With float32 V the floor of Q_err is the float32 rounding of V (a refresh accumulates V^T V "
+        "in float64\n"
+        "from float32 tiles), also with a float64 state. The default sigma_range of each state dtype "
+        "(docs/algorithm.md §8.11).")
     with open(args.out + ".txt", "w") as f:
         f.write("\n".join(lines) + "\n")
 

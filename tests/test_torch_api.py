@@ -541,3 +541,57 @@ def test_loss_module_and_repr():
         ref = stt.linear_spherical_loss(h, head, y, loss="z_loss", a=0.5, reduction="sum")
         assert torch.equal(crit(h, head, y), ref)
     assert "z_loss" in repr(crit) and "in_features=5" in repr(head)
+
+
+def test_loss_module_deep_copies_and_pickles():
+    """The loss module holds its checked options; copies and pickles of it (and of models holding it) compute the
+    same loss."""
+    crit = stt.LinearSphericalLoss("z_loss", a=0.5, reduction="sum")
+    head = make_head()
+    h, y = torch.randn(4, D_IN, dtype=torch.float64), torch.tensor([0, 1, 2, -100])
+    with torch.no_grad():
+        ref = crit(h, head, y)
+        buf = io.BytesIO()
+        torch.save(crit, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(crit), torch.load(buf, weights_only=False)):
+            assert torch.equal(other(h, head, y), ref)
+    crit.reduction = "avg"  # set after construction: still refused by name
+    with pytest.raises(ValueError, match="reduction"):
+        crit(h, head, y)
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "subclass"])
+def test_loss_of_a_head_with_hooks_or_its_own_forward_goes_through_the_call(how):
+    """The fused loss skips the module call; a head with hooks or an overridden forward takes the torch expression
+    on head(...), so that they run, with the same loss and gradients."""
+    calls = []
+
+    class Traced(stt.FactoredLinear):
+        def forward(self, input, target, *, ignore_index=-100):
+            calls.append("forward")
+            return super().forward(input, target, ignore_index=ignore_index)
+
+    torch.manual_seed(0)
+    head = (Traced if how == "subclass" else stt.FactoredLinear)(D_IN, D, dtype=torch.float64)
+    plain = copy.deepcopy(head) if how != "subclass" else stt.FactoredLinear(D_IN, D, dtype=torch.float64,
+                                                                                 weight=head.dense_weight())
+    if how == "forward_hook":
+        head.register_forward_hook(lambda *args: calls.append("hook"))
+    elif how == "pre_hook":
+        head.register_forward_pre_hook(lambda *args: calls.append("hook"))
+    y = torch.tensor([3, -100, 7, 7])
+    losses, grads = [], []
+    for module in (head, plain):
+        opt = stt.FactoredSGD(module, lr=0.5)
+        h = torch.randn(4, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        L = stt.linear_spherical_loss(h, module, y, loss="taylor_softmax")
+        fused = type(L.grad_fn).__name__ == "FactoredLossFunctionBackward"
+        assert fused == (module is plain)
+        L.backward()
+        opt.step()
+        losses.append(L.detach())
+        grads.append(h.grad)
+    assert calls == ["forward" if how == "subclass" else "hook"]
+    assert max_rel(losses[0], losses[1]) < 1e-12 and max_rel(grads[0], grads[1]) < 1e-12
+    assert max_rel(head.dense_weight(), plain.dense_weight()) < 1e-12

@@ -125,17 +125,27 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 """The built-in losses by name, as in :data:`sparsetarget.LOSS_OPTIONS`."""
 
 
-class BoundLoss(NamedTuple):
-    """A built-in loss with its options checked: ``spec`` for the cores, ``fn`` and ``options`` for torch."""
+class BoundLoss:
+    """A built-in loss with its options checked: ``spec`` for the cores, ``fn`` and ``options`` for torch. Pickles
+    (and deep-copies) as its name and options."""
 
-    spec: Any
-    fn: Callable[..., torch.Tensor]
-    options: dict[str, float]
+    __slots__ = ("name", "options", "spec", "fn")
+
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
+        self.spec, self.options = loss_spec(name, options)  # the NumPy API's checks: names and domains of the options
+        self.name = name
+        self.fn = LOSSES[name]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BoundLoss, (self.name, dict(self.options)))
 
     def of_head(self, input: torch.Tensor, head: FactoredLinear, target: Any, reduction: str,
                 ignore_index: int) -> torch.Tensor:
         """The reduced loss of ``head`` on ``input`` and ``target``: one autograd node where the head's engine
-        evaluates the loss itself (the CPU core), else ``fn`` written in torch on the head's (A, q, s)."""
+        evaluates the loss itself (the CPU core, a head without hooks), else ``fn`` written in torch on the head's
+        (A, q, s)."""
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         fused = head._fused_loss(input, target, ignore_index, self.spec, reduction)
         if fused is not None:
             return fused
@@ -144,8 +154,7 @@ class BoundLoss(NamedTuple):
 
 def loss_function(loss: str, options: dict[str, Any]) -> BoundLoss:
     """The loss ``loss`` with its options checked and bound."""
-    spec, bound = loss_spec(loss, options)  # the NumPy API's checks: names and domains of the options
-    return BoundLoss(spec, LOSSES[loss], bound)
+    return BoundLoss(loss, options)
 
 
 def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any, *,
@@ -155,8 +164,10 @@ def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any
     ``torch.nn.functional.linear_cross_entropy`` (a softmax cross-entropy) but exact in O(d^2) per example.
 
     On the CPU the loss is evaluated by the core with the head's outputs and enters autograd as one node (its
-    backward scales the loss's partial derivatives); elsewhere it is written in torch on the head's (A, q, s) like
-    the functions above. Both give the same values and gradients.
+    backward scales the loss's partial derivatives); on a GPU, on a vocab-parallel shard and for a head with hooks
+    or its own ``forward`` it is written in torch on ``head(...)``'s (A, q, s) like the functions above. Both give the
+    same values and gradients where the loss is defined; where it is not (Z-loss of an output row with zero
+    variance) the core raises a ValueError and the torch expression gives NaN.
 
     Args:
         input: hidden activations (..., in_features), any floating dtype (half precision is computed in the head's
@@ -169,7 +180,4 @@ def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any
         reduction: ``"mean"`` (over rows that are not ignored), ``"sum"`` or ``"none"``.
         ignore_index: class label whose rows contribute no loss, gradient or update.
     """
-    bound = loss_function(loss, loss_options)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return bound.of_head(input, head, target, reduction, ignore_index)
+    return loss_function(loss, loss_options).of_head(input, head, target, reduction, ignore_index)

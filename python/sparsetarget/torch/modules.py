@@ -264,7 +264,7 @@ class FactoredLinear(nn.Module):
                     reduction: str) -> torch.Tensor | None:
         """The built-in loss ``spec`` of this head's outputs as one autograd node, or None where the engine does not
         evaluate losses itself (a GPU, a vocab-parallel shard): then the loss is written in torch on (A, q, s)."""
-        if self._shard is not None or not self._engine().fuses_losses:
+        if self._shard is not None or not self._engine().fuses_losses or not runs_plain_forward(self):
             return None
         h, call = self._call(input, target, ignore_index)
         return FactoredLossFunction.apply(h, self._anchor, call, spec, reduction)
@@ -600,6 +600,23 @@ class FactoredLinear(nn.Module):
         out = self(input, target, ignore_index=ignore_index)
         t = out.target
         return log_prob_of_entries(kind, out.A, out.q, out.s, t.rows, t.valid, t.out_features, eps)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def runs_plain_forward(head: FactoredLinear) -> bool:
+    """True when calling ``head`` would run ``FactoredLinear.forward`` and nothing else: no forward or backward hooks
+    (the head's own or global ones), no tracing, no compiled call. Only then may a loss skip the call (any doubt,
+    e.g. an unknown torch, answers False)."""
+    hook_dicts = [getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS]
+    hook_dicts += [getattr(head, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                          "_backward_pre_hooks")]
+    if any(hooks is None or len(hooks) for hooks in hook_dicts):
+        return False
+    return (type(head).forward is FactoredLinear.forward and getattr(head, "_compiled_call_impl", None) is None
+            and not torch._C._get_tracing_state())
 
 
 class LinearSphericalLoss(nn.Module):
