@@ -19,6 +19,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--threads", type=int, default=1, help="BLAS threads for both factored and dense (default 1)")
 ap.add_argument("--quick", action="store_true", help="small sizes only (a smoke run, seconds)")
 ap.add_argument("--soak-steps", type=int, default=2000, help="steps of each stabilisation run")
+ap.add_argument("--soak-shapes", default=None,
+                help="(D, d, m) of the stabilisation runs, e.g. 200000:512:128,793471:512:200 (default: those two)")
 ap.add_argument("--sections", default="steps,sweep,soak",
                 help="comma-separated: steps (the step table), sweep (time vs D), soak (stabilisation runs); "
                      "a run without every section writes cpu_<sections>_<threads>thread.json")
@@ -159,6 +161,8 @@ def main() -> None:
         configs = [(793471, 512, 200), (200000, 512, 128), (100000, 256, 128), (793471, 512, 1)]
         sweep_D, sweep = [12500, 25000, 50000, 100000, 200000, 400000, 793471], (256, 128)
         soak_cfgs = [(200000, 512, 128), (793471, 512, 200)]
+    if args.soak_shapes:
+        soak_cfgs = [tuple(int(x) for x in shape.split(":")) for shape in args.soak_shapes.split(",")]
     sections = set(args.sections.split(","))
     results = {"info": info, "configs": [], "sweep_D": [], "soak": []}
     print(f"# sparsetarget CPU benchmark, {info['cpu']}, {args.threads} BLAS thread(s), float32 weights\n")
@@ -202,6 +206,8 @@ def main() -> None:
                           f"{r['final_condition']:>6.1f}", flush=True)
         print("* the default band of the state dtype")
     name = "" if sections == {"steps", "sweep", "soak"} else "_".join(sorted(sections)) + "_"
+    if args.soak_steps != 2000:
+        name += f"{args.soak_steps}steps_"
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"cpu_{'quick_' if args.quick else ''}{name}{args.threads}thread.json")
     with open(out, "w") as f:
