@@ -192,15 +192,15 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   // for large m the Q update is formed without it (q_update_without_gram).
   const bool gram_free = static_cast<std::int64_t>(m) >= static_cast<std::int64_t>(kGramFreeRowsPerUnit) * d;
   const auto order = b.order_targets(t, st.D);
-  TS* G = nullptr;
-  if (!gram_free) {
-    G = b.template scratch<TS>(kSlotG, mm);
-    TS* P2 = b.template scratch<TS>(kSlotP2, mm);
+  TS* G = gram_free ? nullptr : b.template scratch<TS>(kSlotG, mm);
+  TS* P2 = gram_free ? nullptr : b.template scratch<TS>(kSlotP2, mm);
+  const auto form_gram = [&] {  // independent of the factor's inverse below (takes no scratch of its own)
+    if (gram_free) return;
     b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, p.HQ, d, TS(0), G, m);  // o_i . o_j
     b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
     b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
     b.add_target_overlaps(t, st.D, dA, order, G);
-  }
+  };
 
   TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
   b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
@@ -217,7 +217,10 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.for_rows(m, m, parts::WoodburySystem<TS>{dq, HHt, S, lr / c, m});
     b.require_finite(S, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
     // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
-    const auto inv = b.invert(m, S, b.template scratch<TS>(kSlotSmallInv, mm), true);
+    TS* S_inv = b.template scratch<TS>(kSlotSmallInv, mm);
+    decltype(b.invert(m, S, S_inv, true)) inv{};
+    // the m x m inverse runs on one thread (LAPACK): the Gram matrix is formed meanwhile where the backend can
+    b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram);
     b.require_rcond(inv.rcond, opt.min_rcond);
     TS* KH = b.template scratch<TS>(kSlotKH, 2 * md);  // rows 0..m-1: K; rows m..2m-1: H
     KHU = b.template scratch<TS>(kSlotKHU, 2 * md);
@@ -228,6 +231,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.gemm(Op::N, Op::N, m, d, m, TS(1), HHt, m, KHU, d, TS(1), X, d);
     b.scale(X, md, 1.0 / static_cast<double>(c));
   } else {
+    form_gram();
     // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)
     TS* M = b.template scratch<TS>(kSlotSmall, dd);
     b.for_rows(d, d, parts::ScaledIdentity<TS>{M, c, d});

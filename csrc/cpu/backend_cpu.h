@@ -107,6 +107,22 @@ class CpuBackend {
       run(static_cast<int>(std::int64_t{rows} * p / parts), static_cast<int>(std::int64_t{rows} * (p + 1) / parts));
     });
   }
+  // f and g at the same time on two of the core's threads (each runs its own products single-threaded), or one
+  // after the other with a single thread. The first exception either throws is rethrown after both ran.
+  template <class F, class G>
+  void concurrently(const F& f, const G& g) {
+    if (pool_threads() < 2) {
+      f();
+      g();
+      return;
+    }
+    parallel_for(2, [&](int part) {
+      if (part == 0)
+        f();
+      else
+        g();
+    });
+  }
   template <class T>
   void copy(const T* src, T* dst, std::size_t n) {
     std::copy(src, src + n, dst);
