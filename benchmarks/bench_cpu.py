@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
-import sys
 import time
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +28,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 import sparsetarget as st  # noqa: E402
+from _machine import machine_info  # noqa: E402
 from _memory import reset_peak, rss_mib  # noqa: E402
 
 st.set_num_threads(args.threads)
@@ -147,12 +145,8 @@ def soak(D, d, m, steps, loss, lr, weight_decay, state_dtype, sigma_range, rng):
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    info = {
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)",
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
-        "host": socket.gethostname(), "threads": args.threads, "python": sys.version.split()[0],
-        "numpy": np.__version__, "build": st.build_info(), "date": time.strftime("%Y-%m-%d"),
-    }
+    info = machine_info(threads=args.threads, numpy=np.__version__, build=st.build_info(),
+                        date=time.strftime("%Y-%m-%d"))
     if args.quick:
         configs = [(20000, 128, 64), (20000, 128, 1)]
         sweep_D, sweep = [5000, 20000, 50000], (128, 64)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +32,7 @@ import sparsetarget as st  # noqa: E402
 import sparsetarget.torch as stt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _machine import machine_info  # noqa: E402
 from _memory import reset_peak, rss_mib  # noqa: E402
 
 torch.set_num_threads(args.threads)
@@ -140,12 +139,8 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    info = {
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
-        "machine": platform.machine(), "cores_visible": os.cpu_count(), "threads": args.threads,
-        "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-        "build": st.build_info(), "date": time.strftime("%Y-%m-%d"),
-    }
+    info = machine_info(threads=args.threads, torch=torch.__version__, numpy=np.__version__, build=st.build_info(),
+                        date=time.strftime("%Y-%m-%d"))
     if args.quick:
         configs = [(20000, 128, 64), (20000, 128, 1)]
     else:
