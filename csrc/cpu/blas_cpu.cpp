@@ -52,8 +52,10 @@ int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 // Loops built for the machine's vector width, chosen when the library loads (x86-64 with GCC; elsewhere one build).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ST_VECTOR_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#define ST_INLINE_IN_CLONES __attribute__((always_inline)) inline
 #else
 #define ST_VECTOR_CLONES
+#define ST_INLINE_IN_CLONES inline
 #endif
 
 namespace sparsetarget::blas {
@@ -113,6 +115,19 @@ ST_VECTOR_CLONES void two_row_gemm(int n, int k, T alpha, const T* a, int lda, c
   }
 }
 
+// row <- beta row + a y (n entries); with beta = 0 the row is only written (it may be uninitialised). Inlined into
+// each vector clone that calls it, so that it is built for that clone's width.
+template <class T>
+ST_INLINE_IN_CLONES void scale_add_row(T* row, int n, T beta, T a, const T* y) {
+  if (beta == T(0)) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) row[j] = a * y[j];
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) row[j] = beta * row[j] + a * y[j];
+  }
+}
+
 // C (m x n) <- beta C + alpha x y^T, with x_i = x[i * incx] and y_j = y[j * incy]: one pass over C (a packed GEMM with
 // k = 1 runs its full machinery for the same traffic).
 template <class T>
@@ -125,15 +140,8 @@ ST_VECTOR_CLONES void rank1_update(int m, int n, T alpha, const T* x, int incx, 
   }
   const T* yp = incy == 1 ? y : yv.data();
   for (int i = 0; i < m; ++i) {
-    const T xi = alpha * x[static_cast<std::ptrdiff_t>(i) * incx];
-    T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
-    if (beta == T(0)) {
-#pragma omp simd
-      for (int j = 0; j < n; ++j) row[j] = xi * yp[j];
-    } else {
-#pragma omp simd
-      for (int j = 0; j < n; ++j) row[j] = beta * row[j] + xi * yp[j];
-    }
+    scale_add_row(c + static_cast<std::ptrdiff_t>(i) * ldc, n, beta, alpha * x[static_cast<std::ptrdiff_t>(i) * incx],
+                  yp);
   }
 }
 
@@ -258,14 +266,7 @@ ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a, int ld
 #pragma omp simd
       for (int j = 0; j < n; ++j) s[j] += ai * bl[j] + bi * al[j];
     }
-    T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
-    if (beta == T(0)) {  // C may be uninitialised
-#pragma omp simd
-      for (int j = 0; j < n; ++j) row[j] = alpha * s[j];
-    } else {
-#pragma omp simd
-      for (int j = 0; j < n; ++j) row[j] = beta * row[j] + alpha * s[j];
-    }
+    scale_add_row(c + static_cast<std::ptrdiff_t>(i) * ldc, n, beta, alpha, s);
   }
 }
 
