@@ -171,3 +171,16 @@ def test_load_state_dict_rejects_mismatch(layer):
     with pytest.raises(ValueError, match="state\\['U'\\]"):
         layer.load_state_dict(sd)
     assert_unchanged(layer, before)
+
+
+def test_class_targets_are_copied_and_masked():
+    """Class labels become CSR arrays of their own: ignored rows have no entry and are masked in ``active``."""
+    labels = np.array([3, -100, 7, 0], dtype=np.int64)
+    t = st._targets.to_csr(labels, 4, D, -100)
+    assert not np.shares_memory(t.indices, labels)
+    assert t.indptr.tolist() == [0, 1, 1, 2, 3] and t.indices.tolist() == [3, 7, 0]
+    assert t.active.tolist() == [1, 0, 1, 1] and t.values.tolist() == [1.0, 1.0, 1.0]
+    every = st._targets.to_csr(labels[::2].astype(np.int16), 2, D, -100)  # strided, another integer dtype
+    assert every.active is None and every.indices.tolist() == [3, 7] and every.indptr.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"labels contains class 50, outside \[0, 50\) and not ignore_index=-1"):
+        st._targets.to_csr(np.array([50, -1]), 2, D, -1, name="labels")

@@ -85,15 +85,98 @@ def test_outputs_match_dense_and_leading_dims():
         assert max_rel(per_row, ref) < 1e-13
 
 
-def test_input_without_grad_still_trains_head():
-    """A frozen body (input not requiring grad) must still train the head, as nn.Linear would."""
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_input_without_grad_trains_head_like_dense(reduction):
+    """A frozen body (input not requiring grad) still trains the head, as nn.Linear would: the fused loss computes
+    dL/dH in its forward for the step alone. Upstream gradients other than 1 scale it per row."""
     head = make_head()
-    opt = stt.FactoredSGD(head, lr=0.5)
+    linear = head.to_linear()
+    opt = stt.FactoredSGD(head, lr=0.5, weight_decay=0.1)
+    sgd = torch.optim.SGD(linear.parameters(), lr=0.5, weight_decay=0.1)
+    rng = np.random.default_rng(3)
+    for m in (1, 3, 8, 5):
+        h = torch.from_numpy(rng.standard_normal((m, D_IN)))
+        y = torch_targets("class_ignore", m, D, rng)
+        upstream = torch.from_numpy(rng.uniform(0.5, 2.0, m)) if reduction == "none" else torch.tensor(1.7)
+        for o in (opt, sgd):
+            o.zero_grad()
+        stt.linear_spherical_loss(h, head, y, eps=0.01, reduction=reduction).backward(upstream)
+        dense_loss(linear(h), y, "spherical_softmax", {"eps": 0.01}, reduction).backward(upstream)
+        opt.step()
+        sgd.step()
+    assert max_rel(head.dense_weight(), linear.weight) < 1e-12
+    assert max_rel(head.dense_bias(), linear.bias) < 1e-12
+    assert max_rel(head.dense_weight(), make_head().dense_weight()) > 1e-3  # it trained
+
+
+def test_fused_loss_computes_grad_h_only_when_a_backward_can_follow(monkeypatch):
+    """The fused forward computes dL/dH only with grad mode on and the input or the head needing it; without, the
+    loss value is the same and nothing is recorded."""
+    from sparsetarget._engine import CpuEngine
+
+    asked = []
+    forward_loss = CpuEngine.forward_loss
+
+    def spy(self, H, targets, spec, with_grad):
+        asked.append(with_grad)
+        return forward_loss(self, H, targets, spec, with_grad)
+
+    monkeypatch.setattr(CpuEngine, "forward_loss", spy)
+    head = make_head()
+    stt.FactoredSGD(head, lr=0.1)
     h = torch.randn(4, D_IN, dtype=torch.float64)
-    before = head.dense_weight()
-    stt.linear_spherical_loss(h, head, torch.tensor([1, 2, 3, 4])).backward()
-    opt.step()
-    assert max_rel(head.dense_weight(), before) > 1e-4
+    y = torch.tensor([1, 2, -100, 4])
+    L = stt.linear_spherical_loss(h, head, y)
+    with torch.no_grad():
+        L_eval = stt.linear_spherical_loss(h.requires_grad_(True), head, y)
+    assert L_eval.item() == L.detach().item() and head.pending_updates == 0
+    head.requires_grad_(False)
+    stt.linear_spherical_loss(h.detach(), head, y)  # nothing needs a gradient
+    stt.linear_spherical_loss(h, head, y).backward()  # the input does
+    assert asked == [True, False, False, True]
+    assert head.pending_updates == 0 and h.grad is not None
+
+
+def test_step_hooks_run_once_and_the_profiler_sees_the_step():
+    head = make_head()
+    opt = stt.FactoredSGD(head, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    try:
+        stt.linear_spherical_loss(torch.randn(3, D_IN, dtype=torch.float64), head, torch.tensor([1, 2, 3])).backward()
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post"] and head.pending_updates == 0
+    opt.zero_grad()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        stt.linear_spherical_loss(torch.randn(3, D_IN, dtype=torch.float64), head, torch.tensor([1, 2, 3])).backward()
+        opt.step()
+    assert "Optimizer.step#FactoredSGD.step" in {e.name for e in prof.events()}
+
+
+def test_class_targets_are_copied_and_any_integer_layout_works():
+    """Labels of any integer dtype or layout give the same loss; changing them after the forward changes nothing."""
+    head = make_head().requires_grad_(False)
+    h = torch.randn(5, D_IN, dtype=torch.float64)
+    y = torch.tensor([[3, 0], [7, 1], [-100, 2], [28, 3], [0, 4]])[:, 0]  # a strided view
+    ref = stt.linear_spherical_loss(h, head, y.contiguous(), reduction="none")
+    for labels in (y, y.to(torch.int32), y.contiguous()):
+        assert torch.equal(stt.linear_spherical_loss(h, head, labels, reduction="none"), ref)
+    labels = y.clone()
+    h_f = h.clone().requires_grad_(True)
+    L = stt.linear_spherical_loss(h_f, head, labels)
+    labels.fill_(0)
+    L.backward()
+    twin = make_head().requires_grad_(False)
+    h_t = h.clone().requires_grad_(True)
+    stt.linear_spherical_loss(h_t, twin, y.contiguous()).backward()
+    assert torch.equal(h_f.grad, h_t.grad)
+    with pytest.raises(ValueError, match=r"target contains class 29, outside \[0, 29\) and not ignore_index=-100"):
+        stt.linear_spherical_loss(h, head, torch.tensor([1, 2, 29, 0, 0]))
 
 
 def test_half_precision_input():

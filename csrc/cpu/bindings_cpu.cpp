@@ -4,9 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include "../losses.h"
 #include "../bindings_common.h"
@@ -102,6 +105,43 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
   t.view.indptr = ip;
   t.view.indices = idx;
   return t;
+}
+
+// Class labels (m,) as CSR arrays: (indptr, indices, values (ones, float64), active (uint8 per row) or None when no
+// row is ignore_index). One pass, the copy owned (the caller may change its labels later); a label outside [0, D)
+// that is not ignore_index raises ValueError naming the argument.
+py::tuple class_targets(const py::handle& labels, std::int64_t D, std::int64_t ignore_index, const std::string& name) {
+  auto y = checked<std::int64_t>(labels, name.c_str(), {-1}, false);
+  const py::ssize_t m = y.shape(0);
+  const std::int64_t* l = y.data();
+  py::ssize_t kept = 0;
+  for (py::ssize_t j = 0; j < m; ++j) {
+    if (l[j] == ignore_index) continue;
+    if (l[j] < 0 || l[j] >= D)
+      throw py::value_error(name + " contains class " + std::to_string(l[j]) + ", outside [0, " + std::to_string(D) +
+                            ") and not ignore_index=" + std::to_string(ignore_index));
+    ++kept;
+  }
+  py::array_t<std::int64_t> indptr(m + 1), indices(kept);
+  py::array_t<double> values(kept);
+  std::int64_t* ip = indptr.mutable_data();
+  std::int64_t* ix = indices.mutable_data();
+  std::fill(values.mutable_data(), values.mutable_data() + kept, 1.0);
+  py::object active = py::none();
+  std::uint8_t* act = nullptr;
+  if (kept < m) {
+    py::array_t<std::uint8_t> a(m);
+    act = a.mutable_data();
+    active = a;
+  }
+  ip[0] = 0;
+  for (py::ssize_t j = 0, e = 0; j < m; ++j) {
+    const bool on = l[j] != ignore_index;
+    if (on) ix[e++] = l[j];
+    if (act) act[j] = on;
+    ip[j + 1] = e;
+  }
+  return py::make_tuple(indptr, indices, values, active);
 }
 
 // The target values and the active mask of a built-in loss, checked; sets t.view.values.
@@ -241,28 +281,38 @@ class Core {
     }, state_);
   }
 
-  // Per-example losses (float64) and their partials (dA per entry, dq, ds) at outputs (A per entry, q, s) from
-  // forward; no state change.
-  py::tuple loss_partials(const py::handle& indptr, const py::handle& indices, const py::handle& values,
-                          const py::handle& active, const py::handle& A, const py::handle& q, const py::handle& s,
-                          const LossSpec& spec) const {
-    return std::visit([&](const auto& st) -> py::tuple {
+  // A built-in loss and everything a backward pass and a later step need, in one pass over the state: (losses
+  // (float64), dL/dA per entry, dL/dq, dL/ds, the projections (UH, HQ, q, s, Hw) of H, grad_H = dL/dH or None).
+  // grad_H is computed only with_grad. No state change.
+  py::tuple loss_gradient(const py::handle& H, const py::handle& indptr, const py::handle& indices,
+                          const py::handle& values, const py::handle& active, const LossSpec& spec, bool with_grad) {
+    return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
-      auto qa = checked<TS>(q, "q", {-1}, false);
-      const py::ssize_t m = qa.shape(0);
-      auto sa = checked<TS>(s, "s", {m}, false);
+      auto h = checked_H<TS>(H);
+      const py::ssize_t m = h.shape(0), d = st.d;
       auto t = checked_targets(indptr, indices, m, st.D);
-      const py::ssize_t nnz = t.indices.shape(0);
-      auto Aa = checked<TS>(A, "A", {nnz}, false);
       const LossTargets lt(t, values, active, m);
+      const py::ssize_t nnz = t.indices.shape(0);
       py::array_t<double> losses(m);
-      py::array_t<TS> dA(nnz), dq(m), ds(m);
+      py::array_t<TS> dA(nnz), dq(m), ds(m), UH({m, d}), HQ({m, d}), q(m), s(m), Hw(m);
+      py::object grad_H = py::none();
+      if (with_grad) grad_H = py::array_t<TS>({m, d});
+      TS* grad_out = with_grad ? py::cast<py::array_t<TS>>(grad_H).mutable_data() : nullptr;
       {
         py::gil_scoped_release release;
-        evaluate_loss(spec, st.D, t.view, lt.active_ptr(), Aa.data(), qa.data(), sa.data(), losses.mutable_data(),
-                      dA.mutable_data(), dq.mutable_data(), ds.mutable_data());
+        const ReleaseLargeScratch release_scratch;
+        auto& b = cpu_backend();
+        project(b, st, h.data(), static_cast<int>(m), UH.mutable_data(), HQ.mutable_data(), q.mutable_data(),
+                s.mutable_data(), Hw.mutable_data());
+        const ProjectionsView<TS> p{static_cast<int>(m), UH.data(), HQ.data(), q.data(), s.data(), Hw.data()};
+        std::vector<TS> A(static_cast<std::size_t>(nnz));
+        sparsetarget::gather_outputs(b, st, p, t.view, A.data());
+        evaluate_loss(spec, st.D, t.view, lt.active_ptr(), A.data(), p.q, p.s, losses.mutable_data(), dA.mutable_data(),
+                      dq.mutable_data(), ds.mutable_data());
+        if (with_grad)
+          sparsetarget::hidden_gradient(b, st, t.view, p, dA.data(), dq.data(), ds.data(), grad_out);
       }
-      return py::make_tuple(losses, dA, dq, ds);
+      return py::make_tuple(losses, dA, dq, ds, py::make_tuple(UH, HQ, q, s, Hw), grad_H);
     }, state_);
   }
 
@@ -492,6 +542,9 @@ PYBIND11_MODULE(_core, m) {
     const StabilizeOptions o = float64 ? default_stabilize_options<double>() : default_stabilize_options<float>();
     return py::make_tuple(o.sigma_low, o.sigma_high);
   }, py::arg("float64"), "The default sigma_range (low, high) of a state dtype.");
+  m.def("class_targets", &class_targets, py::arg("labels"), py::arg("D"), py::arg("ignore_index"), py::arg("name"),
+        "Class labels (int64, (m,)) as CSR arrays (indptr, indices, values, active or None), checked against [0, D) "
+        "and ignore_index.");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), py::arg("passes") = true,
         "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
         "BLAS call); with passes, also for the long passes over V (refresh, correction, logits, top-k).");
@@ -518,10 +571,10 @@ PYBIND11_MODULE(_core, m) {
                       double lr, double wd) { return c.loss_step(H, ip, ix, v, act, s, true, lr, wd); },
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
-      .def("loss_partials", &Core::loss_partials, py::arg("indptr"), py::arg("indices"), py::arg("values"),
-           py::arg("active"), py::arg("A"), py::arg("q"), py::arg("s"), py::arg("spec"),
-           "(losses (float64), dL/dA per entry, dL/dq, dL/ds) of a built-in loss at outputs A (per entry), q, s; no "
-           "state change.")
+      .def("loss_gradient", &Core::loss_gradient, py::arg("H"), py::arg("indptr"), py::arg("indices"),
+           py::arg("values"), py::arg("active"), py::arg("spec"), py::arg("with_grad"),
+           "(losses (float64), dL/dA per entry, dL/dq, dL/ds, projections, grad_H or None) of a built-in loss in one "
+           "pass; projections and grad_H can be passed to backward_step. No state change.")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",

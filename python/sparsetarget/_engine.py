@@ -418,6 +418,13 @@ class Recorded(NamedTuple):
     grad_H: Any  # dL/dH (m, d) when known (reused by the step), or None
 
 
+def class_csr(labels: np.ndarray, out_features: int, ignore_index: int, name: str) -> CSRTargets:
+    """Class labels (int64, contiguous, (m,)) as CSR targets, checked in one pass by the core: a label outside
+    [0, out_features) that is not ``ignore_index`` raises a ValueError naming ``name``. The arrays are new (later
+    changes of ``labels`` do not reach them)."""
+    return CSRTargets(*_core.class_targets(labels, out_features, ignore_index, name), True)
+
+
 def rows_from_entries(A: Any, targets: Any) -> Any:
     """A per row for class labels, 0 on ignored rows (the one rule of every engine); multi-label A unchanged."""
     active = targets.active
@@ -628,15 +635,14 @@ class CpuEngine(Engine):
         return wrap(A), wrap(out[1]), wrap(out[2]), (out[3] if keep_projections else None)
 
     @_locked
-    def forward_loss(self, H: Any, targets: CSRTargets, spec: Any) -> tuple[Any, Any, Any, Any, Any]:
-        """A built-in loss (``spec`` from :func:`loss_spec`) in one pass: ``(losses, dA, dq, ds, projections)``,
-        the per-example losses (float64), their partials dL/dA (shaped like :meth:`forward`'s A), dL/dq, dL/ds,
-        and the projections of H for :meth:`grad_hidden` and the step. No state change."""
-        A, q, s, projections = self.core.forward(_np(H), targets.indptr, targets.indices, True)
-        losses, dA, dq, ds = self.core.loss_partials(targets.indptr, targets.indices, targets.values, targets.active,
-                                                     A, q, s, spec)
-        wrap = self._from_numpy
-        return wrap(losses), wrap(rows_from_entries(dA, targets)), wrap(dq), wrap(ds), projections
+    def forward_loss(self, H: Any, targets: CSRTargets, spec: Any,
+                     with_grad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray | None]:
+        """A built-in loss (``spec`` from :func:`loss_spec`) in one pass: ``(losses, dA, dq, ds, projections,
+        grad_H)``, the per-example losses (float64), their partials dL/dA (per target entry), dL/dq, dL/ds, the
+        projections of H for :meth:`grad_hidden` and the step, and with ``with_grad`` dL/dH (else None). NumPy
+        arrays. No state change."""
+        return self.core.loss_gradient(_np(H), targets.indptr, targets.indices, targets.values, targets.active, spec,
+                                       with_grad)
 
     @_locked
     def grad_hidden(self, H: Any, targets: CSRTargets, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:

@@ -69,16 +69,6 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
         raise TypeError(f"{name} must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
     if labels.shape != (m,):
         raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
-    labels = _int_array(labels, name)
-    active = labels != ignore_index
-    bad = active & ((labels < 0) | (labels >= out_features))
-    if bad.any():
-        raise ValueError(f"{name} contains class {labels[bad][0]}, outside [0, {out_features}) and not "
-                         f"ignore_index={ignore_index}")
-    if active.all():
-        indptr = np.arange(m + 1, dtype=np.int64)
-        return CSRTargets(indptr, np.ascontiguousarray(labels), np.ones(m), None, True)
-    indptr = np.zeros(m + 1, dtype=np.int64)
-    np.cumsum(active, out=indptr[1:])
-    kept = np.ascontiguousarray(labels[active])
-    return CSRTargets(indptr, kept, np.ones(kept.size), active.astype(np.uint8), True)
+    from ._engine import class_csr  # the engine imports this module
+
+    return class_csr(_int_array(labels, name), out_features, ignore_index, name)

@@ -12,12 +12,14 @@ of small torch operations, and its backward only scales the partials by the upst
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._engine import Engine, Recorded
+from .._engine import Engine, Recorded, rows_from_entries
 from ._target import SparseTarget
 
 
@@ -63,58 +65,63 @@ class FactoredHeadFunction(torch.autograd.Function):
 def save_call(ctx: Any, h: torch.Tensor, call: HeadCall, projections: Any) -> None:
     """What a backward of this forward needs: the call (H copied when it shares memory with h: the pending update
     must not see later in-place changes of h) and the projections."""
-    ctx.call = call._replace(H=call.H if call.owned else call.H.clone())
+    ctx.call = call if call.owned else call._replace(H=call.H.clone())
     ctx.projections = projections
     ctx.h_dtype = h.dtype
     ctx.in_features = h.shape[1]
 
 
-def exact_backward(ctx: Any, dA: torch.Tensor, dq: torch.Tensor, ds: torch.Tensor) -> torch.Tensor | None:
-    """dL/dh from the loss partials (owned tensors in the state dtype), and the pending update when the head trains."""
+def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> torch.Tensor | None:
+    """dL/dh from the loss partials (owned, in the state dtype; tensors or NumPy arrays), and the pending update when
+    the head trains. ``grad_H``: dL/dH of these partials when already known (else computed here when needed)."""
     call: HeadCall = ctx.call
     call.check_current()
-    grad_h = grad_H = None
+    grad_h = None
     if ctx.needs_input_grad[0]:
-        grad_H = call.engine.grad_hidden(call.H, call.target.csr, dA, dq, ds, ctx.projections)
+        if grad_H is None:
+            grad_H = call.engine.grad_hidden(call.H, call.target.csr, dA, dq, ds, ctx.projections)
         # a copy: autograd may accumulate into the returned tensor, the pending update keeps grad_H
-        grad_h = grad_H[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
+        grad_h = torch.as_tensor(grad_H)[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
     if ctx.needs_input_grad[1]:
         call.record(Recorded(call.H, call.target.csr, dA, dq, ds, ctx.projections, grad_H))
     return grad_h
 
 
 class FactoredLossFunction(torch.autograd.Function):
-    """(h, anchor, call, spec, reduction) -> the reduced built-in loss ``spec`` of the head's outputs: per row
-    (``'none'``, shaped like the targets), summed (``'sum'``) or averaged over the rows that are not ignored
-    (``'mean'``)."""
+    """(h, anchor, call, spec, reduction, with_grad) -> the reduced built-in loss ``spec`` of the head's outputs: per
+    row (``'none'``, shaped like the targets), summed (``'sum'``) or averaged over the rows that are not ignored
+    (``'mean'``). With ``with_grad`` (a backward may follow) the forward also computes dL/dH of the unreduced loss;
+    dL/dH of the reduced loss is that scaled per row by the upstream gradient (it is linear in the loss partials)."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, anchor: torch.Tensor, call: HeadCall,  # type: ignore[override]
-                spec: Any, reduction: str) -> torch.Tensor:
-        losses, dA, dq, ds, projections = call.engine.forward_loss(call.H, call.target.csr, spec)
+                spec: Any, reduction: str, with_grad: bool) -> torch.Tensor:
+        csr = call.target.csr
+        losses, dA, dq, ds, projections, grad_H = call.engine.forward_loss(call.H, csr, spec, with_grad)
         save_call(ctx, h, call, projections)
-        ctx.partials = (dA, dq, ds)
+        ctx.partials = (rows_from_entries(dA, csr), dq, ds, grad_H)
         ctx.reduction = reduction
-        per_row = losses.to(call.H.dtype)
-        target = call.target
-        if reduction == "none":
-            return per_row.reshape(target.shape)
-        ctx.rows = int(target.valid.sum()) if reduction == "mean" else 1
-        return per_row.sum() / ctx.rows
+        dtype = call.H.dtype
+        if reduction == "none":  # ignored rows have loss 0
+            return torch.from_numpy(losses).to(dtype).reshape(call.target.shape)
+        ctx.rows = call.target.rows_counted if reduction == "mean" else 1
+        return torch.tensor(losses.sum() / ctx.rows if ctx.rows else math.nan, dtype=dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        dA, dq, ds = ctx.partials
-        target, dtype = ctx.call.target, ctx.call.H.dtype
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        dA, dq, ds, grad_H = ctx.partials
+        csr = ctx.call.target.csr
         # ignored rows take no gradient whatever the upstream value (as through the torch.where of reduce_loss):
         # their partials are 0, and 0 * inf would be NaN
         if ctx.reduction == "none":
-            w = grad.reshape(-1).to(dtype)
-            w = torch.where(target.valid, w, torch.zeros((), dtype=dtype))
-            wA = w if target.rows is None else w[target.rows]
-            partials = (dA * wA, dq * w, ds * w)
+            w = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)
+            if csr.active is not None:
+                w[csr.active == 0] = 0
+            wA = w if csr.is_class else np.repeat(w, np.diff(csr.indptr))
+            partials = (dA * wA, dq * w, ds * w, None if grad_H is None else grad_H * w[:, None])
         else:
-            w = grad.to(dtype) / ctx.rows if ctx.rows else torch.zeros((), dtype=dtype)
-            partials = (dA * w, dq * w, ds * w)
-        return exact_backward(ctx, *partials), None, None, None, None
+            w = grad.item() / ctx.rows if ctx.rows else 0.0
+            partials = (dA, dq, ds, grad_H) if w == 1 else tuple(None if x is None else x * dq.dtype.type(w)
+                                                                 for x in (dA, dq, ds, grad_H))
+        return exact_backward(ctx, *partials), None, None, None, None, None

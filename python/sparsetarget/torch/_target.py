@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from .._engine import DeviceCSR
+from .._engine import DeviceCSR, class_csr
 from .._targets import CSRTargets, to_csr
 
 
-class SparseTarget(NamedTuple):
+class SparseTarget:
     """A minibatch's targets as the losses see them (one entry per element of ``HeadOutput.A``).
 
     Attributes:
@@ -24,20 +25,79 @@ class SparseTarget(NamedTuple):
         out_features: D.
         shape: the leading shape of the input, which ``reduction='none'`` gives back.
         csr: the targets as the engine takes them: NumPy CSR arrays for the CPU, int64 tensors on a GPU.
+
+    On the CPU the four tensors are built from the checked CSR arrays when first read (a loss the core evaluates
+    never reads them).
     """
 
-    values: torch.Tensor
-    rows: torch.Tensor | None
-    valid: torch.Tensor
-    sq_norm: torch.Tensor
-    out_features: int
-    shape: tuple[int, ...]
-    csr: CSRTargets | DeviceCSR
+    __slots__ = ("out_features", "shape", "csr", "_host", "_dtype", "_device", "_tensors")
+
+    def __init__(self, csr: CSRTargets | DeviceCSR, out_features: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, host: CSRTargets | None = None,
+                 tensors: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.csr = csr
+        self.out_features = out_features
+        self.shape = shape
+        self._host = host  # the checked host CSR the tensors are built from (when not given)
+        self._dtype = dtype
+        self._device = device
+        self._tensors = tensors
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._built()[0]
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._built()[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._built()[2]
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        return self._built()[3]
 
     @property
     def is_class(self) -> bool:
         """True when the targets are class labels (A has one entry per row)."""
-        return self.rows is None
+        return self.csr.is_class
+
+    @property
+    def rows_counted(self) -> int:
+        """How many rows count (are not ``ignore_index``): the divisor of the mean reduction."""
+        host = self._host
+        if host is None:
+            return int(self.valid.sum())
+        return host.indices.shape[0] if host.is_class else host.indptr.shape[0] - 1  # class labels: one entry per row
+
+    def _built(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            assert self._host is not None
+            self._tensors = _host_tensors(self._host, self.out_features, self._dtype, self._device)
+        return self._tensors
+
+
+def _host_tensors(csr: CSRTargets, out_features: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(values, rows, valid, sq_norm) of checked host CSR targets, on ``device``."""
+    m = csr.indptr.shape[0] - 1
+    if csr.is_class:
+        valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.view(bool))
+        valid = valid.to(device)
+        values = valid.to(dtype)
+        return values, None, valid, values
+    counts = torch.from_numpy(np.diff(csr.indptr))
+    rows = torch.repeat_interleave(torch.arange(m), counts)
+    vals = torch.from_numpy(csr.values)
+    cols = torch.from_numpy(csr.indices)
+    keys, inverse = torch.unique(rows * out_features + cols, return_inverse=True)
+    summed = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
+    sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // out_features, summed * summed)
+    valid = torch.ones(m, dtype=torch.bool)
+    return (vals.to(device=device, dtype=dtype), rows.to(device), valid.to(device),
+            sq_norm.to(device=device, dtype=dtype))
 
 
 def _csr_parts(target: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -63,7 +123,7 @@ def _on_device(csr: CSRTargets, device: torch.device) -> CSRTargets | DeviceCSR:
 def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, ignore_index: int,
                    dtype: torch.dtype, device: torch.device) -> SparseTarget:
     """Check ``target`` against an input of leading shape ``lead_shape`` and build the :class:`SparseTarget`."""
-    m = int(np.prod(lead_shape)) if lead_shape else 1
+    m = math.prod(lead_shape)
     parts = _csr_parts(target)
     if parts is not None:
         if len(lead_shape) != 1:
@@ -77,17 +137,7 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, 
                                indices=_cpu_numpy(col, "target col_indices", device),
                                data=_cpu_numpy(values, "target values", device), shape=shape)
         csr = to_csr(view, m, out_features, ignore_index, name="target")
-        counts = torch.from_numpy(np.diff(csr.indptr))
-        rows = torch.repeat_interleave(torch.arange(m), counts)
-        vals = torch.from_numpy(csr.values)
-        cols = torch.from_numpy(csr.indices)
-        keys, inverse = torch.unique(rows * out_features + cols, return_inverse=True)
-        summed = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
-        sq_norm = torch.zeros(m, dtype=torch.float64).index_add_(0, keys // out_features, summed * summed)
-        valid = torch.ones(m, dtype=torch.bool)
-        return SparseTarget(vals.to(device=device, dtype=dtype), rows.to(device), valid.to(device),
-                            sq_norm.to(device=device, dtype=dtype), out_features, tuple(lead_shape),
-                            _on_device(csr, device))
+        return SparseTarget(_on_device(csr, device), out_features, tuple(lead_shape), dtype, device, host=csr)
 
     if not isinstance(target, torch.Tensor):
         raise TypeError("target must be a tensor of class indices, a sparse CSR tensor or a (crow_indices, "
@@ -100,11 +150,11 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, 
     if device.type == "cuda":
         return _device_class_target(target, lead_shape, m, out_features, ignore_index, dtype, device)
     labels = _cpu_numpy(target.reshape(-1), "target", device)
-    csr = to_csr(labels, m, out_features, ignore_index, name="target")
-    valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.astype(bool))
-    valid = valid.to(device)
-    values = valid.to(dtype)
-    return SparseTarget(values, None, valid, values, out_features, tuple(lead_shape), csr)
+    if labels.dtype == np.int64:  # checked in one pass by the core (other integer dtypes: by to_csr)
+        csr = class_csr(labels, out_features, ignore_index, "target")
+    else:
+        csr = to_csr(labels, m, out_features, ignore_index, name="target")
+    return SparseTarget(csr, out_features, tuple(lead_shape), dtype, device, host=csr)
 
 
 def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: int, out_features: int,
@@ -118,5 +168,5 @@ def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: i
     indices = torch.where(valid, labels, labels.new_zeros(())).to(torch.int64).contiguous()
     indptr = torch.arange(m + 1, dtype=torch.int64, device=device)
     values = valid.to(dtype)
-    return SparseTarget(values, None, valid, values, out_features, tuple(lead_shape),
-                        DeviceCSR(indptr, indices, valid, True))
+    return SparseTarget(DeviceCSR(indptr, indices, valid, True), out_features, tuple(lead_shape), dtype, device,
+                        tensors=(values, None, valid, values))

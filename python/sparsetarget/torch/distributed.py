@@ -30,6 +30,7 @@ from .._engine import (
     DeviceCSR,
     Engine,
     Recorded,
+    _np,
     entries_from_rows,
     log_prob_of_outputs,
     rows_from_entries,
@@ -93,10 +94,10 @@ def gather_update(engine: Engine, records: list[Recorded], group: Any, like: tor
         indptr = _as_tensor(r.targets.indptr)
         counts.append(indptr[1:] - indptr[:-1])
         indices.append(_as_tensor(r.targets.indices))
-        dA_rows = r.dA.numpy() if isinstance(r.targets, CSRTargets) else r.dA
+        dA_rows = _np(r.dA) if isinstance(r.targets, CSRTargets) else r.dA
         dA.append(_as_tensor(entries_from_rows(dA_rows, r.targets)))
-        dq.append(r.dq)
-        ds.append(r.ds)
+        dq.append(_as_tensor(r.dq))
+        ds.append(_as_tensor(r.ds))
     state_dtype, device = like.dtype, like.device
     m = sum(h.shape[0] for h in H)
     nnz = sum(i.shape[0] for i in indices)

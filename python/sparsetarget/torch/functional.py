@@ -152,9 +152,19 @@ class BoundLoss:
         return self.fn(head(input, target, ignore_index=ignore_index), reduction=reduction, **self.options)
 
 
+_BOUND_LOSSES: dict[tuple[Any, ...], BoundLoss] = {}  # by name and plain-number options: checked once
+
+
 def loss_function(loss: str, options: dict[str, Any]) -> BoundLoss:
     """The loss ``loss`` with its options checked and bound."""
-    return BoundLoss(loss, options)
+    plain = type(loss) is str and all(type(v) in (int, float) for v in options.values())
+    key = (loss, *sorted(options.items())) if plain else None
+    bound = _BOUND_LOSSES.get(key) if key is not None else None
+    if bound is None:
+        bound = BoundLoss(loss, options)
+        if key is not None and len(_BOUND_LOSSES) < 256:
+            _BOUND_LOSSES[key] = bound
+    return bound
 
 
 def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any, *,

@@ -250,24 +250,30 @@ class FactoredLinear(nn.Module):
             A, q, s = VocabParallelHeadFunction.apply(h, self._anchor, call, self._shard)
         return HeadOutput(A, q, s, call.target)
 
-    def _call(self, input: torch.Tensor, target: Any, ignore_index: int) -> tuple[torch.Tensor, HeadCall]:
-        """The input rows h (m, in_features) and what the autograd Function of one forward pass needs."""
+    def _call(self, input: torch.Tensor, target: Any, ignore_index: int,
+              engine: Engine | None = None) -> tuple[torch.Tensor, HeadCall]:
+        """The input rows h (m, in_features) and what the autograd Function of one forward pass needs (``engine``:
+        this head's, when the caller has it already)."""
         if not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         h, lead = self._input(input)
         target_info = convert_target(target, lead, self.out_features, ignore_index, self.U.dtype, self.V.device)
         self._anchor.requires_grad_(not self._frozen)
         H, owned = self._hidden(h)
-        return h, HeadCall(self._engine(), target_info, H, owned, self._current_check(), self._record)
+        return h, HeadCall(engine or self._engine(), target_info, H, owned, self._current_check(), self._record)
 
     def _fused_loss(self, input: torch.Tensor, target: Any, ignore_index: int, spec: Any,
                     reduction: str) -> torch.Tensor | None:
         """The built-in loss ``spec`` of this head's outputs as one autograd node, or None where the engine does not
         evaluate losses itself (a GPU, a vocab-parallel shard): then the loss is written in torch on (A, q, s)."""
-        if self._shard is not None or not self._engine().fuses_losses or not runs_plain_forward(self):
+        if self._shard is not None or not runs_plain_forward(self):
             return None
-        h, call = self._call(input, target, ignore_index)
-        return FactoredLossFunction.apply(h, self._anchor, call, spec, reduction)
+        engine = self._engine()
+        if not engine.fuses_losses:
+            return None
+        h, call = self._call(input, target, ignore_index, engine)
+        with_grad = torch.is_grad_enabled() and (h.requires_grad or self._anchor.requires_grad)
+        return FactoredLossFunction.apply(h, self._anchor, call, spec, reduction, with_grad)
 
     def _current_check(self) -> Callable[[], None]:
         """A check that raises once the weights changed after this call (for a backward of this forward)."""
@@ -312,6 +318,9 @@ class FactoredLinear(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard recorded (or applied) gradients of this head, like ``Optimizer.zero_grad``."""
         super().zero_grad(set_to_none)
+        self._discard_pending()
+
+    def _discard_pending(self) -> None:
         self._pending.clear()
         self._stale = False
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from .._engine import check_lr, check_scalar
 from .distributed import broadcast_state, check_group
@@ -136,11 +137,21 @@ class FactoredSGD(torch.optim.Optimizer):
         """The heads this optimizer trains, in parameter-group order."""
         return [self._head(V) for group in self.param_groups for V in group["params"]]
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply every head's recorded gradients with its group's lr and weight_decay (one exact step per head).
         A head whose update is refused (e.g. ``SingularUpdateError``) is left unchanged with its gradients kept.
-        With a process group, a collective call: every rank applies the averaged updates of all ranks."""
+        With a process group, a collective call: every rank applies the averaged updates of all ranks. Step hooks
+        (``register_step_pre_hook`` / ``register_step_post_hook``, global ones too) and the profiler's record work
+        as for any torch optimizer."""
+        if _wrapper_has_work(self):
+            return _STEP_WITH_HOOKS(self, closure)
+        return self._step(closure)
+
+    # torch.optim.Optimizer wraps step() in a hook-and-profiler layer unless it is marked as wrapped. That layer costs
+    # more than a small step itself, so step() takes it (_STEP_WITH_HOOKS) only when it has something to do.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -152,7 +163,19 @@ class FactoredSGD(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Discard the recorded gradients of every head."""
-        super().zero_grad(set_to_none)
+        """Discard the recorded gradients of every head. (The parameters torch.optim sees are the heads' V tensors,
+        which never hold a ``.grad``: the gradients are the heads' recorded updates.)"""
         for head in self.heads():
-            head.zero_grad(set_to_none)
+            head._discard_pending()
+
+
+_STEP_WITH_HOOKS = torch.optim.Optimizer.profile_hook_step(FactoredSGD._step)
+
+
+def _wrapper_has_work(opt: FactoredSGD) -> bool:
+    """True when torch's step wrapper would do something: step hooks (the optimizer's own or global ones) or the
+    autograd profiler recording (any doubt, e.g. a torch without these attributes, answers True)."""
+    return bool(getattr(opt, "_optimizer_step_pre_hooks", True) or getattr(opt, "_optimizer_step_post_hooks", True)
+                or getattr(torch_optimizer, "_global_optimizer_pre_hooks", True)
+                or getattr(torch_optimizer, "_global_optimizer_post_hooks", True)
+                or torch.autograd._profiler_enabled())
