@@ -231,7 +231,7 @@ class FactoredLinear(nn.Module):
         if input.device != self.V.device:
             raise ValueError(f"input is on {input.device}, expected {self.V.device} like the head")
         lead = tuple(input.shape[:-1])
-        h = input.reshape(-1, self.in_features)
+        h = input if len(lead) == 1 else input.reshape(-1, self.in_features)
         if h.shape[0] < 1:
             raise ValueError("input must have at least one row")
         return h, lead
