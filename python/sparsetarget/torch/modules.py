@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 import weakref
 from typing import Any, Callable
@@ -193,7 +194,7 @@ class FactoredLinear(nn.Module):
 
     # ------------------------------------------------------------------ the core view of the state tensors
     def _state_tensors(self) -> list[torch.Tensor]:
-        return [self.__dict__[name] for name in STATE_ARRAYS]
+        return list(_STATE_OF(self.__dict__))
 
     @property
     def vocab_rows(self) -> tuple[int, int]:
@@ -203,7 +204,7 @@ class FactoredLinear(nn.Module):
     def _engine(self) -> Engine:
         """The backend working in place on the state tensors; rebuilt when one was replaced (e.g. by ``.to()``)."""
         tensors = self._state_tensors()
-        key = [t.data_ptr() for t in tensors]  # a new dtype, device or buffer means new memory
+        key = list(map(torch.Tensor.data_ptr, tensors))  # a new dtype, device or buffer means new memory
         if self._view is None or key != self._view_key:
             self._view = engine_for(dict(zip(STATE_ARRAYS, tensors)), self._stabilization)
             self._view_key = key
@@ -322,7 +323,7 @@ class FactoredLinear(nn.Module):
 
     def _discard_pending(self) -> None:
         self._pending.clear()
-        self._stale = False
+        self.__dict__["_stale"] = False  # plain values: nn.Module.__setattr__'s checks cost more than the rest here
 
     def _apply_pending(self, lr: float, weight_decay: float, process_group: Any = None) -> None:
         """One exact SGD step W <- (1 - lr wd) W - lr dL/dW with the gradients of all recorded backward passes
@@ -341,9 +342,8 @@ class FactoredLinear(nn.Module):
             if update is None:  # no rank recorded anything
                 return
             self._engine().step([update], lr, weight_decay)
-        self._pending = []
-        self._stale = True
-        self._version += 1
+        self._pending.clear()
+        self.__dict__.update(_stale=True, _version=self._version + 1)
 
     def _changed(self) -> None:
         """The weights changed outside an optimizer step: recorded gradients and forward passes are void."""
@@ -611,20 +611,24 @@ class FactoredLinear(nn.Module):
         return log_prob_of_entries(kind, out.A, out.q, out.s, t.rows, t.valid, t.out_features, eps)
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+_STATE_OF = operator.itemgetter(*STATE_ARRAYS)  # the state tensors from a head's __dict__
+
+# Hook dictionaries of torch.nn (registering a hook adds to them; torch never replaces them). None where this torch
+# has no such dictionary: then no loss skips a head's call.
+_GLOBAL_HOOK_DICTS = tuple(getattr(nn.modules.module, name, None) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def runs_plain_forward(head: FactoredLinear) -> bool:
     """True when calling ``head`` would run ``FactoredLinear.forward`` and nothing else: no forward or backward hooks
     (the head's own or global ones), no tracing, no compiled call. Only then may a loss skip the call (any doubt,
     e.g. an unknown torch, answers False)."""
-    hook_dicts = [getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS]
-    hook_dicts += [getattr(head, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                          "_backward_pre_hooks")]
-    if any(hooks is None or len(hooks) for hooks in hook_dicts):
-        return False
-    return (type(head).forward is FactoredLinear.forward and getattr(head, "_compiled_call_impl", None) is None
+    own = head.__dict__
+    for hooks in (*_GLOBAL_HOOK_DICTS, own.get("_forward_hooks"), own.get("_forward_pre_hooks"),
+                  own.get("_backward_hooks"), own.get("_backward_pre_hooks")):
+        if hooks is None or hooks:
+            return False
+    return (type(head).forward is FactoredLinear.forward and own.get("_compiled_call_impl") is None
             and not torch._C._get_tracing_state())
 
 
