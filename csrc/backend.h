@@ -47,7 +47,7 @@ enum Slot : int {
   kSlotHHt,
   kSlotSmall,
   kSlotSmallInv,
-  kSlotKH,
+  kSlotAHU,  // alpha H U^-1 (Woodbury)
   kSlotKHU,
   kSlotX,
   kSlotUInvNew,

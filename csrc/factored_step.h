@@ -222,12 +222,14 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     // the m x m inverse runs on one thread (LAPACK): the Gram matrix is formed meanwhile where the backend can
     b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram);
     b.require_rcond(inv.rcond, opt.min_rcond);
-    TS* KH = b.template scratch<TS>(kSlotKH, 2 * md);  // rows 0..m-1: K; rows m..2m-1: H
-    KHU = b.template scratch<TS>(kSlotKHU, 2 * md);
-    b.gemm(Op::N, Op::N, m, d, m, lr / c, inv.inverse, m, aH, d, TS(0), KH, d);
-    b.copy(H, KH + md, md);
-    b.gemm(Op::N, Op::N, 2 * m, d, d, TS(1), KH, d, st.U_inv, d, TS(0), KHU, d);
-    b.copy(KHU + md, X, md);  // X = (H U^-1 + (H H^T)(K U^-1)) / c
+    KHU = b.template scratch<TS>(kSlotKHU, 2 * md);  // rows 0..m-1: K U^-1; rows m..2m-1: H U^-1
+    TS* HU = KHU + md;
+    b.gemm(Op::N, Op::N, m, d, d, TS(1), H, d, st.U_inv, d, TS(0), HU, d);
+    // K U^-1 = (lr/c) S^-1 diag(alpha) (H U^-1): an m x m x d product instead of K's m x d x d one (§5.5)
+    TS* aHU = b.template scratch<TS>(kSlotAHU, md);
+    b.for_rows(m, d, parts::ScaleRows<TS>{dq, HU, aHU, d});
+    b.gemm(Op::N, Op::N, m, d, m, lr / c, inv.inverse, m, aHU, d, TS(0), KHU, d);
+    b.copy(HU, X, md);  // X = (H U^-1 + (H H^T)(K U^-1)) / c
     b.gemm(Op::N, Op::N, m, d, m, TS(1), HHt, m, KHU, d, TS(1), X, d);
     b.scale(X, md, 1.0 / static_cast<double>(c));
   } else {
