@@ -678,3 +678,23 @@ def test_loss_of_a_head_with_hooks_or_its_own_forward_goes_through_the_call(how)
     assert calls == ["forward" if how == "subclass" else "hook"]
     assert max_rel(losses[0], losses[1]) < 1e-12 and max_rel(grads[0], grads[1]) < 1e-12
     assert max_rel(head.dense_weight(), plain.dense_weight()) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["class", "csr"])
+def test_targets_changed_in_place_after_backward_do_not_reach_the_step(kind):
+    """The pending update keeps targets of its own: changing the caller's target tensors between backward() and
+    step() (e.g. a reused batch buffer) changes nothing."""
+    rng = np.random.default_rng(5)
+    heads = [make_head(seed=1), make_head(seed=1)]
+    opts = [stt.FactoredSGD(head, lr=0.5) for head in heads]
+    h = torch.from_numpy(rng.standard_normal((4, D_IN)))
+    target = torch_targets(kind, 4, D, rng, form="tuple")
+    for head, opt, scribble in zip(heads, opts, (False, True)):
+        given = target.clone() if kind == "class" else tuple(t.clone() for t in target)
+        stt.linear_spherical_loss(h, head, given).backward()
+        if scribble:
+            for t in (given,) if kind == "class" else given:
+                t.fill_(1)
+        opt.step()
+    assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+    assert max_rel(heads[0].dense_weight(), make_head(seed=1).dense_weight()) > 1e-4

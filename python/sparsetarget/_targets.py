@@ -62,7 +62,10 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
             raise ValueError(f"{name} index {bad} is out of range [0, {out_features})")
         if not np.all(np.isfinite(values)):
             raise ValueError(f"{name} values contain NaN or inf")
-        return CSRTargets(indptr, indices, values, None, False)
+        # arrays of their own: a recorded update must not see later in-place changes of the caller's arrays
+        return CSRTargets(*(np.array(a, copy=True) if np.may_share_memory(a, b) else a
+                            for a, b in ((indptr, targets.indptr), (indices, targets.indices), (values, targets.data))),
+                          None, False)
 
     labels = np.asarray(targets)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
