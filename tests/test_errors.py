@@ -175,12 +175,16 @@ def test_load_state_dict_rejects_mismatch(layer):
 
 def test_class_targets_are_copied_and_masked():
     """Class labels become CSR arrays of their own: ignored rows have no entry and are masked in ``active``."""
-    labels = np.array([3, -100, 7, 0], dtype=np.int64)
-    t = st._targets.to_csr(labels, 4, D, -100)
-    assert not np.shares_memory(t.indices, labels)
-    assert t.indptr.tolist() == [0, 1, 1, 2, 3] and t.indices.tolist() == [3, 7, 0]
-    assert t.active.tolist() == [1, 0, 1, 1] and t.values.tolist() == [1.0, 1.0, 1.0]
-    every = st._targets.to_csr(labels[::2].astype(np.int16), 2, D, -100)  # strided, another integer dtype
-    assert every.active is None and every.indices.tolist() == [3, 7] and every.indptr.tolist() == [0, 1, 2]
+    labels = np.array([3, 9, 7, 0], dtype=np.int64)
+    t = st._targets.to_csr(labels, 4, D, -100)  # nothing ignored: the indices are the labels, in a copy
+    assert not np.shares_memory(t.indices, labels) and t.active is None
+    assert t.indptr.tolist() == [0, 1, 2, 3, 4] and t.indices.tolist() == [3, 9, 7, 0]
+    masked = st._targets.to_csr(np.array([3, -100, 7, 0]), 4, D, -100)
+    assert masked.indptr.tolist() == [0, 1, 1, 2, 3] and masked.indices.tolist() == [3, 7, 0]
+    assert masked.active.tolist() == [1, 0, 1, 1] and masked.values.tolist() == [1.0, 1.0, 1.0]
+    strided = st._targets.to_csr(labels[::2], 2, D, -100)  # a strided int64 view
+    assert strided.indices.tolist() == [3, 7] and not np.shares_memory(strided.indices, labels)
     with pytest.raises(ValueError, match=r"labels contains class 50, outside \[0, 50\) and not ignore_index=-1"):
         st._targets.to_csr(np.array([50, -1]), 2, D, -1, name="labels")
+    with pytest.raises(ValueError, match="ignore_index"):
+        st._targets.to_csr(labels, 4, D, 2**64)

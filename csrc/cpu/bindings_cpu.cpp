@@ -108,40 +108,36 @@ TargetArrays checked_targets(const py::handle& indptr, const py::handle& indices
 }
 
 // Class labels (m,) as CSR arrays: (indptr, indices, values (ones, float64), active (uint8 per row) or None when no
-// row is ignore_index). One pass, the copy owned (the caller may change its labels later); a label outside [0, D)
-// that is not ignore_index raises ValueError naming the argument.
+// row is ignore_index). One pass over the labels, into arrays of its own (the caller may change its labels later,
+// even from another thread meanwhile); a label outside [0, D) that is not ignore_index raises ValueError naming the
+// argument.
 py::tuple class_targets(const py::handle& labels, std::int64_t D, std::int64_t ignore_index, const std::string& name) {
   auto y = checked<std::int64_t>(labels, name.c_str(), {-1}, false);
   const py::ssize_t m = y.shape(0);
   const std::int64_t* l = y.data();
-  py::ssize_t kept = 0;
-  for (py::ssize_t j = 0; j < m; ++j) {
-    if (l[j] == ignore_index) continue;
-    if (l[j] < 0 || l[j] >= D)
-      throw py::value_error(name + " contains class " + std::to_string(l[j]) + ", outside [0, " + std::to_string(D) +
-                            ") and not ignore_index=" + std::to_string(ignore_index));
-    ++kept;
-  }
-  py::array_t<std::int64_t> indptr(m + 1), indices(kept);
-  py::array_t<double> values(kept);
+  py::array_t<std::int64_t> indptr(m + 1), indices(m);
+  py::array_t<std::uint8_t> active(m);
   std::int64_t* ip = indptr.mutable_data();
   std::int64_t* ix = indices.mutable_data();
-  std::fill(values.mutable_data(), values.mutable_data() + kept, 1.0);
-  py::object active = py::none();
-  std::uint8_t* act = nullptr;
-  if (kept < m) {
-    py::array_t<std::uint8_t> a(m);
-    act = a.mutable_data();
-    active = a;
-  }
+  std::uint8_t* act = active.mutable_data();
+  py::ssize_t kept = 0;
   ip[0] = 0;
-  for (py::ssize_t j = 0, e = 0; j < m; ++j) {
-    const bool on = l[j] != ignore_index;
-    if (on) ix[e++] = l[j];
-    if (act) act[j] = on;
-    ip[j + 1] = e;
+  for (py::ssize_t j = 0; j < m; ++j) {
+    const std::int64_t label = l[j];  // read once
+    const bool on = label != ignore_index;
+    if (on && (label < 0 || label >= D))
+      throw py::value_error(name + " contains class " + std::to_string(label) + ", outside [0, " + std::to_string(D) +
+                            ") and not ignore_index=" + std::to_string(ignore_index));
+    if (on) ix[kept++] = label;
+    act[j] = on;
+    ip[j + 1] = kept;
   }
-  return py::make_tuple(indptr, indices, values, active);
+  py::array_t<double> values(kept);
+  std::fill(values.mutable_data(), values.mutable_data() + kept, 1.0);
+  if (kept == m) return py::make_tuple(indptr, indices, values, py::none());
+  py::array_t<std::int64_t> kept_indices(kept);
+  std::copy(ix, ix + kept, kept_indices.mutable_data());
+  return py::make_tuple(indptr, kept_indices, values, active);
 }
 
 // The target values and the active mask of a built-in loss, checked; sets t.view.values.
@@ -170,6 +166,16 @@ ProjectionsView<TS> project_into_scratch(const FactoredState<TV, TS>& st, const 
      *s = b.scratch<TS>(kSlotS, m), *Hw = b.scratch<TS>(kSlotHw, m);
   project(b, st, H, m, UH, HQ, q, s, Hw);
   return {m, UH, HQ, q, s, Hw};
+}
+
+// A built-in loss at the projections p of H: the outputs at the target entries, the per-example losses and their
+// partials dA (per entry), dq, ds.
+template <class TV, class TS>
+void loss_at(const FactoredState<TV, TS>& st, const ProjectionsView<TS>& p, const Targets& t, const LossTargets& lt,
+             const LossSpec& spec, double* losses, TS* dA, TS* dq, TS* ds) {
+  std::vector<TS> A(static_cast<std::size_t>(t.nnz));
+  sparsetarget::gather_outputs(cpu_backend(), st, p, t, A.data());
+  evaluate_loss(spec, st.D, t, lt.active_ptr(), A.data(), p.q, p.s, losses, dA, dq, ds);
 }
 
 // Inputs of grad_hidden / backward_step, checked: H, targets, the loss partials and optional projections of H.
@@ -258,7 +264,6 @@ class Core {
       const auto m = h.shape(0);
       auto t = checked_targets(indptr, indices, m, st.D);
       const LossTargets lt(t, values, active, m);
-      const std::uint8_t* act_ptr = lt.active_ptr();
       py::array_t<double> losses(m);
       py::array_t<TS> grad_H({m, static_cast<py::ssize_t>(st.d)});
       {
@@ -266,10 +271,8 @@ class Core {
         const ReleaseLargeScratch release_scratch;
         auto& b = cpu_backend();
         const auto p = project_into_scratch(st, h.data(), static_cast<int>(m));
-        std::vector<TS> A(t.indices.shape(0)), dA(A.size()), dq(m), ds(m);
-        sparsetarget::gather_outputs(b, st, p, t.view, A.data());
-        evaluate_loss(spec, st.D, t.view, act_ptr, A.data(), p.q, p.s, losses.mutable_data(), dA.data(), dq.data(),
-                      ds.data());
+        std::vector<TS> dA(t.indices.shape(0)), dq(m), ds(m);
+        loss_at(st, p, t.view, lt, spec, losses.mutable_data(), dA.data(), dq.data(), ds.data());
         if (do_step) {
           sparsetarget::backward_step(b, st, h.data(), t.view, p, dA.data(), dq.data(), ds.data(),
                                       step_options(lr, weight_decay), grad_H.mutable_data());
@@ -305,10 +308,8 @@ class Core {
         project(b, st, h.data(), static_cast<int>(m), UH.mutable_data(), HQ.mutable_data(), q.mutable_data(),
                 s.mutable_data(), Hw.mutable_data());
         const ProjectionsView<TS> p{static_cast<int>(m), UH.data(), HQ.data(), q.data(), s.data(), Hw.data()};
-        std::vector<TS> A(static_cast<std::size_t>(nnz));
-        sparsetarget::gather_outputs(b, st, p, t.view, A.data());
-        evaluate_loss(spec, st.D, t.view, lt.active_ptr(), A.data(), p.q, p.s, losses.mutable_data(), dA.mutable_data(),
-                      dq.mutable_data(), ds.mutable_data());
+        loss_at(st, p, t.view, lt, spec, losses.mutable_data(), dA.mutable_data(), dq.mutable_data(),
+                ds.mutable_data());
         if (with_grad)
           sparsetarget::hidden_gradient(b, st, t.view, p, dA.data(), dq.data(), ds.data(), grad_out);
       }

@@ -419,9 +419,11 @@ class Recorded(NamedTuple):
 
 
 def class_csr(labels: np.ndarray, out_features: int, ignore_index: int, name: str) -> CSRTargets:
-    """Class labels (int64, contiguous, (m,)) as CSR targets, checked in one pass by the core: a label outside
+    """Class labels (int64, contiguous, (m,)) as CSR targets, checked and converted by the core: a label outside
     [0, out_features) that is not ``ignore_index`` raises a ValueError naming ``name``. The arrays are new (later
     changes of ``labels`` do not reach them)."""
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 like the labels, got {ignore_index}")
     return CSRTargets(*_core.class_targets(labels, out_features, ignore_index, name), True)
 
 

@@ -68,10 +68,13 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
                           None, False)
 
     labels = np.asarray(targets)
-    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer array of class indices or a CSR matrix, got dtype {labels.dtype}")
+    if labels.dtype != np.int64:
+        if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array of class indices or a CSR matrix, got dtype "
+                            f"{labels.dtype}")
+        labels = _int_array(labels, name)
     if labels.shape != (m,):
         raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
     from ._engine import class_csr  # the engine imports this module
 
-    return class_csr(_int_array(labels, name), out_features, ignore_index, name)
+    return class_csr(np.ascontiguousarray(labels), out_features, ignore_index, name)

@@ -58,7 +58,7 @@ class FactoredHeadFunction(torch.autograd.Function):
                  gs: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
         call: HeadCall = ctx.call
         m, like = call.H.shape[0], call.H
-        dA = upstream_derivative(gA, call.target.values.numel(), like)
+        dA = upstream_derivative(gA, call.target.entries, like)
         return exact_backward(ctx, dA, upstream_derivative(gq, m, like), upstream_derivative(gs, m, like)), None, None
 
 
@@ -111,17 +111,29 @@ class FactoredLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         dA, dq, ds, grad_H = ctx.partials
-        csr = ctx.call.target.csr
-        # ignored rows take no gradient whatever the upstream value (as through the torch.where of reduce_loss):
-        # their partials are 0, and 0 * inf would be NaN
-        if ctx.reduction == "none":
-            w = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)
-            if csr.active is not None:
-                w[csr.active == 0] = 0
-            wA = w if csr.is_class else np.repeat(w, np.diff(csr.indptr))
-            partials = (dA * wA, dq * w, ds * w, None if grad_H is None else grad_H * w[:, None])
-        else:
-            w = grad.item() / ctx.rows if ctx.rows else 0.0
-            partials = (dA, dq, ds, grad_H) if w == 1 else tuple(None if x is None else x * dq.dtype.type(w)
-                                                                 for x in (dA, dq, ds, grad_H))
-        return exact_backward(ctx, *partials), None, None, None, None, None
+        if ctx.reduction != "none" and grad.item() / (ctx.rows or 1) == 1:  # backward() of a sum: nothing to scale
+            return exact_backward(ctx, dA, dq, ds, grad_H), None, None, None, None, None
+        return exact_backward(ctx, *scaled_partials(ctx, grad, dA, dq, ds, grad_H)), None, None, None, None, None
+
+
+def scaled_partials(ctx: Any, grad: torch.Tensor, dA: np.ndarray, dq: np.ndarray, ds: np.ndarray,
+                    grad_H: np.ndarray | None) -> tuple[Any, ...]:
+    """The partials and dL/dH of the unreduced losses scaled by the upstream gradient ``grad`` of the reduced loss:
+    one factor for 'sum' and 'mean', one per row for 'none'. Ignored rows take no gradient whatever their upstream
+    value (as through the torch.where of reduce_loss); a NaN or inf upstream value of a row that counts raises
+    ValueError, as the partials it makes do in the head's other path."""
+    csr = ctx.call.target.csr
+    if ctx.reduction == "none":
+        w = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)
+        if csr.active is not None:
+            w[csr.active == 0] = 0
+        finite = bool(np.isfinite(w).all())
+    else:
+        factor = grad.item() / ctx.rows if ctx.rows else 0.0
+        finite = math.isfinite(factor)
+    if not finite:
+        raise ValueError("the gradient flowing into the loss (backward's upstream gradient) contains NaN or inf")
+    if ctx.reduction != "none":
+        return tuple(None if x is None else x * dq.dtype.type(factor) for x in (dA, dq, ds, grad_H))
+    wA = w if csr.is_class else np.repeat(w, np.diff(csr.indptr))
+    return dA * wA, dq * w, ds * w, None if grad_H is None else grad_H * w[:, None]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._engine import DeviceCSR, class_csr
+from .._engine import DeviceCSR
 from .._targets import CSRTargets, to_csr
 
 
@@ -26,8 +26,8 @@ class SparseTarget:
         shape: the leading shape of the input, which ``reduction='none'`` gives back.
         csr: the targets as the engine takes them: NumPy CSR arrays for the CPU, int64 tensors on a GPU.
 
-    On the CPU the four tensors are built from the checked CSR arrays when first read (a loss the core evaluates
-    never reads them).
+    The four tensors are built from the checked host CSR arrays when first read, where they were not given (a loss
+    the core evaluates never reads them).
     """
 
     __slots__ = ("out_features", "shape", "csr", "_host", "_dtype", "_device", "_tensors")
@@ -65,6 +65,11 @@ class SparseTarget:
         return self.csr.is_class
 
     @property
+    def entries(self) -> int:
+        """len(A): one entry per row for class labels (ignored rows included), one per target entry otherwise."""
+        return math.prod(self.shape) if self.is_class else int(self.csr.indices.shape[0])
+
+    @property
     def rows_counted(self) -> int:
         """How many rows count (are not ``ignore_index``): the divisor of the mean reduction."""
         host = self._host
@@ -84,7 +89,7 @@ def _host_tensors(csr: CSRTargets, out_features: int, dtype: torch.dtype,
     """(values, rows, valid, sq_norm) of checked host CSR targets, on ``device``."""
     m = csr.indptr.shape[0] - 1
     if csr.is_class:
-        valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.view(bool))
+        valid = torch.ones(m, dtype=torch.bool) if csr.active is None else torch.from_numpy(csr.active.astype(bool))
         valid = valid.to(device)
         values = valid.to(dtype)
         return values, None, valid, values
@@ -149,11 +154,7 @@ def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, 
                          "dimensions)")
     if device.type == "cuda":
         return _device_class_target(target, lead_shape, m, out_features, ignore_index, dtype, device)
-    labels = _cpu_numpy(target.reshape(-1), "target", device)
-    if labels.dtype == np.int64:  # checked in one pass by the core (other integer dtypes: by to_csr)
-        csr = class_csr(labels, out_features, ignore_index, "target")
-    else:
-        csr = to_csr(labels, m, out_features, ignore_index, name="target")
+    csr = to_csr(_cpu_numpy(target.reshape(-1), "target", device), m, out_features, ignore_index, name="target")
     return SparseTarget(csr, out_features, tuple(lead_shape), dtype, device, host=csr)
 
 

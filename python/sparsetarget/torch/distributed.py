@@ -290,7 +290,7 @@ class VocabParallelHeadFunction(torch.autograd.Function):
         call.check_current()
         H, csr = call.H, call.target.csr
         m = H.shape[0]
-        dA = upstream_derivative(gA, call.target.values.numel(), H)
+        dA = upstream_derivative(gA, call.target.entries, H)
         dq = upstream_derivative(gq, m, H)
         ds = upstream_derivative(gs, m, H)
         dA_entries = _as_tensor(entries_from_rows(_engine_array(dA, csr), csr))

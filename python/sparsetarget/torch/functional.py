@@ -177,7 +177,8 @@ def linear_spherical_loss(input: torch.Tensor, head: FactoredLinear, target: Any
     backward scales the loss's partial derivatives); on a GPU, on a vocab-parallel shard and for a head with hooks
     or its own ``forward`` it is written in torch on ``head(...)``'s (A, q, s) like the functions above. Both give the
     same values and gradients where the loss is defined; where it is not (Z-loss of an output row with zero
-    variance) the core raises a ValueError and the torch expression gives NaN.
+    variance) the core raises a ValueError and the torch expression gives NaN. On the CPU, in grad mode, the forward
+    also computes dL/dh for the backward and the step (an m x d x d product): evaluate under ``torch.no_grad()``.
 
     Args:
         input: hidden activations (..., in_features), any floating dtype (half precision is computed in the head's

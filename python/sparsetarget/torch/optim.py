@@ -144,7 +144,7 @@ class FactoredSGD(torch.optim.Optimizer):
         (``register_step_pre_hook`` / ``register_step_post_hook``, global ones too) and the profiler's record work
         as for any torch optimizer."""
         if _wrapper_has_work(self):
-            return _STEP_WITH_HOOKS(self, closure)
+            return _STEP_WITH_HOOKS(self) if closure is None else _STEP_WITH_HOOKS(self, closure=closure)
         return self._step(closure)
 
     # torch.optim.Optimizer wraps step() in a hook-and-profiler layer unless it is marked as wrapped. That layer costs
@@ -164,12 +164,17 @@ class FactoredSGD(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard the recorded gradients of every head. (The parameters torch.optim sees are the heads' V tensors,
-        which never hold a ``.grad``: the gradients are the heads' recorded updates.)"""
+        which never hold a ``.grad``: the gradients are the heads' recorded updates, so ``set_to_none`` changes
+        nothing.)"""
         for head in self.heads():
             head._discard_pending()
 
 
-_STEP_WITH_HOOKS = torch.optim.Optimizer.profile_hook_step(FactoredSGD._step)
+def _step_of(opt: FactoredSGD, closure: Callable[[], float] | None = None) -> float | None:
+    return opt._step(closure)
+
+
+_STEP_WITH_HOOKS = torch.optim.Optimizer.profile_hook_step(_step_of)
 
 
 def _wrapper_has_work(opt: FactoredSGD) -> bool:
