@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -107,20 +108,26 @@ class CpuBackend {
       run(static_cast<int>(std::int64_t{rows} * p / parts), static_cast<int>(std::int64_t{rows} * (p + 1) / parts));
     });
   }
-  // f and g at the same time on two of the core's threads (each runs its own products single-threaded), or one
-  // after the other with a single thread. The first exception either throws is rethrown after both ran.
-  template <class F, class G>
-  void concurrently(const F& f, const G& g) {
+  // f and g at the same time on two of the core's threads (each runs its own products single-threaded), then
+  // shared(part, parts) for the parts of a third job, each taken by whichever thread is free first (so that an
+  // uneven f and g leave no thread idle); with a single thread f, g, then shared(0, 1). The first exception any of
+  // them throws is rethrown after all ran.
+  template <class F, class G, class S>
+  void concurrently(const F& f, const G& g, const S& shared) {
     if (pool_threads() < 2) {
       f();
       g();
+      shared(0, 1);
       return;
     }
+    constexpr int kSharedParts = 6;
+    std::atomic<int> next{0};
     parallel_for(2, [&](int part) {
       if (part == 0)
         f();
       else
         g();
+      for (int i; (i = next.fetch_add(1)) < kSharedParts;) shared(i, kSharedParts);
     });
   }
   template <class T>

@@ -99,11 +99,12 @@ class CudaBackend {
   void for_each(std::size_t n, const F& f);
   template <class F>
   void for_rows(int rows, int cols, const F& f);
-  // On the one stream: f's kernels, then g's.
-  template <class F, class G>
-  void concurrently(const F& f, const G& g) {
+  // On the one stream: f's kernels, then g's, then the shared job in one part.
+  template <class F, class G, class S>
+  void concurrently(const F& f, const G& g, const S& shared) {
     f();
     g();
+    shared(0, 1);
   }
   template <class T>
   void copy(const T* src, T* dst, std::size_t n);
