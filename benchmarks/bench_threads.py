@@ -5,12 +5,17 @@ Run:  python benchmarks/bench_threads.py [--threads 2] [--rounds 7]
 One layer per shape (float32 weights and state, spherical softmax); timing bursts alternate between 1 thread and N
 threads (``sparsetarget.set_num_threads``) on the same layer and batches; medians of the per-burst medians. Before
 timing, three steps at a small size with N threads are checked against dense float64 SGD. Also times one refresh
-(the O(D d^2) pass of construction) with 1 and N threads. Writes benchmarks/results/threads_<host>.json.
+(the O(D d^2) pass of construction) with 1 and N threads, and, as the bound to compare with, OpenBLAS's own
+scaling of an sgemm of each shape of the step's large products (1 and N OpenBLAS threads, interleaved). Writes
+benchmarks/results/threads_<host>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
+import os
 import statistics
 import time
 
@@ -26,6 +31,38 @@ def check(threads: int) -> float:
     """Three steps with ``threads`` threads at a size where the products are split, against dense float64 SGD."""
     st.set_num_threads(threads)
     return spherical_softmax_steps_error(3001, 256, 300, 0.05, h_scale=1 / 16)
+
+
+def sgemm_scaling(n: int, rounds: int, burst: float) -> list[dict]:
+    """Median time of OpenBLAS sgemm (m x k times k x n_cols, row-major) with 1 and ``n`` OpenBLAS threads, for the
+    shapes of the step's products at (793471, 512, 200): m x d x d (projections, H U^-1) and d x d x m (commit)."""
+    import scipy_openblas32
+
+    lib = ctypes.CDLL(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas*.so"))[0])
+    rng = np.random.default_rng(0)
+    out = []
+    for rows, cols, inner in ((200, 512, 512), (512, 512, 200)):
+        a = rng.random((rows, inner), dtype=np.float32)
+        b = rng.random((inner, cols), dtype=np.float32)
+        c = np.zeros((rows, cols), np.float32)
+        args = [ctypes.c_int(x) for x in (101, 111, 111, rows, cols, inner)]
+        ptrs = [x.ctypes.data_as(ctypes.c_void_p) for x in (a, b, c)]
+        times: dict[int, list[float]] = {1: [], n: []}
+        for r in range(rounds):
+            for t in ((1, n) if r % 2 == 0 else (n, 1)):
+                lib.scipy_openblas_set_num_threads(t)
+                calls = []
+                stop = time.perf_counter() + burst
+                while time.perf_counter() < stop or len(calls) < 3:
+                    t0 = time.perf_counter()
+                    lib.scipy_cblas_sgemm(*args, ctypes.c_float(1), ptrs[0], inner, ptrs[1], cols, ctypes.c_float(0),
+                                          ptrs[2], cols)
+                    calls.append(time.perf_counter() - t0)
+                times[t].append(1e3 * statistics.median(calls))
+        lib.scipy_openblas_set_num_threads(1)
+        t1, tn = statistics.median(times[1]), statistics.median(times[n])
+        out.append({"shape": (rows, cols, inner), "ms_1": t1, f"ms_{n}": tn, "speedup": t1 / tn})
+    return out
 
 
 def main() -> None:
@@ -70,8 +107,12 @@ def main() -> None:
                      "refresh_s": refresh})
         print(f"{str((D, d, m)):>20} {t1:12.2f} {tn:13.2f} {t1 / tn:8.2f}x   refresh {refresh[1]:.2f} s -> "
               f"{refresh[n]:.2f} s", flush=True)
+    sgemm = sgemm_scaling(n, args.rounds, args.burst / 4)
+    for g in sgemm:
+        print(f"{'sgemm ' + 'x'.join(map(str, g['shape'])):>20} {g['ms_1']:12.3f} {g[f'ms_{n}']:13.3f} "
+              f"{g['speedup']:8.2f}x   (OpenBLAS alone, rows x cols x inner)", flush=True)
     out = write_results("threads", {"machine": machine_info(), "threads": n, "rounds": args.rounds, "check": err,
-                                    "rows": rows}, args.out)
+                                    "rows": rows, "sgemm": sgemm}, args.out)
     print(f"wrote {out}")
 
 
