@@ -81,13 +81,8 @@ class CpuBackend {
   // ---- elementwise
   template <class F>
   void for_each(std::size_t n, const F& f) {
-    const int parts = loop_parts(n);
-    if (parts <= 1) {
-      for (std::size_t i = 0; i < n; ++i) f(i);
-      return;
-    }
-    parallel_for(parts, [&](int p) {
-      for (std::size_t i = n * p / parts, end = n * (p + 1) / parts; i < end; ++i) f(i);
+    for_ranges(n, loop_parts(n), [&](std::size_t lo, std::size_t hi) {
+      for (std::size_t i = lo; i < hi; ++i) f(i);
     });
   }
   // Rows split over the core's threads when there is enough work (the functors are elementwise).
@@ -178,7 +173,11 @@ class CpuBackend {
   }
   template <class T>
   void require_finite(const T* x, std::size_t n, const char* what) {
-    if (!all_finite(x, n))
+    std::atomic<bool> finite{true};
+    for_ranges(n, loop_parts(n), [&](std::size_t lo, std::size_t hi) {
+      if (!all_finite(x + lo, hi - lo)) finite.store(false);
+    });
+    if (!finite.load())
       throw std::domain_error(std::string("the step produced non-finite values in ") + what +
                               " (overflow: lower lr or check the loss derivatives); the layer is unchanged");
   }
@@ -190,26 +189,30 @@ class CpuBackend {
   // ---- the sparse parts
   template <class TV, class TS>
   void gather_outputs(const TV* V, std::int64_t /*D*/, int d, const TS* UH, const TS* Hw, const Targets& t, TS* A) {
-    for (std::int64_t j = 0; j < t.m; ++j) {
-      const TS* uh = row_ptr(UH, j, d);
-      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
-        A[e] = dot_row(row_ptr(V, t.indices[e], d), uh, d) + Hw[j];
-    }
+    for_ranges(static_cast<std::size_t>(t.m), sparse_parts(t, d), [&](std::size_t lo, std::size_t hi) {
+      for (auto j = static_cast<std::int64_t>(lo); j < static_cast<std::int64_t>(hi); ++j) {
+        const TS* uh = row_ptr(UH, j, d);
+        for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e)
+          A[e] = dot_row(row_ptr(V, t.indices[e], d), uh, d) + Hw[j];
+      }
+    });
   }
   // Zv_j = sum_k z_jk V[k], z_sum_j = sum_k z_jk
   template <class TV, class TS>
   void combine_target_rows(const TV* V, std::int64_t /*D*/, int d, const Targets& t, const TS* dA, TS* Zv,
                            TS* z_sum) {
-    std::fill(Zv, Zv + static_cast<std::size_t>(t.m) * d, TS(0));
-    for (std::int64_t j = 0; j < t.m; ++j) {
-      TS* zv = row_ptr(Zv, j, d);
-      TS zs = 0;
-      for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
-        zs += dA[e];
-        if (dA[e] != TS(0)) axpy_row(dA[e], row_ptr(V, t.indices[e], d), zv, d);
+    for_ranges(static_cast<std::size_t>(t.m), sparse_parts(t, d), [&](std::size_t lo, std::size_t hi) {
+      std::fill(Zv + lo * d, Zv + hi * d, TS(0));
+      for (auto j = static_cast<std::int64_t>(lo); j < static_cast<std::int64_t>(hi); ++j) {
+        TS* zv = row_ptr(Zv, j, d);
+        TS zs = 0;
+        for (std::int64_t e = t.indptr[j]; e < t.indptr[j + 1]; ++e) {
+          zs += dA[e];
+          if (dA[e] != TS(0)) axpy_row(dA[e], row_ptr(V, t.indices[e], d), zv, d);
+        }
+        z_sum[j] = zs;
       }
-      z_sum[j] = zs;
-    }
+    });
   }
   template <class TS>
   void target_row_sums(const Targets& t, std::int64_t /*D*/, const TS* dA, TS* z_sum) {
@@ -355,6 +358,20 @@ class CpuBackend {
       f(lo, hi);
       lo = hi;
     }
+  }
+
+  // f(lo, hi) for `parts` consecutive ranges of [0, n), over the core's threads when parts > 1.
+  template <class F>
+  static void for_ranges(std::size_t n, int parts, const F& f) {
+    if (parts <= 1) {
+      f(std::size_t{0}, n);
+      return;
+    }
+    parallel_for(parts, [&](int p) { f(n * p / parts, n * (p + 1) / parts); });
+  }
+  // Parts for a pass over the target rows of V (gather, combine): by the elements it reads, at most one per row.
+  static int sparse_parts(const Targets& t, int d) {
+    return std::min<int>(static_cast<int>(t.m), loop_parts(static_cast<std::size_t>(t.nnz) * d));
   }
 
   // Parts for an elementwise loop of n iterations: one per thread once each part has kLoopPart of them.

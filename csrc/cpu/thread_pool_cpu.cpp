@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -16,6 +17,32 @@ namespace sparsetarget::cpu {
 namespace {
 
 thread_local bool t_in_worker = false;  // on a worker, or on a caller running a job: nested jobs run inline
+
+// How long a worker that finished a part, or a caller waiting for the others, polls before it blocks: the jobs of
+// one step follow each other within tens of microseconds, and waking a blocked thread (on a virtual machine, an idle
+// virtual CPU) can take as long. Between steps every thread blocks after this much.
+constexpr std::chrono::microseconds kSpinTime{50};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Polls pred for up to kSpinTime; true when it held. Yields the core now and then, so that a thread of another pool
+// waiting for this core (torch's, next to a training step) gets it.
+template <class P>
+bool spin_until(const P& pred) {
+  const auto until = std::chrono::steady_clock::now() + kSpinTime;
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    if ((i & 63) == 63) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      std::this_thread::yield();
+    }
+    cpu_relax();
+  }
+}
 
 // Workers are added on demand and live as long as the process. A child of fork() has the object but none of its
 // threads: it runs every job on the calling thread.
@@ -33,14 +60,15 @@ class Pool {
       job_ = &f;
       parts_ = parts;
       next_ = 0;
-      unfinished_ = parts;
+      unfinished_.store(parts);
       error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     take_parts();
+    spin_until([this] { return unfinished_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return unfinished_ == 0; });
+    done_.wait(lock, [this] { return unfinished_.load() == 0; });
     job_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -51,10 +79,11 @@ class Pool {
     t_in_worker = true;
     std::uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
       }
       take_parts();
     }
@@ -78,7 +107,7 @@ class Pool {
       }
       std::lock_guard<std::mutex> lock(mu_);
       if (error && !error_) error_ = error;
-      if (--unfinished_ == 0) done_.notify_all();
+      if (unfinished_.fetch_sub(1) == 1) done_.notify_all();
     }
   }
 
@@ -88,8 +117,9 @@ class Pool {
   std::mutex mu_;
   std::condition_variable wake_, done_;
   const std::function<void(int)>* job_ = nullptr;
-  int parts_ = 0, next_ = 0, unfinished_ = 0;
-  std::uint64_t generation_ = 0;
+  int parts_ = 0, next_ = 0;
+  std::atomic<int> unfinished_{0};            // written under mu_, polled without it
+  std::atomic<std::uint64_t> generation_{0};  // written under mu_, polled without it
   std::exception_ptr error_;
 };
 
