@@ -5,7 +5,8 @@ Run:  python benchmarks/bench_threads.py [--threads 2] [--rounds 7]
 One layer per shape (float32 weights and state, spherical softmax); timing bursts alternate between 1 thread and N
 threads (``sparsetarget.set_num_threads``) on the same layer and batches; medians of the per-burst medians. Before
 timing, three steps at a small size with N threads are checked against dense float64 SGD. Also times one refresh
-(the O(D d^2) pass of construction) with 1 and N threads, and, as the bound to compare with, OpenBLAS's own
+(the O(D d^2) pass of construction) with 1 and N threads; the first two shapes again while another process keeps
+one core busy (a busy loop); and, as the bound to compare with, OpenBLAS's own
 scaling of an sgemm of each shape of the step's large products (1 and N OpenBLAS threads, interleaved). Writes
 benchmarks/results/threads_<host>.json.
 """
@@ -17,6 +18,8 @@ import ctypes
 import glob
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -31,6 +34,25 @@ def check(threads: int) -> float:
     """Three steps with ``threads`` threads at a size where the products are split, against dense float64 SGD."""
     st.set_num_threads(threads)
     return spherical_softmax_steps_error(3001, 256, 300, 0.05, h_scale=1 / 16)
+
+
+def timed_steps(layer: st.FactoredOutput, batches: list, n: int, rounds: int, burst: float) -> dict[int, list[float]]:
+    """Median ms per step of each burst, bursts alternating between 1 and ``n`` threads."""
+    times: dict[int, list[float]] = {1: [], n: []}
+    done = 0
+    for r in range(rounds):
+        for t in ((1, n) if r % 2 == 0 else (n, 1)):
+            st.set_num_threads(t)
+            steps = []
+            stop = time.perf_counter() + burst
+            while time.perf_counter() < stop or len(steps) < 3:
+                H, y = batches[done % 8]
+                t0 = time.perf_counter()
+                layer.step(H, y, 0.05)
+                steps.append(time.perf_counter() - t0)
+                done += 1
+            times[t].append(1e3 * statistics.median(steps))
+    return times
 
 
 def sgemm_scaling(n: int, rounds: int, burst: float) -> list[dict]:
@@ -82,20 +104,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         batches = [((rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float32), rng.integers(0, D, m))
                    for _ in range(8)]
-        times: dict[int, list[float]] = {1: [], n: []}
-        done = 0
-        for r in range(args.rounds):
-            for t in ((1, n) if r % 2 == 0 else (n, 1)):
-                st.set_num_threads(t)
-                burst = []
-                stop = time.perf_counter() + args.burst
-                while time.perf_counter() < stop or len(burst) < 3:
-                    H, y = batches[done % 8]
-                    t0 = time.perf_counter()
-                    layer.step(H, y, 0.05)
-                    burst.append(time.perf_counter() - t0)
-                    done += 1
-                times[t].append(1e3 * statistics.median(burst))
+        times = timed_steps(layer, batches, n, args.rounds, args.burst)
         refresh = {}
         for t in (1, n):
             st.set_num_threads(t)
@@ -107,12 +116,27 @@ def main() -> None:
                      "refresh_s": refresh})
         print(f"{str((D, d, m)):>20} {t1:12.2f} {tn:13.2f} {t1 / tn:8.2f}x   refresh {refresh[1]:.2f} s -> "
               f"{refresh[n]:.2f} s", flush=True)
+    busy_rows = []
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # another process keeping a core busy
+    try:
+        for D, d, m in SHAPES[:2]:
+            layer = st.FactoredOutput.random(D, d, loss="spherical_softmax", seed=1)
+            rng = np.random.default_rng(0)
+            batches = [((rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float32), rng.integers(0, D, m))
+                       for _ in range(8)]
+            times = timed_steps(layer, batches, n, args.rounds, args.burst)
+            t1, tn = statistics.median(times[1]), statistics.median(times[n])
+            busy_rows.append({"shape": (D, d, m), "ms_1": t1, f"ms_{n}": tn, "speedup": t1 / tn})
+            print(f"{str((D, d, m)):>20} {t1:12.2f} {tn:13.2f} {t1 / tn:8.2f}x   with a busy process on one core",
+                  flush=True)
+    finally:
+        busy.kill()
     sgemm = sgemm_scaling(n, args.rounds, args.burst / 4)
     for g in sgemm:
         print(f"{'sgemm ' + 'x'.join(map(str, g['shape'])):>20} {g['ms_1']:12.3f} {g[f'ms_{n}']:13.3f} "
               f"{g['speedup']:8.2f}x   (OpenBLAS alone, rows x cols x inner)", flush=True)
     out = write_results("threads", {"machine": machine_info(), "threads": n, "rounds": args.rounds, "check": err,
-                                    "rows": rows, "sgemm": sgemm}, args.out)
+                                    "rows": rows, "busy": busy_rows, "sgemm": sgemm}, args.out)
     print(f"wrote {out}")
 
 

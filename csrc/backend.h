@@ -7,10 +7,10 @@
 //                                       BLAS on ROW-MAJOR matrices (see cpu/blas_cpu.h), on the backend's stream
 //   for_each(n, f), for_rows(rows, cols, f)
 //                                       elementwise loops running a functor of step_parts.h as f(i) / f(i, j)
-//   concurrently(f, g, shared)          runs two independent parts of the step, at the same time where the backend
+//   concurrently(f, g, shared, flops)   runs two independent parts of the step, at the same time where the backend
 //                                       can (the CPU's threads), then shared(part, parts) for the parts of a third
-//                                       job in the threads that are free; none may take scratch the others have not
-//                                       been given
+//                                       job of about `flops` in the threads that are free (or shared(0, 1)); none may
+//                                       take scratch the others have not been given
 //   copy, fill, scale, row_dots, norm2  small dense helpers (norm2 writes a double into the backend's memory)
 //   invert(n, a, scratch, floor_one)    the inverse of a small matrix (a is destroyed) and its reciprocal condition
 //   gather_outputs, combine_target_rows, target_row_sums, order_targets, add_target_overlaps,

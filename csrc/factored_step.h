@@ -233,7 +233,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     };
     // the m x m inverse runs on one thread (LAPACK): the Gram matrix is formed meanwhile where the backend can, and
     // H U^-1, which needs neither, fills whichever thread is free first
-    b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram, hu_columns);
+    b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram, hu_columns, 2.0 * m * d * d);
     b.require_rcond(inv.rcond, opt.min_rcond);
     // K U^-1 = (lr/c) S^-1 diag(alpha) (H U^-1): an m x m x d product instead of K's m x d x d one (§5.5)
     TS* aHU = b.template scratch<TS>(kSlotAHU, md);

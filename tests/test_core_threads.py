@@ -115,3 +115,31 @@ def test_forked_child_steps_after_the_parent_used_its_threads(two_threads):
 def test_thread_count_is_checked():
     with pytest.raises(ValueError, match="n must be >= 1"):
         st.set_num_threads(0)
+
+
+def test_split_sparse_passes_and_column_blocks_match_dense_sgd(two_threads):
+    """With d = 250 (not a multiple of 16): multi-label targets with enough entries that the gather and combine passes
+    over V's target rows are split (nnz d >= 65536), duplicates within and across rows, a Woodbury step (m < d) large
+    enough that H U^-1 is computed in column blocks shared by the threads, and an explicit step (m > d)."""
+    from conftest import CSR
+
+    rng = np.random.default_rng(7)
+    D, d, per_row = 997, 250, 3
+    W0 = rng.standard_normal((D, d)) / np.sqrt(d)
+    layer = st.FactoredOutput(W0, loss="spherical_softmax", **LOSSES["spherical_softmax"])
+    dense = DenseSGD(W0)
+    worst = 0.0
+    for m in (151, 263):
+        H = rng.standard_normal((m, d)) / np.sqrt(d)
+        indices = rng.integers(0, D, (m, per_row))
+        indices[:, 1] = indices[:, 0]  # a duplicate within each row
+        indices[1:, 2] = indices[0, 2]  # and one across rows
+        targets = CSR(np.arange(m + 1) * per_row, indices.ravel(), rng.uniform(0.1, 1.0, m * per_row), (m, D))
+        assert targets.indices.size * d >= 65536 and 2.0 * m * d * d >= 8e6
+        Y, _ = dense_targets(targets, m, D)
+        L_ref, g_ref = dense.step(H, Y, "spherical_softmax", LOSSES["spherical_softmax"], 0.05, 1e-3)
+        L, g = layer.step(H, targets, 0.05, 1e-3)
+        worst = max(worst, rel_err(L, L_ref), rel_err(g, g_ref))
+    worst = max(worst, rel_err(layer.dense_weight(), dense.W))
+    assert rel_err(layer.dense_weight(), W0) > 1e-4  # it trained
+    assert worst < 1e-10

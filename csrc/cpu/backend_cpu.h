@@ -104,25 +104,26 @@ class CpuBackend {
     });
   }
   // f and g at the same time on two of the core's threads (each runs its own products single-threaded), then
-  // shared(part, parts) for the parts of a third job, each taken by whichever thread is free first (so that an
-  // uneven f and g leave no thread idle); with a single thread f, g, then shared(0, 1). The first exception any of
-  // them throws is rethrown after all ran.
+  // shared(part, parts) for the parts of a third job of about shared_flops, each taken by whichever thread is free
+  // first (so that an uneven f and g leave no thread idle). With a single thread, or when the shared job is too small
+  // to split: f, g, then shared(0, 1) on the calling thread. An exception is rethrown once the parts running at the
+  // time have ended; the rest may not run.
   template <class F, class G, class S>
-  void concurrently(const F& f, const G& g, const S& shared) {
-    if (pool_threads() < 2) {
+  void concurrently(const F& f, const G& g, const S& shared, double shared_flops) {
+    const int parts = blas::parts_for(shared_flops) > 1 ? kMaxSharedParts : 1;
+    if (pool_threads() < 2 || parts < 2) {
       f();
       g();
       shared(0, 1);
       return;
     }
-    constexpr int kSharedParts = 6;
     std::atomic<int> next{0};
     parallel_for(2, [&](int part) {
       if (part == 0)
         f();
       else
         g();
-      for (int i; (i = next.fetch_add(1)) < kSharedParts;) shared(i, kSharedParts);
+      for (int i; (i = next.fetch_add(1)) < parts;) shared(i, parts);
     });
   }
   template <class T>
@@ -373,6 +374,8 @@ class CpuBackend {
   static int sparse_parts(const Targets& t, int d) {
     return std::min<int>(static_cast<int>(t.m), loop_parts(static_cast<std::size_t>(t.nnz) * d));
   }
+
+  static constexpr int kMaxSharedParts = 6;  // blocks of the shared job of concurrently()
 
   // Parts for an elementwise loop of n iterations: one per thread once each part has kLoopPart of them.
   static int loop_parts(std::size_t n) {

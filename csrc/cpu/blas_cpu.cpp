@@ -174,13 +174,6 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
   return false;
 }
 
-// How many parts a product of this many FLOPs is split into: one per thread, each worth at least kMinFlopsPerPart
-// (below that, handing a part over costs more than computing it).
-constexpr double kMinFlopsPerPart = 4e6;
-int parts_for(double flops) {
-  const double by_size = flops / kMinFlopsPerPart;
-  return by_size < 2 ? 1 : std::min(cpu::pool_threads(), static_cast<int>(by_size));
-}
 // Edges of `parts` blocks of [0, n), multiples of 16 (whole vectors and cache lines) except the last.
 std::vector<int> block_edges(int n, int parts) {
   std::vector<int> edge(parts + 1, n);
@@ -190,6 +183,12 @@ std::vector<int> block_edges(int n, int parts) {
   return edge;
 }
 }  // namespace
+
+constexpr double kMinFlopsPerPart = 4e6;  // below this, handing a part over costs more than computing it
+int parts_for(double flops) {
+  const double by_size = flops / kMinFlopsPerPart;
+  return by_size < 2 ? 1 : std::min(cpu::pool_threads(), static_cast<int>(by_size));
+}
 
 // Split over the longer side of C into parts computed at once by the core's threads, each a single-threaded
 // vendor GEMM (results agree with the unsplit product to rounding).

@@ -43,6 +43,9 @@ double invert(int n, T* a);
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);
 
+// How many parts a product of this many FLOPs is split into: one per thread, each worth at least 4 MFLOP.
+int parts_for(double flops);
+
 // Threads the core's products are split over (the vendor library itself runs single-threaded); n >= 1. With
 // passes, also the count for the long passes over V (refresh, correction, logits, top-k).
 void set_num_threads(int n, bool passes = true);

@@ -78,24 +78,28 @@ class Pool {
   void work() {
     t_in_worker = true;
     std::uint64_t seen = 0;
+    bool worked = false;
     for (;;) {
-      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      // a worker that ran a part of the last job polls for the next one; the others (a job of few parts on a
+      // machine of many cores) block at once
+      if (worked) spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return generation_.load() != seen; });
         seen = generation_.load();
       }
-      take_parts();
+      worked = take_parts();
     }
   }
 
-  void take_parts() {
-    for (;;) {
+  // Runs parts of the current job until none is left; true when it ran at least one.
+  bool take_parts() {
+    for (bool ran = false;; ran = true) {
       int part = 0;
       const std::function<void(int)>* f = nullptr;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (job_ == nullptr || next_ >= parts_) return;
+        if (job_ == nullptr || next_ >= parts_) return ran;
         part = next_++;
         f = job_;
       }

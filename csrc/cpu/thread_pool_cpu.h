@@ -1,7 +1,8 @@
 // The core's own threads: one BLAS call or one pass over V split into parts that run at once, each part a
-// single-threaded BLAS call. An idle worker polls for 50 microseconds (the jobs of one step follow each other
-// closely, and waking a blocked thread can take that long), then blocks on a condition variable, so the pool does
-// not compete with another thread pool (torch's, OpenBLAS's) between steps.
+// single-threaded BLAS call. A worker that ran a part polls for the next job for 50 microseconds (the jobs of one step
+// follow each other closely, and waking a blocked thread can take that long), yielding its core meanwhile, then
+// blocks on a condition variable, so the pool does not compete with another thread pool (torch's, OpenBLAS's)
+// between steps.
 #pragma once
 
 #include <functional>
@@ -30,8 +31,8 @@ class PassThreads {
   int saved_;
 };
 
-// Runs f(0), ..., f(parts - 1) and returns when all have run: part 0 and any left over on the calling thread, the
-// others on the workers. Runs everything on the calling thread when parts <= 1, when called from a worker, or while
+// Runs f(0), ..., f(parts - 1) and returns when all have run, on the calling thread and the workers (which part
+// runs where is not fixed). Runs everything on the calling thread when parts <= 1, when called from a worker, or while
 // another thread's job holds the pool. Rethrows the first exception a part threw.
 void parallel_for(int parts, const std::function<void(int)>& f);
 

@@ -101,7 +101,7 @@ class CudaBackend {
   void for_rows(int rows, int cols, const F& f);
   // On the one stream: f's kernels, then g's, then the shared job in one part.
   template <class F, class G, class S>
-  void concurrently(const F& f, const G& g, const S& shared) {
+  void concurrently(const F& f, const G& g, const S& shared, double /*shared_flops*/) {
     f();
     g();
     shared(0, 1);
