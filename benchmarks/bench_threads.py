@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import glob
+import itertools
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import sparsetarget as st
@@ -36,23 +39,32 @@ def check(threads: int) -> float:
     return spherical_softmax_steps_error(3001, 256, 300, 0.05, h_scale=1 / 16)
 
 
-def timed_steps(layer: st.FactoredOutput, batches: list, n: int, rounds: int, burst: float) -> dict[int, list[float]]:
-    """Median ms per step of each burst, bursts alternating between 1 and ``n`` threads."""
+def alternating(set_threads: Callable[[int], object], call: Callable[[], object], n: int, rounds: int,
+                burst: float) -> dict[int, list[float]]:
+    """Median ms of call() in each burst, bursts alternating between 1 and ``n`` threads (set by set_threads)."""
     times: dict[int, list[float]] = {1: [], n: []}
-    done = 0
     for r in range(rounds):
         for t in ((1, n) if r % 2 == 0 else (n, 1)):
-            st.set_num_threads(t)
-            steps = []
+            set_threads(t)
+            calls = []
             stop = time.perf_counter() + burst
-            while time.perf_counter() < stop or len(steps) < 3:
-                H, y = batches[done % 8]
+            while time.perf_counter() < stop or len(calls) < 3:
                 t0 = time.perf_counter()
-                layer.step(H, y, 0.05)
-                steps.append(time.perf_counter() - t0)
-                done += 1
-            times[t].append(1e3 * statistics.median(steps))
+                call()
+                calls.append(time.perf_counter() - t0)
+            times[t].append(1e3 * statistics.median(calls))
     return times
+
+
+def timed_steps(layer: st.FactoredOutput, batches: list, n: int, rounds: int, burst: float) -> dict[int, list[float]]:
+    """Median ms per step of each burst, bursts alternating between 1 and ``n`` of the core's threads."""
+    turn = itertools.count()
+
+    def step() -> None:
+        H, y = batches[next(turn) % len(batches)]
+        layer.step(H, y, 0.05)
+
+    return alternating(st.set_num_threads, step, n, rounds, burst)
 
 
 def sgemm_scaling(n: int, rounds: int, burst: float) -> list[dict]:
@@ -69,18 +81,9 @@ def sgemm_scaling(n: int, rounds: int, burst: float) -> list[dict]:
         c = np.zeros((rows, cols), np.float32)
         args = [ctypes.c_int(x) for x in (101, 111, 111, rows, cols, inner)]
         ptrs = [x.ctypes.data_as(ctypes.c_void_p) for x in (a, b, c)]
-        times: dict[int, list[float]] = {1: [], n: []}
-        for r in range(rounds):
-            for t in ((1, n) if r % 2 == 0 else (n, 1)):
-                lib.scipy_openblas_set_num_threads(t)
-                calls = []
-                stop = time.perf_counter() + burst
-                while time.perf_counter() < stop or len(calls) < 3:
-                    t0 = time.perf_counter()
-                    lib.scipy_cblas_sgemm(*args, ctypes.c_float(1), ptrs[0], inner, ptrs[1], cols, ctypes.c_float(0),
-                                          ptrs[2], cols)
-                    calls.append(time.perf_counter() - t0)
-                times[t].append(1e3 * statistics.median(calls))
+        sgemm = functools.partial(lib.scipy_cblas_sgemm, *args, ctypes.c_float(1), ptrs[0], inner, ptrs[1], cols,
+                                  ctypes.c_float(0), ptrs[2], cols)
+        times = alternating(lib.scipy_openblas_set_num_threads, sgemm, n, rounds, burst)
         lib.scipy_openblas_set_num_threads(1)
         t1, tn = statistics.median(times[1]), statistics.median(times[n])
         out.append({"shape": (rows, cols, inner), "ms_1": t1, f"ms_{n}": tn, "speedup": t1 / tn})
