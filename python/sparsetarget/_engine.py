@@ -334,7 +334,8 @@ _threads_chosen = "OPENBLAS_NUM_THREADS" in os.environ
 def set_num_threads(n: int) -> None:
     """Set the number of threads the core splits its products over, for steps and for the long passes over V
     (refresh, correction, logits, top-k). The threads are the core's own (after a part they poll for the next
-    one for 50 microseconds, yielding the core, then block; each part is a single-threaded OpenBLAS call). Default: OPENBLAS_NUM_THREADS, else every core; once ``sparsetarget.torch`` is
+    one for 50 microseconds, yielding the core, then block; each part is a single-threaded OpenBLAS call).
+    Default: OPENBLAS_NUM_THREADS, else every core; once ``sparsetarget.torch`` is
     imported, steps use 1 unless chosen here or by OPENBLAS_NUM_THREADS (see :func:`threads_for_torch`). A count
     chosen here is kept for every call. LAPACK calls (the d x d inverse of steps with m >= d, the SVD of a
     correction) run on one thread. Built against a BLAS other than OpenBLAS, the core cannot set that library's
