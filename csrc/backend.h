@@ -85,4 +85,11 @@ enum Slot : int {
 };
 static_assert(kSlotCount <= kSlotBackend, "the algorithm's scratch slots overlap the backend's");
 
+// Edge `part` of `parts` blocks of [0, n): multiples of 16 (whole vectors and cache lines), 0 first and n last.
+inline int block_edge(int n, int part, int parts) {
+  if (part >= parts) return n;
+  const int edge = static_cast<int>((static_cast<long long>(n) * part / parts + 15) / 16 * 16);
+  return edge < n ? edge : n;
+}
+
 }  // namespace sparsetarget

@@ -7,7 +7,6 @@
 //   V[k] <- V[k] - lr sum_j z_jk (h_j^T U_new^-1).
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -129,11 +128,6 @@ void q_update_without_gram(B& b, const FactoredState<TV, TS>& st, const TS* H, i
 
 }  // namespace detail
 
-// Edge `part` of `parts` column blocks of [0, n): multiples of 16 (whole vectors and cache lines), n at the end.
-inline int column_edge(int n, int part, int parts) {
-  return part >= parts ? n : std::min(n, static_cast<int>((static_cast<long long>(n) * part / parts + 15) / 16 * 16));
-}
-
 // Above this many rows per hidden unit, the Q update is formed from d x d pieces instead of the m x m Gram matrix
 // of the output gradients: 6 m^2 d flops and m^2 memory against 8 m d^2 + 6 d^3 (equal at m = 1.6 d).
 constexpr int kGramFreeRowsPerUnit = 2;
@@ -228,7 +222,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     KHU = b.template scratch<TS>(kSlotKHU, 2 * md);  // rows 0..m-1: K U^-1; rows m..2m-1: H U^-1
     TS* HU = KHU + md;
     const auto hu_columns = [&](int part, int parts) {  // H U^-1 in column blocks
-      const int lo = column_edge(d, part, parts), hi = column_edge(d, part + 1, parts);
+      const int lo = block_edge(d, part, parts), hi = block_edge(d, part + 1, parts);
       if (hi > lo) b.gemm(Op::N, Op::N, m, hi - lo, d, TS(1), H, d, st.U_inv + lo, d, TS(0), HU + lo, d);
     };
     // the m x m inverse runs on one thread (LAPACK): the Gram matrix is formed meanwhile where the backend can, and

@@ -174,14 +174,6 @@ bool gemm_as_gemv(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int ld
   return false;
 }
 
-// Edges of `parts` blocks of [0, n), multiples of 16 (whole vectors and cache lines) except the last.
-std::vector<int> block_edges(int n, int parts) {
-  std::vector<int> edge(parts + 1, n);
-  edge[0] = 0;
-  for (int t = 1; t < parts; ++t)
-    edge[t] = std::min(n, (static_cast<int>(static_cast<long long>(n) * t / parts) + 15) / 16 * 16);
-  return edge;
-}
 }  // namespace
 
 constexpr double kMinFlopsPerPart = 4e6;  // below this, handing a part over costs more than computing it
@@ -203,9 +195,9 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
     return;
   }
   const bool by_columns = n >= m;
-  const std::vector<int> edge = block_edges(by_columns ? n : m, parts);
+  const int extent = by_columns ? n : m;
   cpu::parallel_for(parts, [&](int t) {
-    const int lo = edge[t], len = edge[t + 1] - lo;
+    const int lo = block_edge(extent, t, parts), len = block_edge(extent, t + 1, parts) - lo;
     if (len <= 0) return;
     if (by_columns)
       Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, len, k, alpha, a, lda,
