@@ -22,6 +22,8 @@ from torch.autograd.function import once_differentiable
 from .._engine import Engine, Recorded, rows_from_entries
 from ._target import SparseTarget
 
+_NON_FINITE_UPSTREAM = "the gradient flowing into the loss (backward's upstream gradient) contains NaN or inf"
+
 
 class HeadCall(NamedTuple):
     """What one forward pass of a head gives its autograd Function."""
@@ -111,29 +113,29 @@ class FactoredLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         dA, dq, ds, grad_H = ctx.partials
-        if ctx.reduction != "none" and grad.item() / (ctx.rows or 1) == 1:  # backward() of a sum: nothing to scale
-            return exact_backward(ctx, dA, dq, ds, grad_H), None, None, None, None, None
-        return exact_backward(ctx, *scaled_partials(ctx, grad, dA, dq, ds, grad_H)), None, None, None, None, None
+        if ctx.reduction == "none":
+            w: Any = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)
+        else:
+            w = grad.item() / ctx.rows if ctx.rows else 0.0
+            if w == 1:  # backward() of a sum: nothing to scale
+                return exact_backward(ctx, dA, dq, ds, grad_H), None, None, None, None, None
+        return exact_backward(ctx, *scaled_partials(ctx, w, dA, dq, ds, grad_H)), None, None, None, None, None
 
 
-def scaled_partials(ctx: Any, grad: torch.Tensor, dA: np.ndarray, dq: np.ndarray, ds: np.ndarray,
+def scaled_partials(ctx: Any, w: Any, dA: np.ndarray, dq: np.ndarray, ds: np.ndarray,
                     grad_H: np.ndarray | None) -> tuple[Any, ...]:
-    """The partials and dL/dH of the unreduced losses scaled by the upstream gradient ``grad`` of the reduced loss:
-    one factor for 'sum' and 'mean', one per row for 'none'. Ignored rows take no gradient whatever their upstream
-    value (as through the torch.where of reduce_loss); a NaN or inf upstream value of a row that counts raises
-    ValueError, as the partials it makes do in the head's other path."""
+    """The partials and dL/dH of the unreduced losses scaled by the upstream gradient of the reduced loss: ``w``,
+    one factor (a float) for 'sum' and 'mean', one per row (an array, changed here) for 'none'. Ignored rows take no
+    gradient whatever their upstream value (as through the torch.where of reduce_loss); a NaN or inf upstream value
+    of a row that counts raises ValueError, as the partials it makes do in the head's other path."""
     csr = ctx.call.target.csr
-    if ctx.reduction == "none":
-        w = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)
-        if csr.active is not None:
-            w[csr.active == 0] = 0
-        finite = bool(np.isfinite(w).all())
-    else:
-        factor = grad.item() / ctx.rows if ctx.rows else 0.0
-        finite = math.isfinite(factor)
-    if not finite:
-        raise ValueError("the gradient flowing into the loss (backward's upstream gradient) contains NaN or inf")
-    if ctx.reduction != "none":
-        return tuple(None if x is None else x * dq.dtype.type(factor) for x in (dA, dq, ds, grad_H))
+    if isinstance(w, float):
+        if not math.isfinite(w):
+            raise ValueError(_NON_FINITE_UPSTREAM)
+        return tuple(None if x is None else x * dq.dtype.type(w) for x in (dA, dq, ds, grad_H))
+    if csr.active is not None:
+        w[csr.active == 0] = 0
+    if not np.isfinite(w).all():
+        raise ValueError(_NON_FINITE_UPSTREAM)
     wA = w if csr.is_class else np.repeat(w, np.diff(csr.indptr))
     return dA * wA, dq * w, ds * w, None if grad_H is None else grad_H * w[:, None]
