@@ -49,8 +49,7 @@ enum Slot : int {
   kSlotHHt,
   kSlotSmall,
   kSlotSmallInv,
-  kSlotAHU,  // alpha H U^-1 (Woodbury)
-  kSlotKHU,
+  kSlotHU,  // H U^-1 (Woodbury)
   kSlotX,
   kSlotUInvNew,
   kSlotOmegaNew,

@@ -207,10 +207,11 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
 
   // U^-1_new and X = H U_new^-1 (row j: what V's target rows of example j move along), with rcond of the factor.
   TS* X = b.template scratch<TS>(kSlotX, md);
-  TS* KHU = nullptr;        // Woodbury: [K U^-1; H U^-1], U^-1_new = (U^-1 + H^T (K U^-1)) / c at commit
+  bool woodbury = false;    // U^-1_new = (U^-1 + lr (alpha H)^T X) / c, applied at commit
   TS* U_inv_new = nullptr;  // explicit: M^-1 U^-1
   if (m < d) {
-    // Woodbury (§5.5): S = I_m - (lr/c) diag(alpha) H H^T, K = (lr/c) S^-1 diag(alpha) H, M^-1 = (I + H^T K) / c.
+    // Woodbury (§5.5): S = I_m - (lr/c) diag(alpha) H H^T; X = S^-T (H U^-1) / c.
+    woodbury = true;
     TS* HHt = b.template scratch<TS>(kSlotHHt, mm);
     TS* S = b.template scratch<TS>(kSlotSmall, mm);
     b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, H, d, TS(0), HHt, m);
@@ -219,8 +220,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
     TS* S_inv = b.template scratch<TS>(kSlotSmallInv, mm);
     decltype(b.invert(m, S, S_inv, true)) inv{};
-    KHU = b.template scratch<TS>(kSlotKHU, 2 * md);  // rows 0..m-1: K U^-1; rows m..2m-1: H U^-1
-    TS* HU = KHU + md;
+    TS* HU = b.template scratch<TS>(kSlotHU, md);
     const auto hu_columns = [&](int part, int parts) {  // H U^-1 in column blocks
       const int lo = block_edge(d, part, parts), hi = block_edge(d, part + 1, parts);
       if (hi > lo) b.gemm(Op::N, Op::N, m, hi - lo, d, TS(1), H, d, st.U_inv + lo, d, TS(0), HU + lo, d);
@@ -229,13 +229,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     // H U^-1, which needs neither, fills whichever thread is free first
     b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram, hu_columns, 2.0 * m * d * d);
     b.require_rcond(inv.rcond, opt.min_rcond);
-    // K U^-1 = (lr/c) S^-1 diag(alpha) (H U^-1): an m x m x d product instead of K's m x d x d one (§5.5)
-    TS* aHU = b.template scratch<TS>(kSlotAHU, md);
-    b.for_rows(m, d, parts::ScaleRows<TS>{dq, HU, aHU, d});
-    b.gemm(Op::N, Op::N, m, d, m, lr / c, inv.inverse, m, aHU, d, TS(0), KHU, d);
-    b.copy(HU, X, md);  // X = (H U^-1 + (H H^T)(K U^-1)) / c
-    b.gemm(Op::N, Op::N, m, d, m, TS(1), HHt, m, KHU, d, TS(1), X, d);
-    b.scale(X, md, 1.0 / static_cast<double>(c));
+    b.gemm(Op::T, Op::N, m, d, m, 1 / c, inv.inverse, m, HU, d, TS(0), X, d);  // one m x m x d product (§5.5)
   } else {
     form_gram();
     // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)
@@ -278,10 +272,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.require_finite(Bq, md, "Q");
   else
     b.require_finite(dQ, dd, "Q");
-  if (KHU)
-    b.require_finite(KHU, 2 * md, "U^-1");
-  else
-    b.require_finite(U_inv_new, dd, "U^-1");
+  if (!woodbury) b.require_finite(U_inv_new, dd, "U^-1");  // Woodbury: from aH and X, checked here too
   b.require_finite(omega, static_cast<std::size_t>(d), "omega");
   b.require_finite(w_bar, static_cast<std::size_t>(d), "w_bar");
   b.require_finite(X, md, "the V update");
@@ -298,8 +289,8 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
       b.norm2(Bq, static_cast<int>(md), bounds + 3);
     else
       b.norm2(dQ, static_cast<int>(dd), bounds + 3);
-    if (KHU)
-      b.norm2(KHU, static_cast<int>(md), bounds + 4);
+    if (woodbury)
+      b.norm2(X, static_cast<int>(md), bounds + 4);
     else
       b.fill(bounds + 4, 1, 0.0);
     b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5,
@@ -326,9 +317,9 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.sym_rank2k(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H), exactly symmetric
   else
     b.for_rows(d, d, parts::ScaleAdd<TS>{dQ, c * c, Q, d});  // Q <- c^2 Q + dQ
-  TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, KHU != nullptr);
-  if (KHU)
-    b.gemm(Op::T, Op::N, d, d, m, 1 / c, H, d, KHU, d, 1 / c, U_inv, d);
+  TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, woodbury);
+  if (woodbury)
+    b.gemm(Op::T, Op::N, d, d, m, lr / c, aH, d, X, d, 1 / c, U_inv, d);  // U^-1 <- (U^-1 + lr aH^T X) / c
   else
     b.copy(U_inv_new, U_inv, dd);
   TS* omega_out = b.stage(st.omega, static_cast<std::size_t>(d), kSlotStageOmega, false);

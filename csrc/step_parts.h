@@ -104,14 +104,14 @@ struct ScaledIdentity {
 // What the commit adds to U, Q and U^-1 is a product A^T B of checked factors; every entry of it is at most
 // ||A||_F ||B||_F. out[0] is 0 when these bounds stay below limit (half the state dtype's range, so that adding them
 // to entries of the state below that half cannot overflow), inf otherwise (§9.3).
-// norms: ||UH||, ||aH||, ||H||, ||B||, ||K U^-1|| (0 in the explicit branch).
+// norms: ||UH||, ||aH||, ||H||, ||B||, ||X|| (0 in the explicit branch, where U^-1 is copied).
 struct CommitBound {
   const double* norms;
   double lr, inv_c, limit;
   double* out;
   bool q_update_given = false;  // norms[3] is ||dQ||_F itself (large m), not ||B||
   ST_HD void operator()(std::size_t) const {
-    const double u = lr * norms[0] * norms[1], u_inv = inv_c * norms[2] * norms[4];
+    const double u = lr * norms[0] * norms[1], u_inv = lr * inv_c * norms[1] * norms[4];
     const double q = q_update_given ? norms[3] : 2 * lr * norms[2] * norms[3];
     out[0] = u <= limit && q <= limit && u_inv <= limit ? 0.0 : static_cast<double>(INFINITY);
   }

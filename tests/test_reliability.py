@@ -154,6 +154,26 @@ def test_overflow_in_the_V_scatter_is_refused_when_W_fits():
     assert np.all(np.isfinite(layer.dense_weight()))
 
 
+def test_overflow_in_the_inverse_update_is_refused():
+    """float64 V with a float32 state, U scaled to 1e-36: a short h_1 = 0.01 e_1 at an lr that leaves the step's
+    factor well conditioned (S = 1e-3) keeps X = H U_new^-1 ~ 1e37 finite, but U^-1's update, lr alpha h X^T ~ 1e39,
+    overflows float32: refused by the bound on the commit's products, with nothing written."""
+    layer = st.FactoredOutput.random(30, 4, loss="squared_error", dtype=np.float64, state_dtype=np.float32, seed=3)
+    sd = layer.state_dict()
+    sd["V"] = layer.dense_weight() * 1e36
+    sd["U"], sd["U_inv"] = np.eye(4, dtype=np.float32) * 1e-36, np.eye(4, dtype=np.float32) * 1e36
+    layer.load_state_dict(sd)
+    H = np.zeros((1, 4))
+    H[0, 0] = 0.01
+    lr = (1 - 1e-3) / (2 * 0.01**2)  # squared error: alpha = 2, S = 1 - lr alpha ||h||^2 = 1e-3
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"non-finite values in U, Q or U\^-1.*unchanged"):
+        layer.step(H, np.array([3]), lr)
+    assert_unchanged(layer, before)
+    layer.step(H, np.array([3]), 1.0)  # a well-scaled step still fits
+    assert all(np.all(np.isfinite(v)) for v in layer.state_dict().values() if isinstance(v, np.ndarray))
+
+
 @pytest.mark.parametrize("lr, scale", [(3.5e38, 1.0), (1e39, 1.0), (1e30, 1e5)])
 def test_huge_lr_raises_a_value_error_naming_lr_not_a_lapack_error(lr, scale):
     layer = st.FactoredOutput.random(40, 6, dtype=np.float32)
