@@ -196,7 +196,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* P2 = gram_free ? nullptr : b.template scratch<TS>(kSlotP2, mm);
   const auto form_gram = [&] {  // independent of the factor's inverse below (takes no scratch of its own)
     if (gram_free) return;
-    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, p.HQ, d, TS(0), G, m);  // o_i . o_j
+    b.sym_product(m, d, TS(1), H, d, p.HQ, d, G, m);                  // o_i . o_j = h_i^T Q h_j
     b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
     b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
     b.add_target_overlaps(t, st.D, dA, order, G);
@@ -214,7 +214,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     woodbury = true;
     TS* HHt = b.template scratch<TS>(kSlotHHt, mm);
     TS* S = b.template scratch<TS>(kSlotSmall, mm);
-    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, H, d, TS(0), HHt, m);
+    b.sym_product(m, d, TS(1), H, d, H, d, HHt, m);
     b.for_rows(m, m, parts::WoodburySystem<TS>{dq, HHt, S, lr / c, m});
     b.require_finite(S, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
     // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)

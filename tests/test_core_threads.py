@@ -41,9 +41,10 @@ def train_against_dense(loss, D, d, m, steps, seed, weight_decay=1e-3):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("d,m", [(256, 151), (128, 301)])  # Woodbury (m < d) and explicit (m > d) steps
+@pytest.mark.parametrize("d,m", [(256, 201), (128, 301)])  # Woodbury (m < d) and explicit (m > d) steps
 def test_split_products_match_dense_sgd(two_threads, loss, d, m):
     assert 2.0 * m * d * d >= 8e6  # large enough to be split over two threads
+    assert m >= d or 1.0 * m * m * d >= 8e6  # Woodbury: the symmetric m x m products are split too
     worst, _ = train_against_dense(loss, 1999, d, m, 3, seed=d + m)
     assert worst < 1e-10
 
@@ -74,7 +75,7 @@ def test_split_and_unsplit_agree_to_rounding():
         results = []
         for threads in (1, 2):
             st.set_num_threads(threads)
-            results.append(train_against_dense("spherical_softmax", 1999, 256, 151, 2, seed=9)[1].dense_weight())
+            results.append(train_against_dense("spherical_softmax", 1999, 256, 201, 2, seed=9)[1].dense_weight())
     finally:
         st.set_num_threads(before)
     assert rel_err(results[1], results[0]) < 1e-13

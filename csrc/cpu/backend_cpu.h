@@ -77,6 +77,10 @@ class CpuBackend {
   void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
     blas::sym_rank2k<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
+  template <class T>
+  void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+    blas::sym_product<T>(n, k, alpha, a, lda, b, ldb, c, ldc);
+  }
 
   // ---- elementwise
   template <class F>

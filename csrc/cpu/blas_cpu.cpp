@@ -27,6 +27,11 @@ void ST_SYM(cblas_dsyr2k)(int, int, int, int, int, double, const double*, int, c
                           int);
 void ST_SYM(cblas_ssyrk)(int, int, int, int, int, float, const float*, int, float, float*, int);
 void ST_SYM(cblas_dsyrk)(int, int, int, int, int, double, const double*, int, double, double*, int);
+// Not in every CBLAS (reference CBLAS has none): weak, with a full GEMM in its place when absent.
+void ST_SYM(cblas_sgemmt)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                          int) __attribute__((weak));
+void ST_SYM(cblas_dgemmt)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
+                          double*, int) __attribute__((weak));
 
 // Fortran LAPACK; character arguments carry a hidden length (gfortran ABI), passed explicitly.
 void ST_SYM(sgetrf_)(const int*, const int*, float*, const int*, int*, int*);
@@ -79,6 +84,7 @@ struct Vendor;
     static constexpr auto gemv = ST_SYM(cblas_##p##gemv);   \
     static constexpr auto syr2k = ST_SYM(cblas_##p##syr2k); \
     static constexpr auto syrk = ST_SYM(cblas_##p##syrk);   \
+    static auto gemmt() { return ST_SYM(cblas_##p##gemmt); } \
     static constexpr auto getrf = ST_SYM(p##getrf_);        \
     static constexpr auto getri = ST_SYM(p##getri_);        \
     static constexpr auto gecon = ST_SYM(p##gecon_);        \
@@ -213,20 +219,25 @@ void gemv(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, T beta,
   if (m == 0 || n == 0) return;
   gemv_strided<T>(oa, m, n, alpha, a, lda, x, 1, beta, y, 1);
 }
-// Split into column blocks [e_t, e_t+1) of the upper triangle with equal areas (e_t = n sqrt(t / parts)): block t is
-// the rectangle above its diagonal block (two GEMMs) and the diagonal block (a SYR2K).
-template <class T>
-void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
-  const int parts = parts_for(2.0 * k * n * n);
+// Runs block(j0, w) for column blocks [j0, j0 + w) of an n x n upper triangle, one per part, with equal areas
+// (edges n sqrt(t / parts)): block t is the rectangle above its diagonal block and the diagonal block.
+template <class Block>
+void upper_triangle_parts(int n, double flops, const Block& block) {
+  const int parts = parts_for(flops);
   if (parts <= 1) {
-    Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    block(0, n);
     return;
   }
   std::vector<int> edge(parts + 1, n);
   for (int t = 0; t < parts; ++t) edge[t] = static_cast<int>(std::lround(n * std::sqrt(static_cast<double>(t) / parts)));
   cpu::parallel_for(parts, [&](int t) {
-    const int j0 = edge[t], w = edge[t + 1] - j0;
-    if (w <= 0) return;
+    if (edge[t + 1] > edge[t]) block(edge[t], edge[t + 1] - edge[t]);
+  });
+}
+
+template <class T>
+void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
+  upper_triangle_parts(n, 2.0 * k * n * n, [&](int j0, int w) {
     if (j0 > 0) {  // rows [0, j0) x columns [j0, j0 + w): A[:, :j0]^T B[:, block] + B[:, :j0]^T A[:, block]
       Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, a, lda, b + j0, ldb, beta, c + j0, ldc);
       Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, b, ldb, a + j0, lda, T(1), c + j0, ldc);
@@ -235,6 +246,35 @@ void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T 
                      c + static_cast<std::ptrdiff_t>(j0) * ldc + j0, ldc);
   });
 }
+
+// The upper triangle of a product known to be symmetric: SYRK when B is A, else GEMMT (a GEMM where the BLAS has
+// none), in column blocks over the core's threads; then mirrored.
+template <class T>
+void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+  if (n == 0) return;
+  if (n <= 2) {  // one or two rows: the GEMM wrapper's vector paths
+    gemm<T>(Op::N, Op::T, n, n, k, alpha, a, lda, b, ldb, T(0), c, ldc);
+    mirror_upper<T>(n, c, ldc);
+    return;
+  }
+  const bool gram = a == b && lda == ldb;
+  const auto gemmt = Vendor<T>::gemmt();
+  upper_triangle_parts(n, (gram || gemmt ? 1.0 : 2.0) * k * n * n, [&](int j0, int w) {
+    const T* a0 = a + static_cast<std::ptrdiff_t>(j0) * lda;
+    const T* b0 = b + static_cast<std::ptrdiff_t>(j0) * ldb;
+    T* c0 = c + static_cast<std::ptrdiff_t>(j0) * ldc + j0;
+    if (j0 > 0)  // rows [0, j0) x columns [j0, j0 + w): A[:j0] B[block]^T
+      Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, j0, w, k, alpha, a, lda, b0, ldb, T(0), c + j0, ldc);
+    if (gram)
+      Vendor<T>::syrk(kRowMajor, kUpper, kNoTrans, w, k, alpha, a0, lda, T(0), c0, ldc);
+    else if (gemmt)
+      gemmt(kRowMajor, kUpper, kNoTrans, kTrans, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
+    else
+      Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, w, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
+  });
+  mirror_upper<T>(n, c, ldc);
+}
+
 template <class T>
 void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
   Vendor<T>::syrk(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
@@ -294,7 +334,8 @@ void mirror_upper(int n, T* c, int ldc) {
   template void syr2k_t<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                         \
   template void syrk_t<T>(int, int, T, const T*, int, T, T*, int);                                         \
   template void mirror_upper<T>(int, T*, int);                                                            \
-  template void sym_rank2k<T>(int, int, T, const T*, int, const T*, int, T, T*, int);
+  template void sym_rank2k<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                      \
+  template void sym_product<T>(int, int, T, const T*, int, const T*, int, T*, int);
 ST_INSTANTIATE(float)
 ST_INSTANTIATE(double)
 #undef ST_INSTANTIATE

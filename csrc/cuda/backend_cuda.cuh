@@ -93,6 +93,10 @@ class CudaBackend {
     syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     mirror_upper<T>(n, c, ldc);
   }
+  template <class T>
+  void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+    blas::sym_product<T>(blas, n, k, alpha, a, lda, b, ldb, c, ldc);
+  }
 
   // ---- elementwise (kernels)
   template <class F>

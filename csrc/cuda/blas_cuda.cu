@@ -92,6 +92,14 @@ cublasStatus_t syrk_call(cublasHandle_t h, int n, int k, const double* alpha, co
                          const double* beta, double* c, int ldc) {
   return cublasDsyrk(h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, k, alpha, a, lda, beta, c, ldc);
 }
+cublasStatus_t syrkx_call(cublasHandle_t h, int n, int k, const float* alpha, const float* a, int lda,
+                          const float* b, int ldb, const float* beta, float* c, int ldc) {
+  return cublasSsyrkx(h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+cublasStatus_t syrkx_call(cublasHandle_t h, int n, int k, const double* alpha, const double* a, int lda,
+                          const double* b, int ldb, const double* beta, double* c, int ldc) {
+  return cublasDsyrkx(h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
 cublasStatus_t getrf_call(cublasHandle_t h, int n, float* const* a, int* piv, int* info) {
   return cublasSgetrfBatched(h, n, a, n, piv, info, 1);
 }
@@ -159,6 +167,16 @@ void syrk_t(const Handle& h, int n, int k, T alpha, const T* a, int lda, T beta,
   check(syrk_call(h.get(), n, k, &alpha, a, lda, &beta, c, ldc), "syrk");
 }
 
+// Row-major A (n x k) is the column-major k x n matrix A^T: SYRKX with OP_T forms A B^T in column-major, whose
+// row-major reading is B A^T, the same symmetric matrix; the column-major lower triangle is the row-major upper one.
+template <class T>
+void sym_product(const Handle& h, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+  if (n == 0) return;
+  const T zero = 0;
+  check(syrkx_call(h.get(), n, k, &alpha, a, lda, b, ldb, &zero, c, ldc), "syrkx");
+  mirror_upper<T>(h, n, c, ldc);
+}
+
 template <class T>
 void mirror_upper(const Handle& h, int n, T* c, int ldc) {
   const std::size_t total = static_cast<std::size_t>(n) * n;
@@ -191,6 +209,7 @@ void invert(const Handle& h, Workspace& ws, int first_slot, int n, T* a, T* inv,
   template void syr2k_t<T>(const Handle&, int, int, T, const T*, int, const T*, int, T, T*, int);               \
   template void syrk_t<T>(const Handle&, int, int, T, const T*, int, T, T*, int);                               \
   template void mirror_upper<T>(const Handle&, int, T*, int);                                                   \
+  template void sym_product<T>(const Handle&, int, int, T, const T*, int, const T*, int, T*, int);              \
   template void invert<T>(const Handle&, Workspace&, int, int, T*, T*, double*, bool);
 ST_INSTANTIATE(float)
 ST_INSTANTIATE(double)
