@@ -18,6 +18,7 @@
 #include "dense_tiles_cpu.h"
 #include "factored_step_cpu.h"
 #include "kernels_cpu.h"
+#include "small_gemm_cpu.h"
 
 namespace py = pybind11;
 using namespace sparsetarget;
@@ -517,6 +518,67 @@ class Core {
 
 }  // namespace
 
+// C <- alpha op(A) op(B) + beta C (product) or C <- alpha (A^T B + B^T A) + beta C, both triangles (sym_rank2k), on
+// C-contiguous float32 or float64 arrays, single-threaded, by the vendor BLAS ("vendor") or the core's own loops
+// ("own", small_gemm_cpu.h) whatever the shape: the tests check the loops on every path against NumPy, and
+// benchmarks/bench_small_gemm.py times one against the other.
+template <class T>
+void routed_product(py::array a_arr, py::array b_arr, py::array c_arr, bool ta, bool tb, double alpha, double beta,
+                    const std::string& route) {
+  const auto a = a_arr.cast<py::array_t<T, py::array::c_style>>(), b = b_arr.cast<py::array_t<T, py::array::c_style>>();
+  auto c = c_arr.cast<py::array_t<T, py::array::c_style>>();
+  const int m = static_cast<int>(c.shape(0)), n = static_cast<int>(c.shape(1));
+  const int k = static_cast<int>(ta ? a.shape(0) : a.shape(1));
+  if ((ta ? a.shape(1) : a.shape(0)) != m || (tb ? b.shape(1) : b.shape(0)) != k || (tb ? b.shape(0) : b.shape(1)) != n)
+    throw std::invalid_argument("a, b and c have shapes that do not make c = op(a) op(b)");
+  const Op oa = ta ? Op::T : Op::N, ob = tb ? Op::T : Op::N;
+  const T* ap = a.data();
+  const T* bp = b.data();
+  T* cp = c.mutable_data();
+  const int lda = static_cast<int>(a.shape(1)), ldb = static_cast<int>(b.shape(1));
+  py::gil_scoped_release release;
+  if (route == "own")
+    blas::small::gemm<T>(oa, ob, m, n, k, T(alpha), ap, lda, bp, ldb, T(beta), cp, n);
+  else
+    blas::vendor_gemm<T>(oa, ob, m, n, k, T(alpha), ap, lda, bp, ldb, T(beta), cp, n);
+}
+
+template <class T>
+void routed_sym_rank2k(py::array a_arr, py::array b_arr, py::array c_arr, double alpha, double beta,
+                       const std::string& route) {
+  const auto a = a_arr.cast<py::array_t<T, py::array::c_style>>(), b = b_arr.cast<py::array_t<T, py::array::c_style>>();
+  auto c = c_arr.cast<py::array_t<T, py::array::c_style>>();
+  const int k = static_cast<int>(a.shape(0)), n = static_cast<int>(a.shape(1));
+  if (b.shape(0) != k || b.shape(1) != n || c.shape(0) != n || c.shape(1) != n)
+    throw std::invalid_argument("a and b must be k x n and c n x n");
+  const T* ap = a.data();
+  const T* bp = b.data();
+  T* cp = c.mutable_data();
+  py::gil_scoped_release release;
+  if (route == "own")
+    blas::small::syr2k_upper_block<T>(0, n, k, T(alpha), ap, n, bp, n, T(beta), cp, n);
+  else
+    blas::syr2k_t<T>(n, k, T(alpha), ap, n, bp, n, T(beta), cp, n);
+  blas::mirror_upper<T>(n, cp, n);
+}
+
+// The two above for either dtype; every array must already have it, be 2-D, C-contiguous, and c writeable.
+template <class F64, class F32>
+void by_dtype(const char* what, py::array a, py::array b, py::array c, const std::string& route, const F64& f64,
+              const F32& f32) {
+  if (route != "own" && route != "vendor") throw std::invalid_argument("route must be 'own' or 'vendor'");
+  for (const py::array* x : {&a, &b, &c})
+    if (x->ndim() != 2 || !(x->flags() & py::array::c_style) || !x->dtype().is(c.dtype()))
+      throw std::invalid_argument(std::string(what) + ": a, b and c must be 2-D C-contiguous arrays of one dtype");
+  if (!c.writeable()) throw std::invalid_argument(std::string(what) + ": c must be writeable");
+  if (c.dtype().is(py::dtype::of<double>()))
+    f64();
+  else if (c.dtype().is(py::dtype::of<float>()))
+    f32();
+  else
+    throw std::invalid_argument(std::string(what) + ": the dtype must be float32 or float64");
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sparsetarget C++ core: exact factored training of large sparse-target output layers";
   m.attr("__version__") = SPARSETARGET_VERSION;
@@ -533,8 +595,11 @@ PYBIND11_MODULE(_core, m) {
     info["compiler"] = __VERSION__;
     info["cxx_standard"] = __cplusplus;
     info["blas_threads"] = blas::get_num_threads();
+    const auto level = blas::small::level();
+    info["small_gemm"] = level == blas::small::Level::kAvx512 ? "avx512" : level == blas::small::Level::kAvx2 ? "avx2"
+                                                                                                            : "off";
     return info;
-  }, "How this _core was built: version, BLAS, compiler, CUDA support.");
+  }, "How this _core was built: version, BLAS, compiler, CUDA support, and the vector width of its own products.");
   m.attr("DEFAULT_STABILIZATION") = policy_dict(StabilizeOptions{});
   m.def("default_min_rcond", [](bool float64) {
     return float64 ? default_min_rcond<double>() : default_min_rcond<float>();
@@ -546,6 +611,20 @@ PYBIND11_MODULE(_core, m) {
   m.def("class_targets", &class_targets, py::arg("labels"), py::arg("D"), py::arg("ignore_index"), py::arg("name"),
         "Class labels (int64, (m,)) as CSR arrays (indptr, indices, values, active or None), checked against [0, D) "
         "and ignore_index.");
+  m.def("_product", [](py::array a, py::array b, py::array c, bool ta, bool tb, double alpha, double beta,
+                       const std::string& route) {
+    by_dtype("_product", a, b, c, route, [&] { routed_product<double>(a, b, c, ta, tb, alpha, beta, route); },
+             [&] { routed_product<float>(a, b, c, ta, tb, alpha, beta, route); });
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a"), py::arg("trans_b"), py::arg("alpha"),
+        py::arg("beta"), py::arg("route"),
+        "c <- alpha op(a) op(b) + beta c by the vendor BLAS or the core's own loops ('vendor' or 'own'), one thread "
+        "(tests and benchmarks).");
+  m.def("_sym_rank2k", [](py::array a, py::array b, py::array c, double alpha, double beta, const std::string& route) {
+    by_dtype("_sym_rank2k", a, b, c, route, [&] { routed_sym_rank2k<double>(a, b, c, alpha, beta, route); },
+             [&] { routed_sym_rank2k<float>(a, b, c, alpha, beta, route); });
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("alpha"), py::arg("beta"), py::arg("route"),
+        "c <- alpha (a^T b + b^T a) + beta c, both triangles, by the vendor BLAS (split over the core's threads) or "
+        "the core's own loops (one thread).");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), py::arg("passes") = true,
         "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
         "BLAS call); with passes, also for the long passes over V (refresh, correction, logits, top-k).");

@@ -2,6 +2,7 @@
 // for a system BLAS; the declarations below are the standard CBLAS / Fortran LAPACK ABI.
 #include "blas_cpu.h"
 
+#include "small_gemm_cpu.h"
 #include "thread_pool_cpu.h"
 
 #include <algorithm>
@@ -195,9 +196,16 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
           int ldc) {
   if (m == 0 || n == 0) return;
   if (gemm_as_gemv<T>(oa, ob, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+  const bool own = small::suits<T>(oa, ob, m, n, k);  // one short side: the unpacked loops of small_gemm_cpu.cpp
+  const auto product = [&](int rows, int cols, const T* a0, const T* b0, T* c0) {
+    if (own)
+      small::gemm<T>(oa, ob, rows, cols, k, alpha, a0, lda, b0, ldb, beta, c0, ldc);
+    else
+      Vendor<T>::gemm(kRowMajor, op(oa), op(ob), rows, cols, k, alpha, a0, lda, b0, ldb, beta, c0, ldc);
+  };
   const int parts = parts_for(2.0 * m * n * k);
   if (parts <= 1) {
-    Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    product(m, n, a, b, c);
     return;
   }
   const bool by_columns = n >= m;
@@ -206,13 +214,16 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
     const int lo = block_edge(extent, t, parts), len = block_edge(extent, t + 1, parts) - lo;
     if (len <= 0) return;
     if (by_columns)
-      Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, len, k, alpha, a, lda,
-                      ob == Op::N ? b + lo : b + static_cast<std::ptrdiff_t>(lo) * ldb, ldb, beta, c + lo, ldc);
+      product(m, len, a, ob == Op::N ? b + lo : b + static_cast<std::ptrdiff_t>(lo) * ldb, c + lo);
     else
-      Vendor<T>::gemm(kRowMajor, op(oa), op(ob), len, n, k, alpha,
-                      oa == Op::N ? a + static_cast<std::ptrdiff_t>(lo) * lda : a + lo, lda, b, ldb, beta,
-                      c + static_cast<std::ptrdiff_t>(lo) * ldc, ldc);
+      product(len, n, oa == Op::N ? a + static_cast<std::ptrdiff_t>(lo) * lda : a + lo, b,
+              c + static_cast<std::ptrdiff_t>(lo) * ldc);
   });
+}
+template <class T>
+void vendor_gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                 int ldc) {
+  if (m > 0 && n > 0) Vendor<T>::gemm(kRowMajor, op(oa), op(ob), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 template <class T>
 void gemv(Op oa, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y) {
@@ -307,7 +318,12 @@ void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
     sym_rank2k_small<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (small::suits_syr2k<T>(n, k))  // few rows: the unpacked loops, block by block of the upper triangle
+    upper_triangle_parts(n, 2.0 * k * n * n, [&](int j0, int w) {
+      small::syr2k_upper_block<T>(j0, w, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    });
+  else
+    syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   mirror_upper<T>(n, c, ldc);
 }
 
@@ -330,6 +346,7 @@ void mirror_upper(int n, T* c, int ldc) {
 }
 #define ST_INSTANTIATE(T)                                                                                  \
   template void gemm<T>(Op, Op, int, int, int, T, const T*, int, const T*, int, T, T*, int);               \
+  template void vendor_gemm<T>(Op, Op, int, int, int, T, const T*, int, const T*, int, T, T*, int);        \
   template void gemv<T>(Op, int, int, T, const T*, int, const T*, T, T*);                                  \
   template void syr2k_t<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                         \
   template void syrk_t<T>(int, int, T, const T*, int, T, T*, int);                                         \

@@ -14,6 +14,12 @@ template <class T>
 void gemm(Op op_a, Op op_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
           int ldc);
 
+// The vendor's GEMM alone: no split over threads, no routing to the core's own loops (for tests and benchmarks of
+// that routing).
+template <class T>
+void vendor_gemm(Op op_a, Op op_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                 T* c, int ldc);
+
 // y <- alpha * op(A) x + beta * y ; A is m x n as stored.
 template <class T>
 void gemv(Op op_a, int m, int n, T alpha, const T* a, int lda, const T* x, T beta, T* y);

@@ -232,7 +232,9 @@ def diagnostics_from(stats: np.ndarray, U: np.ndarray, inverse_error: float) -> 
 # ---------------------------------------------------------------------------------------------- build and devices
 def build_info() -> dict:
     """How the compiled core was built: ``version``, ``blas``, ``cuda`` (the CUDA backend was compiled; whether a
-    device can use it is :func:`cuda_status`), compiler, BLAS threads."""
+    device can use it is :func:`cuda_status`), compiler, BLAS threads, and ``small_gemm``: the vector width
+    (``"avx512"``, ``"avx2"``) of the core's own loops for products with few rows, chosen when it loaded, or ``"off"``
+    (no AVX2 on this CPU, or ``SPARSETARGET_SMALL_GEMM=off`` in the environment)."""
     return dict(_core.build_info())
 
 

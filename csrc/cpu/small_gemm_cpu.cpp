@@ -1,0 +1,260 @@
+// Products with one short side (a few to a few dozen rows of H against a d x d matrix, or a rank-m update of one),
+// computed without packing: register-blocked loops built for AVX-512, AVX2 + FMA or plain SSE, chosen when the
+// library loads. A packed GEMM copies the whole d x d operand into its own layout on every call, which at m = 8
+// costs as much as the arithmetic; here that operand is read once, in place.
+#include "small_gemm_cpu.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace sparsetarget::blas::small {
+namespace {
+
+#define ST_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One machine vector of W elements of T (GCC vector extension; lowered to what the enclosing target offers).
+template <class T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W * sizeof(T))));
+};
+
+// A term of the sum: X(i, l) = x[i * xi + l * xl] times row l of Y (row-major, leading dimension ldy).
+template <class T>
+struct Term {
+  const T* x;
+  std::ptrdiff_t xi, xl;
+  const T* y;
+  std::ptrdiff_t ldy;
+};
+
+// C[i][j0 + j] for i < R, j < NV W: alpha sum_l (X1(i, l) Y1[l][j0 + j] + X2(i, l) Y2[l][j0 + j]) + beta C, the
+// accumulators held in registers over the whole sum.
+template <class T, int W, int R, int NV, bool Two>
+ST_ALWAYS_INLINE void block(int k, const Term<T>& t1, const Term<T>& t2, int j0, T alpha, T beta, T* c,
+                            std::ptrdiff_t ldc) {
+  using V = typename Vec<T, W>::type;
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int l = 0; l < k; ++l) {
+    V b1[NV], b2[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&b1[v], t1.y + l * t1.ldy + j0 + v * W, sizeof(V));
+    if constexpr (Two)
+      for (int v = 0; v < NV; ++v) std::memcpy(&b2[v], t2.y + l * t2.ldy + j0 + v * W, sizeof(V));
+    for (int i = 0; i < R; ++i) {
+      const T s1 = t1.x[i * t1.xi + l * t1.xl];
+      for (int v = 0; v < NV; ++v) acc[i][v] += s1 * b1[v];
+      if constexpr (Two) {
+        const T s2 = t2.x[i * t2.xi + l * t2.xl];
+        for (int v = 0; v < NV; ++v) acc[i][v] += s2 * b2[v];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) {
+      T* out = c + i * ldc + j0 + v * W;
+      V r = alpha * acc[i][v];
+      if (beta != T(0)) {  // beta = 0 never reads C (it may hold anything)
+        V old;
+        std::memcpy(&old, out, sizeof(V));
+        r += beta * old;
+      }
+      std::memcpy(out, &r, sizeof(V));
+    }
+}
+
+// The same for rows [0, rows) with rows < R known only at run time: one instantiation per count.
+template <class T, int W, int R, int NV, bool Two>
+ST_ALWAYS_INLINE void block_rows(int rows, int k, const Term<T>& t1, const Term<T>& t2, int j0, T alpha, T beta, T* c,
+                                 std::ptrdiff_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) return block<T, W, R, NV, Two>(k, t1, t2, j0, alpha, beta, c, ldc);
+    block_rows<T, W, R - 1, NV, Two>(rows, k, t1, t2, j0, alpha, beta, c, ldc);
+  }
+}
+
+// Columns [j0, n) left over by the vector blocks, one scalar sum each.
+template <class T, bool Two>
+ST_ALWAYS_INLINE void scalar_columns(int rows, int k, const Term<T>& t1, const Term<T>& t2, int j0, int n, T alpha,
+                                     T beta, T* c, std::ptrdiff_t ldc) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = j0; j < n; ++j) {
+      T s = 0;
+      for (int l = 0; l < k; ++l) {
+        s += t1.x[i * t1.xi + l * t1.xl] * t1.y[l * t1.ldy + j];
+        if constexpr (Two) s += t2.x[i * t2.xi + l * t2.xl] * t2.y[l * t2.ldy + j];
+      }
+      T* out = c + i * ldc + j;
+      *out = beta == T(0) ? alpha * s : alpha * s + beta * *out;
+    }
+}
+
+// Terms advanced to row i0.
+template <class T>
+ST_ALWAYS_INLINE Term<T> from_row(const Term<T>& t, int i0) {
+  Term<T> s = t;
+  if (s.x) s.x += i0 * t.xi;
+  return s;
+}
+
+// Column blocks of NV vectors of VW elements from column j0 while they fit in n, each swept by groups of R rows;
+// returns the first column left. With diag >= 0 (C's column j is column diag + j of a matrix whose upper triangle is
+// wanted), row groups entirely below that diagonal are skipped.
+template <class T, int VW, int NV, int R, bool Two>
+ST_ALWAYS_INLINE int column_blocks(int j0, int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha,
+                                   T beta, T* c, std::ptrdiff_t ldc, int diag) {
+  constexpr int width = VW * NV;
+  for (; j0 + width <= n; j0 += width)
+    for (int i0 = 0; i0 < m && !(diag >= 0 && i0 >= diag + j0 + width); i0 += R)
+      block_rows<T, VW, R, NV, Two>(std::min(R, m - i0), k, from_row(t1, i0), from_row(t2, i0), j0, alpha, beta,
+                                    c + i0 * ldc, ldc);
+  return j0;
+}
+
+// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then single columns.
+// With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column) of a block are computed
+// (entries below the diagonal of those groups with them).
+template <class T, int W, int R, bool Two>
+ST_ALWAYS_INLINE void sweep(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
+                            std::ptrdiff_t ldc, int diag) {
+  int j0 = column_blocks<T, W, 2, R, Two>(0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  j0 = column_blocks<T, W, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  if constexpr (W >= 8) j0 = column_blocks<T, W / 2, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  for (int i0 = 0; i0 < m && j0 < n && !(diag >= 0 && i0 >= diag + n); i0 += R)
+    scalar_columns<T, Two>(std::min(R, m - i0), k, from_row(t1, i0), from_row(t2, i0), j0, n, alpha, beta,
+                           c + i0 * ldc, ldc);
+}
+
+// The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks.
+template <class T, bool Two>
+__attribute__((target("avx512f,fma"))) void sweep_avx512(int m, int n, int k, const Term<T>& t1, const Term<T>& t2,
+                                                         T alpha, T beta, T* c, std::ptrdiff_t ldc, int diag) {
+  sweep<T, 64 / sizeof(T), 8, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+}
+template <class T, bool Two>
+__attribute__((target("avx2,fma"))) void sweep_avx2(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha,
+                                                    T beta, T* c, std::ptrdiff_t ldc, int diag) {
+  sweep<T, 32 / sizeof(T), 4, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+}
+// What the loops may be used for, fixed when the library loads: the CPU's vector width, unless the comma-separated
+// words of SPARSETARGET_SMALL_GEMM say otherwise ("off": never; "avx2": at most AVX2; "always": for every product
+// these loops can compute, whatever its shape, which the tests use to run the loops on every path).
+struct Policy {
+  Level level = Level::kOff;
+  bool always = false;
+};
+
+Policy detect() {
+  Policy p;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+    p.level = Level::kAvx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    p.level = Level::kAvx2;
+  const char* env = std::getenv("SPARSETARGET_SMALL_GEMM");
+  const std::string words = "," + std::string(env ? env : "") + ",";
+  const auto has = [&](const char* word) { return words.find("," + std::string(word) + ",") != std::string::npos; };
+  if (has("off")) p.level = Level::kOff;
+  if (has("avx2") && p.level == Level::kAvx512) p.level = Level::kAvx2;
+  p.always = has("always");
+  return p;
+}
+const Policy g_policy = detect();
+
+template <class T, bool Two>
+void run(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c, int ldc, int diag) {
+  if (g_policy.level == Level::kAvx512)
+    sweep_avx512<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  else
+    sweep_avx2<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+}
+
+// Per-thread buffers of the transposed path (reused across calls).
+template <class T>
+T* buffer(int which, std::size_t n) {
+  thread_local std::vector<T> buffers[2];
+  std::vector<T>& b = buffers[which];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+}  // namespace
+
+Level level() { return g_policy.level; }
+
+// Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
+// against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py: C = H B with few rows of H
+// (float32 up to 64 rows: 3.4x at 8, 1.3x at 64; float64 up to 16), C = H B^T from half a vector of rows on (float32
+// up to 64, float64 up to 32), and the Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k updates of
+// a d x d matrix stay with the vendor, which runs them faster (0.8-0.9x here). With AVX2 only, C = H B in float32 up to
+// 16 rows, the one case measured to gain there.
+template <class T>
+bool suits(Op oa, Op ob, int m, int n, int k) {
+  if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
+  if (g_policy.always) return true;
+  static_cast<void>(n);
+  static_cast<void>(k);
+  const bool wide = g_policy.level == Level::kAvx512;
+  const bool single = sizeof(T) == 4;
+  if (oa == Op::N && ob == Op::N) return m <= (wide ? (single ? 64 : 16) : (single ? 16 : 0));
+  if (oa == Op::N && ob == Op::T) {
+    const int half_vector = 32 / static_cast<int>(sizeof(T));
+    return wide && m >= half_vector && m <= (single ? 64 : 32);
+  }
+  return false;
+}
+
+template <class T>
+bool suits_syr2k(int n, int k) {
+  if (g_policy.level == Level::kOff || n <= 0) return false;
+  return g_policy.always || (g_policy.level == Level::kAvx512 && sizeof(T) == 4 && k <= 16);
+}
+
+template <class T>
+void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+          int ldc) {
+  const Term<T> none{nullptr, 0, 0, nullptr, 0};
+  if (ob == Op::N) {  // row i of C sums rows of B, weighted by row i of op(A)
+    const Term<T> t{a, oa == Op::N ? lda : 1, oa == Op::N ? 1 : lda, b, ldb};
+    run<T, false>(m, n, k, t, none, alpha, beta, c, ldc, -1);
+    return;
+  }
+  // C = op(A) B^T: through D = B op(A)^T (n x m), whose rows sum rows of op(A)^T (k x m, copied), then C = D^T.
+  T* at = buffer<T>(0, static_cast<std::size_t>(k) * m);
+  for (int i = 0; i < m; ++i)
+    for (int l = 0; l < k; ++l)
+      at[static_cast<std::size_t>(l) * m + i] = oa == Op::N ? a[static_cast<std::ptrdiff_t>(i) * lda + l]
+                                                            : a[static_cast<std::ptrdiff_t>(l) * lda + i];
+  T* dt = buffer<T>(1, static_cast<std::size_t>(n) * m);
+  run<T, false>(n, m, k, Term<T>{b, ldb, 1, at, m}, none, alpha, T(0), dt, m, -1);
+  for (int i = 0; i < m; ++i) {
+    T* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    for (int j = 0; j < n; ++j) {
+      const T v = dt[static_cast<std::size_t>(j) * m + i];
+      ci[j] = beta == T(0) ? v : v + beta * ci[j];
+    }
+  }
+}
+
+template <class T>
+void syr2k_upper_block(int j0, int w, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                       int ldc) {
+  // row i of A^T B + B^T A sums rows l of B weighted by A[l][i], and rows of A weighted by B[l][i]
+  run<T, true>(j0 + w, w, k, Term<T>{a, 1, lda, b + j0, ldb}, Term<T>{b, 1, ldb, a + j0, lda}, alpha, beta, c + j0,
+               ldc, j0);
+}
+
+#define ST_INSTANTIATE(T)                                                                                         \
+  template bool suits<T>(Op, Op, int, int, int);                                                                  \
+  template bool suits_syr2k<T>(int, int);                                                                         \
+  template void gemm<T>(Op, Op, int, int, int, T, const T*, int, const T*, int, T, T*, int);                      \
+  template void syr2k_upper_block<T>(int, int, int, T, const T*, int, const T*, int, T, T*, int);
+ST_INSTANTIATE(float)
+ST_INSTANTIATE(double)
+#undef ST_INSTANTIATE
+
+}  // namespace sparsetarget::blas::small
