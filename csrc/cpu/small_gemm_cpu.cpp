@@ -187,11 +187,11 @@ T* buffer(int which, std::size_t n) {
 Level level() { return g_policy.level; }
 
 // Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
-// against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py: C = H B with few rows of H
-// (float32 up to 64 rows: 3.4x at 8, 1.3x at 64; float64 up to 16), C = H B^T from half a vector of rows on (float32
-// up to 64, float64 up to 32), and the Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k updates of
-// a d x d matrix stay with the vendor, which runs them faster (0.8-0.9x here). With AVX2 only, C = H B in float32 up to
-// 16 rows, the one case measured to gain there.
+// against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py: C = H B in float32 up to 256
+// rows (3.4x at 8 rows, 1.3x at 64, 1.08x at 200) and in float64 up to 16, C = H B^T from half a vector of rows on
+// (float32 up to 64, float64 up to 32), and the Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k
+// updates of a d x d matrix stay with the vendor, which runs them faster (0.8-0.98x here). With AVX2 only, C = H B in
+// float32 up to 16 rows, the one case measured to gain there.
 template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
@@ -200,7 +200,7 @@ bool suits(Op oa, Op ob, int m, int n, int k) {
   static_cast<void>(k);
   const bool wide = g_policy.level == Level::kAvx512;
   const bool single = sizeof(T) == 4;
-  if (oa == Op::N && ob == Op::N) return m <= (wide ? (single ? 64 : 16) : (single ? 16 : 0));
+  if (oa == Op::N && ob == Op::N) return m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
   if (oa == Op::N && ob == Op::T) {
     const int half_vector = 32 / static_cast<int>(sizeof(T));
     return wide && m >= half_vector && m <= (single ? 64 : 32);
