@@ -210,16 +210,16 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   bool woodbury = false;    // U^-1_new = (U^-1 + lr (alpha H)^T X) / c, applied at commit
   TS* U_inv_new = nullptr;  // explicit: M^-1 U^-1
   if (m < d) {
-    // Woodbury (§5.5): S = I_m - (lr/c) diag(alpha) H H^T; X = S^-T (H U^-1) / c.
+    // Woodbury (§5.5): S = I_m - (lr/c) diag(alpha) H H^T, factored as S^T; X = S^-T (H U^-1) / c.
     woodbury = true;
     TS* HHt = b.template scratch<TS>(kSlotHHt, mm);
-    TS* S = b.template scratch<TS>(kSlotSmall, mm);
+    TS* St = b.template scratch<TS>(kSlotSmall, mm);
     b.sym_product(m, d, TS(1), H, d, H, d, HHt, m);
-    b.for_rows(m, m, parts::WoodburySystem<TS>{dq, HHt, S, lr / c, m});
-    b.require_finite(S, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
-    // M / c = I - H^T K' has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
-    TS* S_inv = b.template scratch<TS>(kSlotSmallInv, mm);
-    decltype(b.invert(m, S, S_inv, true)) inv{};
+    b.for_rows(m, m, parts::WoodburySystemT<TS>{dq, HHt, St, lr / c, m});
+    b.require_finite(St, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
+    // M / c = I - H^T E has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
+    TS* St_inv = b.template scratch<TS>(kSlotSmallInv, mm);
+    decltype(b.invert(m, St, St_inv, true)) inv{};
     TS* HU = b.template scratch<TS>(kSlotHU, md);
     const auto hu_columns = [&](int part, int parts) {  // H U^-1 in column blocks
       const int lo = block_edge(d, part, parts), hi = block_edge(d, part + 1, parts);
@@ -227,9 +227,9 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     };
     // the m x m inverse runs on one thread (LAPACK): the Gram matrix is formed meanwhile where the backend can, and
     // H U^-1, which needs neither, fills whichever thread is free first
-    b.concurrently([&] { inv = b.invert(m, S, S_inv, true); }, form_gram, hu_columns, 2.0 * m * d * d);
+    b.concurrently([&] { inv = b.invert(m, St, St_inv, true); }, form_gram, hu_columns, 2.0 * m * d * d);
     b.require_rcond(inv.rcond, opt.min_rcond);
-    b.gemm(Op::T, Op::N, m, d, m, 1 / c, inv.inverse, m, HU, d, TS(0), X, d);  // one m x m x d product (§5.5)
+    b.gemm(Op::N, Op::N, m, d, m, 1 / c, inv.inverse, m, HU, d, TS(0), X, d);  // one m x m x d product (§5.5)
   } else {
     form_gram();
     // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)

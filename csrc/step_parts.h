@@ -79,16 +79,17 @@ struct ScaleRows {
   }
 };
 
-// S = I_m - (lr / c) diag(alpha) H H^T, the m x m system of the Woodbury branch (§5.5).
+// S^T = I_m - (lr / c) H H^T diag(alpha), the transposed m x m system of the Woodbury branch (§5.5; H H^T is
+// symmetric): entry (i, j) is that of S at (j, i).
 template <class TS>
-struct WoodburySystem {
+struct WoodburySystemT {
   const TS *dq, *HHt;
-  TS* S;
+  TS* St;
   TS lr_over_c;
   int m;
   ST_HD void operator()(int i, int j) const {
     const std::size_t x = static_cast<std::size_t>(i) * m + j;
-    S[x] = (i == j ? TS(1) : TS(0)) - lr_over_c * (2 * dq[i]) * HHt[x];
+    St[x] = (i == j ? TS(1) : TS(0)) - lr_over_c * (2 * dq[j]) * HHt[x];
   }
 };
 
