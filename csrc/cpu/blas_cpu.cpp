@@ -359,7 +359,7 @@ ST_INSTANTIATE(double)
 
 
 template <class T>
-double invert(int n, T* a) {
+double invert(int n, T* a, bool estimate) {
   if (n == 0) return 1.0;
   // The column-major view of row-major A is A^T; inv(A^T) = inv(A)^T, so inverting the view inverts A.
   // The 1-norm of A^T is the infinity norm of A.
@@ -375,18 +375,20 @@ double invert(int n, T* a) {
   Vendor<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
   check_info(info, "getrf");
   if (info > 0) return 0.0;
-  T rcond = 0;
+  T rcond = 1;
   std::vector<T> work(std::max(4 * n, 64 * n));
-  Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
-  check_info(info, "gecon");
+  if (estimate) {
+    Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
+    check_info(info, "gecon");
+  }
   const int lwork = static_cast<int>(work.size());
   Vendor<T>::getri(&n, a, &n, ipiv.data(), work.data(), &lwork, &info);
   check_info(info, "getri");
   if (info > 0) return 0.0;
   return static_cast<double>(rcond);
 }
-template double invert<float>(int, float*);
-template double invert<double>(int, double*);
+template double invert<float>(int, float*, bool);
+template double invert<double>(int, double*, bool);
 
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t) {

@@ -46,9 +46,10 @@ template <class T>
 void mirror_upper(int n, T* c, int ldc);
 
 // In-place inverse of a square matrix. Returns the reciprocal condition number estimate (infinity norm)
-// of the input; when it is 0 (exactly singular) the matrix is left in an unspecified state.
+// of the input, or with estimate = false just 1; when it is 0 (exactly singular) the matrix is left in an
+// unspecified state.
 template <class T>
-double invert(int n, T* a);
+double invert(int n, T* a, bool estimate = true);
 
 // Full SVD of a square matrix A = P diag(sigma) R^T. Returns P (n x n), sigma (n, descending) and R^T (n x n).
 template <class T>
