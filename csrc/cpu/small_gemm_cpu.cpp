@@ -129,16 +129,29 @@ ST_ALWAYS_INLINE void sweep(int m, int n, int k, const Term<T>& t1, const Term<T
                            c + i0 * ldc, ldc);
 }
 
+// The sweep, or with by_rows (full products only: diag < 0) one sweep per group of R rows, all column blocks of a
+// group before the next group: the group's rows of X stay in L1 while Y, when it is the smaller operand, is read
+// once per group.
+template <class T, int W, int R, bool Two>
+ST_ALWAYS_INLINE void sweep_in_order(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
+                                     std::ptrdiff_t ldc, int diag, bool by_rows) {
+  if (!by_rows) return sweep<T, W, R, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  for (int i0 = 0; i0 < m; i0 += R)
+    sweep<T, W, R, Two>(std::min(R, m - i0), n, k, from_row(t1, i0), from_row(t2, i0), alpha, beta, c + i0 * ldc, ldc,
+                        -1);
+}
+
 // The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks.
 template <class T, bool Two>
 __attribute__((target("avx512f,fma"))) void sweep_avx512(int m, int n, int k, const Term<T>& t1, const Term<T>& t2,
-                                                         T alpha, T beta, T* c, std::ptrdiff_t ldc, int diag) {
-  sweep<T, 64 / sizeof(T), 8, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+                                                         T alpha, T beta, T* c, std::ptrdiff_t ldc, int diag,
+                                                         bool by_rows) {
+  sweep_in_order<T, 64 / sizeof(T), 8, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
 }
 template <class T, bool Two>
 __attribute__((target("avx2,fma"))) void sweep_avx2(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha,
-                                                    T beta, T* c, std::ptrdiff_t ldc, int diag) {
-  sweep<T, 32 / sizeof(T), 4, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+                                                    T beta, T* c, std::ptrdiff_t ldc, int diag, bool by_rows) {
+  sweep_in_order<T, 32 / sizeof(T), 4, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
 }
 // What the loops may be used for, fixed when the library loads: the CPU's vector width, unless the comma-separated
 // words of SPARSETARGET_SMALL_GEMM say otherwise ("off": never; "avx2": at most AVX2; "always": for every product
@@ -166,11 +179,25 @@ Policy detect() {
 const Policy g_policy = detect();
 
 template <class T, bool Two>
-void run(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c, int ldc, int diag) {
+void run(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c, int ldc, int diag,
+         bool by_rows = false) {
   if (g_policy.level == Level::kAvx512)
-    sweep_avx512<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+    sweep_avx512<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
   else
-    sweep_avx2<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+    sweep_avx2<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
+}
+
+// out (k x m, leading dimension ld) <- op(A)^T for op(A) m x k (A itself when stored_transposed, i.e. A is k x m),
+// in 16 x 16 tiles.
+template <class T>
+void transpose(int m, int k, const T* a, int lda, bool stored_transposed, T* out, int ld) {
+  constexpr int kTile = 16;
+  for (int i0 = 0; i0 < m; i0 += kTile)
+    for (int l0 = 0; l0 < k; l0 += kTile)
+      for (int l = l0; l < std::min(k, l0 + kTile); ++l)
+        for (int i = i0; i < std::min(m, i0 + kTile); ++i)
+          out[static_cast<std::size_t>(l) * ld + i] = stored_transposed ? a[static_cast<std::ptrdiff_t>(l) * lda + i]
+                                                                        : a[static_cast<std::ptrdiff_t>(i) * lda + l];
 }
 
 // Per-thread buffers of the transposed path (reused across calls).
@@ -188,10 +215,11 @@ Level level() { return g_policy.level; }
 
 // Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
 // against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py: C = H B in float32 up to 256
-// rows (3.4x at 8 rows, 1.3x at 64, 1.08x at 200) and in float64 up to 16, C = H B^T from half a vector of rows on
-// (float32 up to 64, float64 up to 32), and the Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k
-// updates of a d x d matrix stay with the vendor, which runs them faster (0.8-0.98x here). With AVX2 only, C = H B in
-// float32 up to 16 rows, the one case measured to gain there.
+// rows (3.4x at 8 rows, 1.3x at 64, 1.08x at 200) and in float64 up to 16, C = H B^T from half a vector of rows on,
+// in float32 up to 128 rows (1.6x at 32, 1.04x at 128) and in float64 up to 200 (1.4x at 32, 1.13x at 200), and the
+// Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k updates of a d x d matrix stay with the vendor,
+// which runs them faster (0.8-0.98x here). With AVX2 only, C = H B in float32 up to 16 rows, the one case measured to
+// gain there.
 template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
@@ -203,7 +231,7 @@ bool suits(Op oa, Op ob, int m, int n, int k) {
   if (oa == Op::N && ob == Op::N) return m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
   if (oa == Op::N && ob == Op::T) {
     const int half_vector = 32 / static_cast<int>(sizeof(T));
-    return wide && m >= half_vector && m <= (single ? 64 : 32);
+    return wide && m >= half_vector && m <= (single ? 128 : 200);
   }
   return false;
 }
@@ -223,21 +251,24 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
     run<T, false>(m, n, k, t, none, alpha, beta, c, ldc, -1);
     return;
   }
-  // C = op(A) B^T: through D = B op(A)^T (n x m), whose rows sum rows of op(A)^T (k x m, copied), then C = D^T.
-  T* at = buffer<T>(0, static_cast<std::size_t>(k) * m);
-  for (int i = 0; i < m; ++i)
-    for (int l = 0; l < k; ++l)
-      at[static_cast<std::size_t>(l) * m + i] = oa == Op::N ? a[static_cast<std::ptrdiff_t>(i) * lda + l]
-                                                            : a[static_cast<std::ptrdiff_t>(l) * lda + i];
-  T* dt = buffer<T>(1, static_cast<std::size_t>(n) * m);
-  run<T, false>(n, m, k, Term<T>{b, ldb, 1, at, m}, none, alpha, T(0), dt, m, -1);
-  for (int i = 0; i < m; ++i) {
-    T* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
-    for (int j = 0; j < n; ++j) {
-      const T v = dt[static_cast<std::size_t>(j) * m + i];
-      ci[j] = beta == T(0) ? v : v + beta * ci[j];
-    }
-  }
+  // C = op(A) B^T: through D = B op(A)^T (n x m), whose rows sum rows of op(A)^T (k x m, copied), then C = D^T. The
+  // copies pad their rows past multiples of 64 elements (power-of-two strides would map a tile's rows to the same
+  // cache sets) and go tile by tile; D is swept a group of B's rows at a time, B being the larger operand.
+  const int ld = m % 64 == 0 ? m + 16 : m;
+  T* at = buffer<T>(0, static_cast<std::size_t>(k) * ld);
+  transpose<T>(m, k, a, lda, oa == Op::T, at, ld);
+  T* dt = buffer<T>(1, static_cast<std::size_t>(n) * ld);
+  run<T, false>(n, m, k, Term<T>{b, ldb, 1, at, ld}, none, alpha, T(0), dt, ld, -1, true);
+  constexpr int kTile = 16;
+  for (int i0 = 0; i0 < m; i0 += kTile)
+    for (int j0 = 0; j0 < n; j0 += kTile)
+      for (int i = i0; i < std::min(m, i0 + kTile); ++i) {
+        T* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+        for (int j = j0; j < std::min(n, j0 + kTile); ++j) {
+          const T v = dt[static_cast<std::size_t>(j) * ld + i];
+          ci[j] = beta == T(0) ? v : v + beta * ci[j];
+        }
+      }
 }
 
 template <class T>
