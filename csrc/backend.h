@@ -5,7 +5,7 @@
 //   scratch<T>(slot, n)                 reusable memory of the backend (slots below), at least n elements
 //   gemm, gemv, syr2k_t, syrk_t, mirror_upper, sym_rank2k and sym_product (both triangles, exactly symmetric)
 //                                       BLAS on ROW-MAJOR matrices (see cpu/blas_cpu.h), on the backend's stream
-//   for_each(n, f), for_rows(rows, cols, f)
+//   for_each(n, f), for_rows(rows, cols, f[, row_work])
 //                                       elementwise loops running a functor of step_parts.h as f(i) / f(i, j)
 //   concurrently(f, g, shared, flops)   runs two independent parts of the step, at the same time where the backend
 //                                       can (the CPU's threads), then shared(part, parts) for the parts of a third

@@ -302,7 +302,8 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     const std::size_t nnz = static_cast<std::size_t>(t.nnz);
     double* step = b.template scratch<double>(kSlotScatterStep, nnz);
     double* row_max = b.template scratch<double>(kSlotScatterRow, nnz);
-    b.for_rows(m, 1, parts::ScatterBound<TV, TS>{st.V, t.indptr, t.indices, dA, X, st.D, opt.lr, d, step, row_max});
+    b.for_rows(m, 1, parts::ScatterBound<TV, TS>{st.V, t.indptr, t.indices, dA, X, st.D, opt.lr, d, step, row_max},
+               static_cast<std::size_t>(d) * (1 + static_cast<std::size_t>(t.nnz) / static_cast<std::size_t>(m)));
     b.norm2(step, static_cast<int>(nnz), bounds + 6);
     b.for_each(nnz, parts::FinishScatterBound{row_max, bounds + 6, std::sqrt(static_cast<double>(nnz)), kWeightLimit,
                                                step});

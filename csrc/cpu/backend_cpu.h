@@ -89,10 +89,12 @@ class CpuBackend {
       for (std::size_t i = lo; i < hi; ++i) f(i);
     });
   }
-  // Rows split over the core's threads when there is enough work (the functors are elementwise).
+  // Rows split over the core's threads when there is enough work (the functors are elementwise; row_work, when
+  // larger than cols, is what one call f(i, 0) of a functor that loops by itself reads).
   template <class F>
-  void for_rows(int rows, int cols, const F& f) {
-    const int parts = std::min(rows, loop_parts(static_cast<std::size_t>(rows) * std::max(cols, 1)));
+  void for_rows(int rows, int cols, const F& f, std::size_t row_work = 0) {
+    const std::size_t work = std::max<std::size_t>(static_cast<std::size_t>(std::max(cols, 1)), row_work);
+    const int parts = std::min(rows, loop_parts(static_cast<std::size_t>(rows) * work));
     const auto run = [&](int lo, int hi) {
       for (int i = lo; i < hi; ++i) {
 #pragma omp simd

@@ -102,7 +102,7 @@ class CudaBackend {
   template <class F>
   void for_each(std::size_t n, const F& f);
   template <class F>
-  void for_rows(int rows, int cols, const F& f);
+  void for_rows(int rows, int cols, const F& f, std::size_t row_work = 0);  // row_work: a CPU hint
   // On the one stream: f's kernels, then g's, then the shared job in one part.
   template <class F, class G, class S>
   void concurrently(const F& f, const G& g, const S& shared, double /*shared_flops*/) {

@@ -236,7 +236,7 @@ void CudaBackend::for_each(std::size_t n, const F& f) {
 }
 
 template <class F>
-void CudaBackend::for_rows(int rows, int cols, const F& f) {
+void CudaBackend::for_rows(int rows, int cols, const F& f, std::size_t /*row_work*/) {
   const std::size_t n = static_cast<std::size_t>(rows) * cols;
   if (n == 0) return;
   for_rows_kernel<F><<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(rows, cols, f);
