@@ -44,7 +44,7 @@ def train_against_dense(loss, D, d, m, steps, seed, weight_decay=1e-3):
 @pytest.mark.parametrize("d,m", [(256, 201), (128, 301)])  # Woodbury (m < d) and explicit (m > d) steps
 def test_split_products_match_dense_sgd(two_threads, loss, d, m):
     assert 2.0 * m * d * d >= 8e6  # large enough to be split over two threads
-    assert m >= d or 1.0 * m * m * d >= 8e6  # Woodbury: the symmetric m x m products are split too
+    assert m >= d or 1.0 * m * m * d >= 8e6  # Woodbury: H H^T (SYRK in column blocks) is split too
     worst, _ = train_against_dense(loss, 1999, d, m, 3, seed=d + m)
     assert worst < 1e-10
 

@@ -66,7 +66,7 @@ int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 
 namespace sparsetarget::blas {
 namespace {
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kUpper = 121;
+constexpr int kRowMajor = 101, kColMajor = 102, kNoTrans = 111, kTrans = 112, kUpper = 121, kLower = 122;
 int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
 
 void check_info(int info, const char* routine) {
@@ -258,6 +258,26 @@ void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T 
   });
 }
 
+// The vendor's GEMMT for the product below, or nullptr where the BLAS has none or gets a 3 x 3 case wrong (some
+// releases wrote the other triangle): checked once against a plain sum.
+template <class T>
+auto trusted_gemmt() {
+  static const auto checked = [] {
+    const auto gemmt = Vendor<T>::gemmt();
+    if (!gemmt) return gemmt;
+    const T a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {7, 8, 9, 10, 11, 12};  // A, B 3 x 2 row-major
+    T c[9] = {-1, -1, -1, -1, -1, -1, -1, -1, -1};
+    gemmt(kColMajor, kLower, kTrans, kNoTrans, 3, 2, T(1), b, 2, a, 2, T(0), c, 3);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        const T want = j >= i ? a[2 * i] * b[2 * j] + a[2 * i + 1] * b[2 * j + 1] : T(-1);  // lower left alone
+        if (c[3 * i + j] != want) return decltype(gemmt)(nullptr);
+      }
+    return gemmt;
+  }();
+  return checked;
+}
+
 // The upper triangle of a product known to be symmetric: SYRK when B is A, else GEMMT (a GEMM where the BLAS has
 // none), in column blocks over the core's threads; then mirrored.
 template <class T>
@@ -269,7 +289,7 @@ void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb
     return;
   }
   const bool gram = a == b && lda == ldb;
-  const auto gemmt = Vendor<T>::gemmt();
+  const auto gemmt = trusted_gemmt<T>();
   upper_triangle_parts(n, (gram || gemmt ? 1.0 : 2.0) * k * n * n, [&](int j0, int w) {
     const T* a0 = a + static_cast<std::ptrdiff_t>(j0) * lda;
     const T* b0 = b + static_cast<std::ptrdiff_t>(j0) * ldb;
@@ -278,8 +298,9 @@ void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb
       Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, j0, w, k, alpha, a, lda, b0, ldb, T(0), c + j0, ldc);
     if (gram)
       Vendor<T>::syrk(kRowMajor, kUpper, kNoTrans, w, k, alpha, a0, lda, T(0), c0, ldc);
-    else if (gemmt)
-      gemmt(kRowMajor, kUpper, kNoTrans, kTrans, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
+    else if (gemmt)  // column-major lower of B A^T, i.e. row-major upper of A B^T (OpenBLAS's row-major form filled
+                     // the wrong triangle before 0.3.29)
+      gemmt(kColMajor, kLower, kTrans, kNoTrans, w, k, alpha, b0, ldb, a0, lda, T(0), c0, ldc);
     else
       Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, w, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
   });

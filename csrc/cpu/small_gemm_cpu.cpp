@@ -141,7 +141,10 @@ ST_ALWAYS_INLINE void sweep_in_order(int m, int n, int k, const Term<T>& t1, con
                         -1);
 }
 
-// The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks.
+// The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks. The plain build
+// (SSE on x86-64; any other machine) serves the tests' direct calls where the policy leaves the loops off.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ST_SMALL_GEMM_X86 1
 template <class T, bool Two>
 __attribute__((target("avx512f,fma"))) void sweep_avx512(int m, int n, int k, const Term<T>& t1, const Term<T>& t2,
                                                          T alpha, T beta, T* c, std::ptrdiff_t ldc, int diag,
@@ -153,6 +156,15 @@ __attribute__((target("avx2,fma"))) void sweep_avx2(int m, int n, int k, const T
                                                     T beta, T* c, std::ptrdiff_t ldc, int diag, bool by_rows) {
   sweep_in_order<T, 32 / sizeof(T), 4, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
 }
+#else
+#define ST_SMALL_GEMM_X86 0
+#endif
+template <class T, bool Two>
+void sweep_plain(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c, std::ptrdiff_t ldc,
+                 int diag, bool by_rows) {
+  sweep_in_order<T, 16 / sizeof(T), 4, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
+}
+
 // What the loops may be used for, fixed when the library loads: the CPU's vector width, unless the comma-separated
 // words of SPARSETARGET_SMALL_GEMM say otherwise ("off": never; "avx2": at most AVX2; "always": for every product
 // these loops can compute, whatever its shape, which the tests use to run the loops on every path).
@@ -163,11 +175,13 @@ struct Policy {
 
 Policy detect() {
   Policy p;
+#if ST_SMALL_GEMM_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
     p.level = Level::kAvx512;
   else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     p.level = Level::kAvx2;
+#endif
   const char* env = std::getenv("SPARSETARGET_SMALL_GEMM");
   const std::string words = "," + std::string(env ? env : "") + ",";
   const auto has = [&](const char* word) { return words.find("," + std::string(word) + ",") != std::string::npos; };
@@ -181,10 +195,11 @@ const Policy g_policy = detect();
 template <class T, bool Two>
 void run(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c, int ldc, int diag,
          bool by_rows = false) {
-  if (g_policy.level == Level::kAvx512)
-    sweep_avx512<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
-  else
-    sweep_avx2<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
+#if ST_SMALL_GEMM_X86
+  if (g_policy.level == Level::kAvx512) return sweep_avx512<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
+  if (g_policy.level == Level::kAvx2) return sweep_avx2<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
+#endif
+  sweep_plain<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
 }
 
 // out (k x m, leading dimension ld) <- op(A)^T for op(A) m x k (A itself when stored_transposed, i.e. A is k x m),
