@@ -1,6 +1,6 @@
-// Products with one short side (a few to a few dozen rows of H against a d x d matrix, or a rank-m update of one),
-// computed without packing: register-blocked loops built for AVX-512, AVX2 + FMA or plain SSE, chosen when the
-// library loads. A packed GEMM copies the whole d x d operand into its own layout on every call, which at m = 8
+// Products with one short side (up to a few hundred rows of H against a d x d matrix, or a rank-m update of one),
+// computed without packing: register-blocked loops built for AVX-512 or AVX2 + FMA, chosen when the library loads
+// (a plain build elsewhere). A packed GEMM copies the whole d x d operand into its own layout on every call, which at m = 8
 // costs as much as the arithmetic; here that operand is read once, in place.
 #include "small_gemm_cpu.h"
 
@@ -229,17 +229,16 @@ T* buffer(int which, std::size_t n) {
 Level level() { return g_policy.level; }
 
 // Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
-// against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py: C = H B in float32 up to 256
-// rows (3.4x at 8 rows, 1.3x at 64, 1.08x at 200) and in float64 up to 16, C = H B^T from half a vector of rows on,
-// in float32 up to 128 rows (1.6x at 32, 1.04x at 128) and in float64 up to 200 (1.4x at 32, 1.13x at 200), and the
-// Q update's SYR2K in float32 up to rank 2 x 16 (1.03-1.10x). Rank-k updates of a d x d matrix stay with the vendor,
-// which runs them faster (0.8-0.98x here). With AVX2 only, C = H B in float32 up to 16 rows, the one case measured to
-// gain there.
+// against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py
+// (benchmarks/results/small_gemm_skylakex_vm.txt): C = H B in float32 up to 256 rows (3.0x at 8 rows, 1.2x at 64,
+// 1.02x at 200) and in float64 up to 16 (1.5-1.7x); C = H B^T from half a vector of rows on, in float32 up to 128
+// rows (1.6x at 8 and 32, 1.05x at 128; 0.94x at 200) and in float64 up to 200 (2.1x at 8, 1.07x at 200); the Q
+// update's SYR2K in float32 up to 16 rows (1.05-1.07x). Rank-k updates of a d x d matrix stay with the vendor, which
+// runs them faster (the loops reach 0.8-0.9x). With AVX2 only: C = H B in float32 up to 16 rows.
 template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
   if (g_policy.always) return true;
-  static_cast<void>(n);
   static_cast<void>(k);
   const bool wide = g_policy.level == Level::kAvx512;
   const bool single = sizeof(T) == 4;
