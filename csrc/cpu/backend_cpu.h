@@ -152,10 +152,7 @@ class CpuBackend {
   }
   template <class T>
   void norm2(const T* x, int n, double* out) {
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
-    *out = std::sqrt(acc);
+    *out = std::sqrt(sum_squares(x, static_cast<std::size_t>(n)));
   }
 
   // The inverse of a (n x n), in place. With floor_one, rcond = 1 / (max(1, ||a||) max(1, ||a^-1||)) (infinity

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include "vector_sums_cpu.h"  // all_finite
+
 namespace sparsetarget {
 
 template <class TA, class TB>
@@ -20,15 +22,6 @@ template <class TX, class TY, class TA>
 inline void axpy_row(TA alpha, const TX* x, TY* y, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] = static_cast<TY>(y[i] + alpha * x[i]);
-}
-
-// x * 0 is 0 for finite x and NaN for NaN or inf, so one vectorised sum tells whether all are finite.
-template <class T>
-inline bool all_finite(const T* x, std::size_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (std::size_t i = 0; i < n; ++i) acc += x[i] * T(0);
-  return acc == T(0);
 }
 
 template <class T>
