@@ -8,6 +8,11 @@ Compared on the same thread count, float32, at the sizes of the core benchmark:
                 its reference path and its chunked path (LinearCrossEntropyOptions())
 Each factored configuration is first checked against the dense layer (loss and input gradient).
 
+The torch path costs more than the NumPy step by its Python glue and by torch's autograd machinery. To tell the two
+apart, the interleaved comparison also times "minimal": the same core calls (labels, fused loss and gradient, step)
+in the smallest torch.autograd.Function that can carry them, without the front end's checks: what any autograd
+front end over this core would at least cost on this machine.
+
 Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
 Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).
 """
@@ -34,6 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from _memory import reset_peak, rss_mib  # noqa: E402
+from sparsetarget import _core  # noqa: E402
+from torch.autograd.function import once_differentiable  # noqa: E402
 
 torch.set_num_threads(args.threads)
 st.set_num_threads(args.threads)
@@ -65,6 +72,34 @@ def interleaved(fns: dict, bursts: int = 25, calls: int = 8) -> dict:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+class MinimalHead(torch.autograd.Function):
+    """(h, anchor, labels, core, spec, D) -> the summed loss; backward hands dL/dh to autograd and keeps the update,
+    which ``minimal_step`` applies. No checks beyond the core's own: a floor for the torch path, not an API."""
+
+    @staticmethod
+    def forward(ctx, h, anchor, labels, core, spec, D):  # noqa: ANN001, ANN205
+        targets = _core.class_targets(labels.numpy(), D, -100, "target")
+        out = core.loss_gradient(h.detach().numpy(), *targets, spec, True, True)
+        ctx.update = (out[7], targets, out[1], out[2], out[3], out[4], out[5])
+        return torch.full((), out[6], dtype=h.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        PENDING.append(ctx.update)
+        return torch.from_numpy(ctx.update[6].copy()), None, None, None, None, None
+
+
+PENDING: list = []
+
+
+def minimal_step(core, spec, D: int, h: torch.Tensor, y: torch.Tensor, anchor: torch.Tensor) -> None:
+    PENDING.clear()
+    MinimalHead.apply(h, anchor, y, core, spec, D).backward()
+    H, (indptr, indices, _, _), dA, dq, ds, projections, grad_H = PENDING[0]
+    core.backward_step(H, indptr, indices, dA, dq, ds, LR, 0.0, projections, grad_H)
 
 
 def dense_spherical(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,8 +147,19 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
         spec_layer.step(*np_batches[next(counter) % 8], LR)
 
     row["core"] = measure(core_step, 10, 1.5)
-    # the cost of the torch path: both steps in alternating bursts, so that the machine's load falls on both alike
-    row["interleaved_ms"] = interleaved({"factored": factored_step, "core": core_step})
+    # a third layer, trained by the minimal autograd Function over the core (same sizes, its own copy of W)
+    minimal_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
+    anchor = torch.zeros((), requires_grad=True)
+    Lm = MinimalHead.apply(batches[0][0], anchor, batches[0][1], minimal_layer._engine.core, minimal_layer._spec, D)
+    row["check_rel_err_minimal"] = float(abs(Lm.item() - Ld.item()) / abs(Ld.item()))
+    assert row["check_rel_err_minimal"] < 1e-4, row
+
+    def minimal():
+        h, y = next_batch()
+        minimal_step(minimal_layer._engine.core, minimal_layer._spec, D, h, y, anchor)
+
+    # the cost of the torch path: the steps in alternating bursts, so that the machine's load falls on all alike
+    row["interleaved_ms"] = interleaved({"factored": factored_step, "minimal": minimal, "core": core_step})
 
     sgd = torch.optim.SGD(linear.parameters(), lr=LR)
     reps = 2 if D * m > 5e7 else 5
@@ -150,18 +196,18 @@ def main() -> None:
           "added during the step\n")
     print(f"{'D':>7} {'d':>4} {'m':>4} | {'factored':>9} {'core':>7} | {'dense':>9} {'lce':>9} {'lce chunk':>9} | "
           f"{'vs dense':>8} {'vs lce':>7} | {'fact MiB':>8} {'dense MiB':>9} {'lce MiB':>8} {'chunk MiB':>9} | "
-          f"{'interleaved: torch':>18} {'core':>7} {'ratio':>6} {'+ms':>6}")
+          f"{'interleaved: torch':>18} {'core':>7} {'ratio':>6} {'+ms':>6} | {'minimal':>7} {'ratio':>6} {'+ms':>6}")
     results = {"info": info, "configs": []}
     for D, d, m in configs:
         r = bench_config(D, d, m, rng)
         results["configs"].append(r)
         f, c, dn, lc, lk = (r[k]["ms"] for k in ("factored", "core", "dense", "lce", "lce_chunked"))
-        tf, tc = r["interleaved_ms"]["factored"], r["interleaved_ms"]["core"]
+        tf, tn, tc = (r["interleaved_ms"][k] for k in ("factored", "minimal", "core"))
         print(f"{D:>7} {d:>4} {m:>4} | {f:>9.2f} {c:>7.2f} | {dn:>9.1f} {lc:>9.1f} {lk:>9.1f} | {dn / f:>7.0f}x "
               f"{min(lc, lk) / f:>6.0f}x | {r['factored']['peak_extra_mib']:>8.1f} "
               f"{r['dense']['peak_extra_mib']:>9.1f} {r['lce']['peak_extra_mib']:>8.1f} "
-              f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f}",
-              flush=True)
+              f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f} | "
+              f"{tn:>7.3f} {tn / tc:>6.3f} {tn - tc:>6.3f}", flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"torch_cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
     with open(out, "w") as f:

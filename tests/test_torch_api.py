@@ -117,9 +117,9 @@ def test_fused_loss_computes_grad_h_only_when_a_backward_can_follow(monkeypatch)
     asked = []
     forward_loss = CpuEngine.forward_loss
 
-    def spy(self, H, targets, spec, with_grad):
+    def spy(self, H, targets, spec, with_grad, copy_hidden=False):
         asked.append(with_grad)
-        return forward_loss(self, H, targets, spec, with_grad)
+        return forward_loss(self, H, targets, spec, with_grad, copy_hidden)
 
     monkeypatch.setattr(CpuEngine, "forward_loss", spy)
     head = make_head()
@@ -688,6 +688,52 @@ def test_targets_changed_in_place_after_backward_do_not_reach_the_step(kind):
         opt.step()
     assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
     assert max_rel(heads[0].dense_weight(), make_head(seed=1).dense_weight()) > 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_input_changed_in_place_after_backward_does_not_reach_the_step(fused):
+    """The pending update keeps H of its own where H is the input's memory (no bias column, the state dtype): the
+    fused forward has the core copy it, the other path clones it. Changing the input between backward() and
+    step() changes nothing."""
+    rng = np.random.default_rng(6)
+    heads = [make_head(bias=False, seed=1), make_head(bias=False, seed=1)]
+    opts = [stt.FactoredSGD(head, lr=0.5) for head in heads]
+    h0 = torch.from_numpy(rng.standard_normal((4, D_IN)))
+    y = torch.tensor([1, 2, -100, 4])
+    for head, opt, scribble in zip(heads, opts, (False, True)):
+        h = h0.clone()
+        L = (stt.linear_spherical_loss(h, head, y) if fused
+             else stt.spherical_softmax_loss(head(h, y)))
+        assert (type(L.grad_fn).__name__ == "FactoredLossFunctionBackward") == fused
+        L.backward()
+        if scribble:
+            h.fill_(3.0)
+        opt.step()
+    assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+    assert max_rel(heads[0].dense_weight(), make_head(bias=False, seed=1).dense_weight()) > 1e-4
+
+
+@pytest.mark.parametrize("form", ["int32", "strided", "2-D"])
+def test_class_labels_in_any_layout_train_alike(form):
+    """Class labels that take the general conversion (another integer dtype, a strided view) or a 2-D input with
+    2-D labels give the same losses, input gradients and step as contiguous int64 labels of a 2-D input."""
+    rng = np.random.default_rng(7)
+    heads = [make_head(seed=2), make_head(seed=2)]
+    opts = [stt.FactoredSGD(head, lr=0.5, weight_decay=0.1) for head in heads]
+    h0 = torch.from_numpy(rng.standard_normal((6, D_IN)))
+    y = torch.tensor([3, -100, 7, 7, D - 1, 0])
+    given = {"int32": y.to(torch.int32), "strided": torch.stack([y, y], 1)[:, 1], "2-D": y.reshape(2, 3)}[form]
+    assert form != "strided" or not given.is_contiguous()
+    results = []
+    for head, opt, labels in zip(heads, opts, (y, given)):
+        h = (h0 if labels.dim() == 1 else h0.reshape(2, 3, D_IN)).clone().requires_grad_(True)
+        L = stt.linear_spherical_loss(h, head, labels, reduction="none")
+        L.sum().backward()
+        opt.step()
+        results.append((L.detach().reshape(-1), h.grad.reshape(6, D_IN)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+    assert max_rel(heads[0].dense_weight(), make_head(seed=2).dense_weight()) > 1e-4
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])

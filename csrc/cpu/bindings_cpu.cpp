@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <variant>
 #include <vector>
@@ -289,7 +290,8 @@ class Core {
   // (float64), dL/dA per entry, dL/dq, dL/ds, the projections (UH, HQ, q, s, Hw) of H, grad_H = dL/dH or None).
   // grad_H is computed only with_grad. No state change.
   py::tuple loss_gradient(const py::handle& H, const py::handle& indptr, const py::handle& indices,
-                          const py::handle& values, const py::handle& active, const LossSpec& spec, bool with_grad) {
+                          const py::handle& values, const py::handle& active, const LossSpec& spec, bool with_grad,
+                          bool copy_hidden) {
     return std::visit([&](auto& st) -> py::tuple {
       using TS = typename std::decay_t<decltype(st)>::state_type;
       auto h = checked_H<TS>(H);
@@ -299,9 +301,12 @@ class Core {
       const py::ssize_t nnz = t.indices.shape(0);
       py::array_t<double> losses(m);
       py::array_t<TS> dA(nnz), dq(m), ds(m), UH({m, d}), HQ({m, d}), q(m), s(m), Hw(m);
-      py::object grad_H = py::none();
+      py::object grad_H = py::none(), H_copy = py::none();
       if (with_grad) grad_H = py::array_t<TS>({m, d});
+      if (copy_hidden) H_copy = py::array_t<TS>({m, d});
       TS* grad_out = with_grad ? py::cast<py::array_t<TS>>(grad_H).mutable_data() : nullptr;
+      TS* copy_out = copy_hidden ? py::cast<py::array_t<TS>>(H_copy).mutable_data() : nullptr;
+      double total = 0;
       {
         py::gil_scoped_release release;
         const ReleaseLargeScratch release_scratch;
@@ -311,10 +316,12 @@ class Core {
         const ProjectionsView<TS> p{static_cast<int>(m), UH.data(), HQ.data(), q.data(), s.data(), Hw.data()};
         loss_at(st, p, t.view, lt, spec, losses.mutable_data(), dA.mutable_data(), dq.mutable_data(),
                 ds.mutable_data());
+        total = std::accumulate(losses.data(), losses.data() + m, 0.0);
         if (with_grad)
           sparsetarget::hidden_gradient(b, st, t.view, p, dA.data(), dq.data(), ds.data(), grad_out);
+        if (copy_hidden) std::copy(h.data(), h.data() + m * d, copy_out);
       }
-      return py::make_tuple(losses, dA, dq, ds, py::make_tuple(UH, HQ, q, s, Hw), grad_H);
+      return py::make_tuple(losses, dA, dq, ds, py::make_tuple(UH, HQ, q, s, Hw), grad_H, total, H_copy);
     }, state_);
   }
 
@@ -652,9 +659,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("H"), py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("active"), py::arg("spec"),
            py::arg("lr"), py::arg("weight_decay"), "(losses, grad_H) and one exact SGD step on the summed loss.")
       .def("loss_gradient", &Core::loss_gradient, py::arg("H"), py::arg("indptr"), py::arg("indices"),
-           py::arg("values"), py::arg("active"), py::arg("spec"), py::arg("with_grad"),
-           "(losses (float64), dL/dA per entry, dL/dq, dL/ds, projections, grad_H or None) of a built-in loss in one "
-           "pass; projections and grad_H can be passed to backward_step. No state change.")
+           py::arg("values"), py::arg("active"), py::arg("spec"), py::arg("with_grad"), py::arg("copy_hidden") = false,
+           "(losses (float64), dL/dA per entry, dL/dq, dL/ds, projections, grad_H or None, the losses' sum, a copy of "
+           "H or None) of a built-in loss in one pass; projections and grad_H can be passed to backward_step. No "
+           "state change.")
       .def("weight_rows", &Core::weight_rows_py, py::arg("start"), py::arg("stop"), "Dense rows W[start:stop].")
       .def("logits", &Core::logits_py, py::arg("H"), py::arg("start"), py::arg("stop"), "H W[start:stop]^T, tiled.")
       .def("topk", &Core::topk_py, py::arg("H"), py::arg("k"), py::arg("rank") = "output",

@@ -640,14 +640,15 @@ class CpuEngine(Engine):
         return wrap(A), wrap(out[1]), wrap(out[2]), (out[3] if keep_projections else None)
 
     @_locked
-    def forward_loss(self, H: Any, targets: CSRTargets, spec: Any,
-                     with_grad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray | None]:
+    def forward_loss(self, H: Any, targets: CSRTargets, spec: Any, with_grad: bool,
+                     copy_hidden: bool = False) -> tuple[Any, ...]:
         """A built-in loss (``spec`` from :func:`loss_spec`) in one pass: ``(losses, dA, dq, ds, projections,
-        grad_H)``, the per-example losses (float64), their partials dL/dA (per target entry), dL/dq, dL/ds, the
-        projections of H for :meth:`grad_hidden` and the step, and with ``with_grad`` dL/dH (else None). NumPy
-        arrays. No state change."""
+        grad_H, total, H_copy)``, the per-example losses (float64), their partials dL/dA (per target entry), dL/dq,
+        dL/ds, the projections of H for :meth:`grad_hidden` and the step, with ``with_grad`` dL/dH (else None), the
+        sum of the losses (a float) and with ``copy_hidden`` a copy of H (else None). NumPy arrays. No state
+        change."""
         return self.core.loss_gradient(_np(H), targets.indptr, targets.indices, targets.values, targets.active, spec,
-                                       with_grad)
+                                       with_grad, copy_hidden)
 
     @_locked
     def grad_hidden(self, H: Any, targets: CSRTargets, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:

@@ -64,10 +64,13 @@ class FactoredHeadFunction(torch.autograd.Function):
         return exact_backward(ctx, dA, upstream_derivative(gq, m, like), upstream_derivative(gs, m, like)), None, None
 
 
-def save_call(ctx: Any, h: torch.Tensor, call: HeadCall, projections: Any) -> None:
+def save_call(ctx: Any, h: torch.Tensor, call: HeadCall, projections: Any, H_copy: Any = None) -> None:
     """What a backward of this forward needs: the call (H copied when it shares memory with h: the pending update
-    must not see later in-place changes of h) and the projections."""
-    ctx.call = call if call.owned else call._replace(H=call.H.clone())
+    must not see later in-place changes of h; ``H_copy``: that copy when the engine made it) and the
+    projections."""
+    if not call.owned:
+        call = call._replace(H=call.H.clone() if H_copy is None else torch.from_numpy(H_copy))
+    ctx.call = call
     ctx.projections = projections
     ctx.h_dtype = h.dtype
     ctx.in_features = h.shape[1]
@@ -83,7 +86,10 @@ def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> t
         if grad_H is None:
             grad_H = call.engine.grad_hidden(call.H, call.target.csr, dA, dq, ds, ctx.projections)
         # a copy: autograd may accumulate into the returned tensor, the pending update keeps grad_H
-        grad_h = torch.as_tensor(grad_H)[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
+        if isinstance(grad_H, np.ndarray) and grad_H.shape[1] == ctx.in_features and ctx.h_dtype == call.H.dtype:
+            grad_h = torch.from_numpy(grad_H.copy())  # the same copy in fewer calls
+        else:
+            grad_h = torch.as_tensor(grad_H)[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
     if ctx.needs_input_grad[1]:
         call.record(Recorded(call.H, call.target.csr, dA, dq, ds, ctx.projections, grad_H))
     return grad_h
@@ -99,15 +105,19 @@ class FactoredLossFunction(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, anchor: torch.Tensor, call: HeadCall,  # type: ignore[override]
                 spec: Any, reduction: str, with_grad: bool) -> torch.Tensor:
         csr = call.target.csr
-        losses, dA, dq, ds, projections, grad_H = call.engine.forward_loss(call.H, csr, spec, with_grad)
-        save_call(ctx, h, call, projections)
-        ctx.partials = (rows_from_entries(dA, csr), dq, ds, grad_H)
-        ctx.reduction = reduction
+        # H copied by the core (while it reads H anyway) when it shares memory with h and a backward can follow
+        losses, dA, dq, ds, projections, grad_H, total, H_copy = call.engine.forward_loss(
+            call.H, csr, spec, with_grad, with_grad and not call.owned)
         dtype = call.H.dtype
+        if with_grad:
+            save_call(ctx, h, call, projections, H_copy)
+            ctx.partials = (rows_from_entries(dA, csr), dq, ds, grad_H)
+            ctx.reduction = reduction
         if reduction == "none":  # ignored rows have loss 0
             return torch.from_numpy(losses).to(dtype).reshape(call.target.shape)
-        ctx.rows = call.target.rows_counted if reduction == "mean" else 1
-        return torch.tensor(losses.sum() / ctx.rows if ctx.rows else math.nan, dtype=dtype)
+        rows = call.target.rows_counted if reduction == "mean" else 1
+        ctx.rows = rows
+        return torch.full((), total / rows if rows else math.nan, dtype=dtype)
 
     @staticmethod
     @once_differentiable

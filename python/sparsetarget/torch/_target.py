@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._engine import DeviceCSR
+from .._engine import DeviceCSR, class_csr
 from .._targets import CSRTargets, to_csr
 
 
@@ -128,6 +128,12 @@ def _on_device(csr: CSRTargets, device: torch.device) -> CSRTargets | DeviceCSR:
 def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, ignore_index: int,
                    dtype: torch.dtype, device: torch.device) -> SparseTarget:
     """Check ``target`` against an input of leading shape ``lead_shape`` and build the :class:`SparseTarget`."""
+    if (type(target) is torch.Tensor and target.dtype is torch.int64 and target.is_cpu and device.type == "cpu"
+            and target.layout is torch.strided and target.is_contiguous() and target.shape == lead_shape):
+        # the common case (int64 class labels on the CPU) in the fewest calls: the core checks the range
+        labels = target.numpy()
+        csr = class_csr(labels if labels.ndim == 1 else labels.reshape(-1), out_features, ignore_index, "target")
+        return SparseTarget(csr, out_features, lead_shape, dtype, device, host=csr)
     m = math.prod(lead_shape)
     parts = _csr_parts(target)
     if parts is not None:
