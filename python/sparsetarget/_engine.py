@@ -656,8 +656,7 @@ class CpuEngine(Engine):
                                        _np(dq), _np(ds), projections)
         return self._from_numpy(grad_H)
 
-    @_locked
-    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:
+    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:  # Engine.step holds the lock
         native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
                            None if r.grad_H is None else _np(r.grad_H)) for r in records]
         return self._from_numpy(super().step(native, lr, weight_decay))

@@ -219,8 +219,9 @@ class FactoredLinear(nn.Module):
             H[:, :self.in_features] = h.detach()
             H[:, self.in_features] = 1
             return H, True
-        H = h.detach().to(sdt).contiguous()
-        return H, H.data_ptr() != h.data_ptr()
+        if h.dtype is sdt and h.is_contiguous():
+            return h.detach(), False
+        return h.detach().to(sdt).contiguous(), True  # a converted or compacted copy
 
     def _input(self, input: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(input, torch.Tensor):
