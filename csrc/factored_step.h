@@ -215,24 +215,24 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     TS* HHt = b.template scratch<TS>(kSlotHHt, mm);
     TS* St = b.template scratch<TS>(kSlotSmall, mm);
     TS* St_inv = b.template scratch<TS>(kSlotSmallInv, mm);
-    decltype(b.invert(m, St, St_inv, true)) inv{};
-    const auto factor = [&] {  // S^T from H H^T, checked, then inverted
+    decltype(b.factor_system(m, d, St, St_inv)) system{};
+    const auto factor = [&] {  // S^T from H H^T, checked, then factored
       b.sym_product(m, d, TS(1), H, d, H, d, HHt, m);
       b.for_rows(m, m, parts::WoodburySystemT<TS>{dq, HHt, St, lr / c, m});
       b.require_finite(St, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
       // M / c = I - H^T E has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)
-      inv = b.invert(m, St, St_inv, true);
+      system = b.factor_system(m, d, St, St_inv);
     };
     TS* HU = b.template scratch<TS>(kSlotHU, md);
     const auto hu_columns = [&](int part, int parts) {  // H U^-1 in column blocks
       const int lo = block_edge(d, part, parts), hi = block_edge(d, part + 1, parts);
       if (hi > lo) b.gemm(Op::N, Op::N, m, hi - lo, d, TS(1), H, d, st.U_inv + lo, d, TS(0), HU + lo, d);
     };
-    // the m x m system and its inverse run on one thread (LAPACK's inverse is single-threaded): the Gram matrix is
+    // the m x m system and its factors run on one thread (LAPACK is single-threaded here): the Gram matrix is
     // formed meanwhile where the backend can, and H U^-1, which needs neither, fills whichever thread is free first
     b.concurrently(factor, form_gram, hu_columns, 2.0 * m * d * d);
-    b.require_rcond(inv.rcond, opt.min_rcond);
-    b.gemm(Op::N, Op::N, m, d, m, 1 / c, inv.inverse, m, HU, d, TS(0), X, d);  // one m x m x d product (§5.5)
+    b.require_rcond(system.rcond, opt.min_rcond);
+    b.solve_system(system, m, d, 1 / c, HU, X, d);  // X = S^-T (H U^-1) / c (§5.5)
   } else {
     form_gram();
     // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)

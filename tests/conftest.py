@@ -97,3 +97,14 @@ def pytest_sessionfinish(session, exitstatus):
             f"FAILED: a GPU is visible but all {_cuda_outcomes['skipped']} CUDA tests were skipped ({reason}); "
             "build sparsetarget with its CUDA backend (see README)", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture
+def core_threads(request):
+    """The core's products on ``request.param`` threads (parametrize indirectly), whatever the machine's default."""
+    import sparsetarget as st
+
+    before = st.get_num_threads()
+    st.set_num_threads(request.param)
+    yield request.param
+    st.set_num_threads(before)

@@ -13,7 +13,9 @@ D, d = 101, 13
 STEPS = 4
 
 
-def run_pair(loss, opts, kind, m, weight_decay, dtype=np.float64, state_dtype=None, lr=0.05, steps=STEPS, seed=0):
+def run_pair(loss, opts, kind, m, weight_decay, dtype=np.float64, state_dtype=None, lr=0.05, steps=STEPS, seed=0,
+             shape=(D, d)):
+    D, d = shape
     rng = np.random.default_rng(seed)
     W0 = rng.uniform(-1, 1, (D, d)) / np.sqrt(d)
     layer = st.FactoredOutput(W0.astype(dtype), loss=loss, state_dtype=state_dtype, **opts)
@@ -40,6 +42,42 @@ def test_float64_matches_dense(loss, kind, m, weight_decay):
     assert errs["loss"] < 1e-10, errs
     assert errs["grad_H"] < 1e-10, errs
     assert errs["W"] < 1e-10, errs
+
+
+@pytest.mark.parametrize("core_threads", [1], indirect=True)
+@pytest.mark.parametrize("kind", ["class_ignore", "csr"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_large_woodbury_system_from_lu_factors_matches_dense(core_threads, loss, kind):
+    """m = 113 < d = 131 on one thread: the m x m Woodbury system is large enough to be solved from its LU factors
+    (two triangular solves and the pivots' interchanges) instead of through its inverse."""
+    errs, _, _ = run_pair(loss, LOSSES[loss], kind, 113, 0.3, steps=3, shape=(211, 131))
+    assert errs["loss"] < 1e-10, errs
+    assert errs["grad_H"] < 1e-10, errs
+    assert errs["W"] < 1e-10, errs
+
+
+@pytest.mark.parametrize("core_threads", [1, 2], indirect=True)  # LU factors on one thread, the inverse on two
+def test_large_woodbury_system_that_needs_pivoting_matches_dense(core_threads):
+    """Rows in equal pairs of unit norm at lr = 0.5 under squared error make S = I - 2 lr H H^T a matrix with zero
+    diagonal and 2 x 2 blocks [[0, -1], [-1, 0]] (perfectly conditioned): its LU factorisation must swap rows in
+    every block, so the solve applies the pivots' interchanges (a smooth S would factor without any)."""
+    D_, d_, m = 211, 131, 113
+    rng = np.random.default_rng(5)
+    W0 = rng.uniform(-1, 1, (D_, d_)) / np.sqrt(d_)
+    layer = st.FactoredOutput(W0, loss="squared_error")
+    dense = DenseSGD(W0)
+    basis = np.linalg.qr(rng.standard_normal((d_, m // 2 + 1)))[0].T  # orthonormal rows
+    H = np.vstack([np.repeat(basis[:m // 2], 2, axis=0), 0.1 * basis[m // 2:]])
+    S = np.eye(m) - H @ H.T
+    assert np.allclose(np.diag(S)[:m - 1], 0) and np.linalg.cond(S) < 1.02
+    for step in range(3):
+        targets = rng.integers(0, D_, m)
+        Y, mask = dense_targets(targets, m, D_)
+        L_ref, g_ref = dense.step(H, Y, "squared_error", {}, 0.5, 0.0, mask)
+        L, g = layer.step(H, targets, 0.5)
+        assert rel_err(L, L_ref) < 1e-10 and rel_err(g, g_ref) < 1e-10, step
+        H = rng.standard_normal((m, d_)) / np.sqrt(d_)
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-10
 
 
 def dense_float32_error(loss, opts, kind, m, weight_decay):

@@ -121,6 +121,27 @@ def test_exactly_singular_update_is_refused_even_with_min_rcond_0(D, d):
     assert rel_err(layer.dense_weight(), dense.W) < 1e-12
 
 
+@pytest.mark.parametrize("core_threads", [1, 2], indirect=True)  # LU factors on one thread, the inverse on two
+def test_singular_large_woodbury_system_is_refused(core_threads):
+    """m = 113 < d = 131: squared error makes S = I - 2 lr H H^T, singular at
+    lr = 1 / (2 lambda_max(H H^T)) and nearly so just below; both are refused with the layer unchanged."""
+    D, d, m = 300, 131, 113
+    layer = st.FactoredOutput.random(D, d, dtype=np.float64, loss="squared_error")
+    rng = np.random.default_rng(3)
+    H = rng.standard_normal((m, d)) / np.sqrt(d)
+    y = rng.integers(0, D, m)
+    lam = np.linalg.eigvalsh(H @ H.T).max()
+    before = snapshot(layer)
+    for lr in (1 / (2 * lam), (1 - 1e-9) / (2 * lam)):
+        with pytest.raises(st.SingularUpdateError, match="singular"):
+            layer.step(H, y, lr)
+        assert_unchanged(layer, before)
+    dense = DenseSGD(layer.dense_weight())
+    layer.step(H, y, 0.2 / lam)  # a sane lr still works, exactly
+    dense.step(H, dense_targets(y, m, D)[0], "squared_error", {}, 0.2 / lam)
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-12
+
+
 def test_overflow_into_V_is_refused():
     """float32 V with a float64 state: a step whose V update overflows float32 but not float64 is refused."""
     layer = st.FactoredOutput.random(50, 8, dtype=np.float32, state_dtype=np.float64, seed=1)

@@ -34,6 +34,9 @@ void ST_SYM(cblas_sgemmt)(int, int, int, int, int, int, float, const float*, int
 void ST_SYM(cblas_dgemmt)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
                           double*, int) __attribute__((weak));
 
+void ST_SYM(cblas_strsm)(int, int, int, int, int, int, int, float, const float*, int, float*, int);
+void ST_SYM(cblas_dtrsm)(int, int, int, int, int, int, int, double, const double*, int, double*, int);
+
 // Fortran LAPACK; character arguments carry a hidden length (gfortran ABI), passed explicitly.
 void ST_SYM(sgetrf_)(const int*, const int*, float*, const int*, int*, int*);
 void ST_SYM(dgetrf_)(const int*, const int*, double*, const int*, int*, int*);
@@ -67,10 +70,23 @@ int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 namespace sparsetarget::blas {
 namespace {
 constexpr int kRowMajor = 101, kColMajor = 102, kNoTrans = 111, kTrans = 112, kUpper = 121, kLower = 122;
+constexpr int kNonUnit = 131, kUnit = 132, kLeft = 141;
 int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
 
 void check_info(int info, const char* routine) {
   if (info < 0) throw std::logic_error(std::string(routine) + ": illegal argument " + std::to_string(-info));
+}
+
+// Largest absolute row sum of a row-major n x n matrix, summed in double.
+template <class T>
+double inf_norm(int n, const T* a) {
+  double norm = 0;
+  for (int i = 0; i < n; ++i) {
+    double row = 0;
+    for (int j = 0; j < n; ++j) row += std::abs(static_cast<double>(a[static_cast<std::ptrdiff_t>(i) * n + j]));
+    norm = std::max(norm, row);
+  }
+  return norm;
 }
 }  // namespace
 
@@ -85,6 +101,7 @@ struct Vendor;
     static constexpr auto gemv = ST_SYM(cblas_##p##gemv);   \
     static constexpr auto syr2k = ST_SYM(cblas_##p##syr2k); \
     static constexpr auto syrk = ST_SYM(cblas_##p##syrk);   \
+    static constexpr auto trsm = ST_SYM(cblas_##p##trsm);   \
     static auto gemmt() { return ST_SYM(cblas_##p##gemmt); } \
     static constexpr auto getrf = ST_SYM(p##getrf_);        \
     static constexpr auto getri = ST_SYM(p##getri_);        \
@@ -384,12 +401,7 @@ double invert(int n, T* a, bool estimate) {
   if (n == 0) return 1.0;
   // The column-major view of row-major A is A^T; inv(A^T) = inv(A)^T, so inverting the view inverts A.
   // The 1-norm of A^T is the infinity norm of A.
-  T anorm = 0;
-  for (int i = 0; i < n; ++i) {
-    T row = 0;
-    for (int j = 0; j < n; ++j) row += std::abs(a[static_cast<std::ptrdiff_t>(i) * n + j]);
-    anorm = std::max(anorm, row);
-  }
+  const T anorm = static_cast<T>(inf_norm(n, a));
   if (!std::isfinite(anorm)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
   std::vector<int> ipiv(n), iwork(n);
   int info = 0;
@@ -410,6 +422,47 @@ double invert(int n, T* a, bool estimate) {
 }
 template double invert<float>(int, float*, bool);
 template double invert<double>(int, double*, bool);
+
+template <class T>
+double lu_factor_transposed(int n, T* st, int* ipiv) {
+  if (n == 0) return 1.0;
+  // Row-major S^T is column-major S: getrf factors S = P L U in place. Its 1-norm is the infinity norm of S^T.
+  const double anorm = inf_norm(n, st);
+  const T anorm_t = static_cast<T>(anorm);
+  if (!std::isfinite(anorm_t)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
+  int info = 0;
+  Vendor<T>::getrf(&n, &n, st, &n, ipiv, &info);
+  check_info(info, "getrf");
+  if (info > 0) return 0.0;
+  // ||S^-1||_1 from LAPACK's estimate of 1 / (||S||_1 ||S^-1||_1): O(n^2), where the explicit inverse costs O(n^3)
+  T rc = 0;
+  std::vector<T> work(4 * static_cast<std::size_t>(n));
+  std::vector<int> iwork(n);
+  Vendor<T>::gecon("1", &n, st, &n, &anorm_t, &rc, work.data(), iwork.data(), &info, 1);
+  check_info(info, "gecon");
+  if (!(rc > 0)) return 0.0;
+  const double inv_norm = 1.0 / (static_cast<double>(rc) * anorm);
+  return 1.0 / (std::max(1.0, anorm) * std::max(1.0, inv_norm));
+}
+template double lu_factor_transposed<float>(int, float*, int*);
+template double lu_factor_transposed<double>(int, double*, int*);
+
+template <class T>
+void lu_solve_transposed(int n, int cols, const T* lu, const int* ipiv, T* b, int ldb) {
+  if (n == 0 || cols == 0) return;
+  // S^T = U^T L^T P^T. Read row-major, the factors' buffer holds U^T in its lower triangle and L^T (unit diagonal)
+  // in its strict upper one: solve U^T Y = B, then L^T Z = Y, then X = P Z (getrf's interchanges, last first).
+  Vendor<T>::trsm(kRowMajor, kLeft, kLower, kNoTrans, kNonUnit, n, cols, T(1), lu, n, b, ldb);
+  Vendor<T>::trsm(kRowMajor, kLeft, kUpper, kNoTrans, kUnit, n, cols, T(1), lu, n, b, ldb);
+  for (int i = n - 1; i >= 0; --i) {
+    const int r = ipiv[i] - 1;
+    if (r != i)
+      std::swap_ranges(b + static_cast<std::ptrdiff_t>(i) * ldb, b + static_cast<std::ptrdiff_t>(i) * ldb + cols,
+                       b + static_cast<std::ptrdiff_t>(r) * ldb);
+  }
+}
+template void lu_solve_transposed<float>(int, int, const float*, const int*, float*, int);
+template void lu_solve_transposed<double>(int, int, const double*, const int*, double*, int);
 
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t) {

@@ -51,6 +51,16 @@ void mirror_upper(int n, T* c, int ldc);
 template <class T>
 double invert(int n, T* a, bool estimate = true);
 
+// LU factors of the square matrix S whose transpose is st (row-major n x n, overwritten by the factors) and the
+// pivots (n), for lu_solve_transposed. Returns rcond = 1 / (max(1, ||S^T||) max(1, ||S^-T||)) (infinity norms; the
+// second from LAPACK's estimate), 0 when S is exactly singular.
+template <class T>
+double lu_factor_transposed(int n, T* st, int* ipiv);
+
+// B (n x cols, row-major, leading dimension ldb) <- S^-T B from the factors of lu_factor_transposed.
+template <class T>
+void lu_solve_transposed(int n, int cols, const T* lu, const int* ipiv, T* b, int ldb);
+
 // Full SVD of a square matrix A = P diag(sigma) R^T. Returns P (n x n), sigma (n, descending) and R^T (n x n).
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);

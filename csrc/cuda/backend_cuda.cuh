@@ -122,6 +122,16 @@ class CudaBackend {
   void norm2(const T* x, int n, double* out);
   template <class T>
   Inverse<T> invert(int n, T* a, T* inverse, bool floor_one);
+  // The Woodbury system S^T (n x n) for solve_system: inverted explicitly into `inverse` (rcond as floor_one).
+  template <class T>
+  Inverse<T> factor_system(int n, int /*rhs_cols*/, T* st, T* inverse) {
+    return invert(n, st, inverse, true);
+  }
+  // out (n x cols, leading dimension ld) <- alpha S^-T rhs: one product with the inverse.
+  template <class T>
+  void solve_system(const Inverse<T>& f, int n, int cols, T alpha, const T* rhs, T* out, int ld) {
+    gemm(Op::N, Op::N, n, cols, n, alpha, f.inverse, n, rhs, ld, T(0), out, ld);
+  }
 
   // ---- failures: recorded in the device flags
   void require_rcond(const double* rcond, double min_rcond);
