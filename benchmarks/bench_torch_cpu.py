@@ -150,9 +150,13 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
     # a third layer, trained by the minimal autograd Function over the core (same sizes, its own copy of W)
     minimal_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
     anchor = torch.zeros((), requires_grad=True)
-    Lm = MinimalHead.apply(batches[0][0], anchor, batches[0][1], minimal_layer._engine.core, minimal_layer._spec, D)
+    hm = batches[0][0].clone().requires_grad_(True)
+    Lm = MinimalHead.apply(hm, anchor, batches[0][1], minimal_layer._engine.core, minimal_layer._spec, D)
+    Lm.backward()
+    PENDING.clear()  # the check's update is not applied
     row["check_rel_err_minimal"] = float(abs(Lm.item() - Ld.item()) / abs(Ld.item()))
-    assert row["check_rel_err_minimal"] < 1e-4, row
+    row["check_rel_err_minimal_grad_h"] = float((hm.grad - hd.grad).abs().max() / hd.grad.abs().max())
+    assert row["check_rel_err_minimal"] < 1e-4 and row["check_rel_err_minimal_grad_h"] < 1e-3, row
 
     def minimal():
         h, y = next_batch()

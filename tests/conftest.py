@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -99,12 +100,25 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@contextlib.contextmanager
+def core_thread_count(n: int):
+    """The core's products (and its passes over V) on ``n`` threads; on exit both counts, and whether the count was
+    chosen, are as before."""
+    import sparsetarget as st
+    from sparsetarget import _core, _engine
+
+    before = (st.get_num_threads(), _core.get_pass_threads(), _engine._threads_chosen)
+    st.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        _core.set_num_threads(before[1])  # both counts, then the products' own
+        _core.set_num_threads(before[0], passes=False)
+        _engine._threads_chosen = before[2]
+
+
 @pytest.fixture
 def core_threads(request):
-    """The core's products on ``request.param`` threads (parametrize indirectly), whatever the machine's default."""
-    import sparsetarget as st
-
-    before = st.get_num_threads()
-    st.set_num_threads(request.param)
-    yield request.param
-    st.set_num_threads(before)
+    """The core on ``request.param`` threads for the test (parametrize indirectly), whatever the machine's default."""
+    with core_thread_count(request.param) as n:
+        yield n

@@ -7,15 +7,14 @@ import threading
 import numpy as np
 import pytest
 import sparsetarget as st
+from conftest import core_thread_count
 from reference import LOSSES, DenseSGD, dense_targets, rel_err
 
 
 @pytest.fixture
 def two_threads():
-    before = st.get_num_threads()
-    st.set_num_threads(2)
-    yield
-    st.set_num_threads(before)
+    with core_thread_count(2):
+        yield
 
 
 def train_against_dense(loss, D, d, m, steps, seed, weight_decay=1e-3):

@@ -175,7 +175,8 @@ class CpuBackend {
   }
 
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
-  // rcond as invert's floor_one gives it. The explicit inverse costs getri's 4/3 n^3 at a fraction of the GEMM
+  // rcond as invert's floor_one gives it (from LU factors: with ||S^-T|| estimated by gecon; docs/algorithm.md §5.7;
+  // tests/test_exactness.py and test_reliability.py size their systems to take each path). The explicit inverse costs getri's 4/3 n^3 at a fraction of the GEMM
   // rate, the LU factors two triangular solves (2 n^2 rhs_cols, slower than the GEMM with the inverse) and LAPACK's
   // O(n^2) condition estimate: on one thread the factors win from about n > rhs_cols / 4 (whole steps, OpenBLAS on
   // an EPYC: 3-6 % faster at d = 256, m = 128-200; even at d = 512, m = 200; slower at d = 512, m <= 128). With more
