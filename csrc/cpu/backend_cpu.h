@@ -176,12 +176,12 @@ class CpuBackend {
 
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
   // rcond as invert's floor_one gives it (from LU factors: with ||S^-T|| estimated by gecon; docs/algorithm.md §5.7;
-  // tests/test_exactness.py and test_reliability.py size their systems to take each path). The explicit inverse costs getri's 4/3 n^3 at a fraction of the GEMM
-  // rate, the LU factors two triangular solves (2 n^2 rhs_cols, slower than the GEMM with the inverse) and LAPACK's
-  // O(n^2) condition estimate: on one thread the factors win from about n > rhs_cols / 4 (whole steps, OpenBLAS on
-  // an EPYC: 3-6 % faster at d = 256, m = 128-200; even at d = 512, m = 200; slower at d = 512, m <= 128). With more
-  // threads the inverse runs beside the Gram matrix (concurrently) and the product splits better than the solves:
-  // there the inverse stays (the factors measured 1-2 % slower with two threads).
+  // tests/test_exactness.py and test_reliability.py size their systems to take each path). The explicit inverse
+  // costs getri's 4/3 n^3 at a fraction of the GEMM rate, the LU factors a blocked substitution in GEMMs (about
+  // 3 n^2 rhs_cols) and LAPACK's O(n^2) condition estimate: on one thread the factors win from about
+  // n > rhs_cols / 4 (whole steps, OpenBLAS on an EPYC: 3-8 % faster with its AVX2 kernel and 2-11 % with its
+  // AVX-512 one at d = 256, m = 128-200 and d = 512, m = 200). With more threads the inverse runs beside the Gram
+  // matrix (concurrently) and splits over the threads with the product: there the inverse stays.
   static constexpr int kSystemLuRows = 96;
   template <class T>
   SystemFactors<T> factor_system(int n, int rhs_cols, T* st, T* scratch) {

@@ -34,9 +34,6 @@ void ST_SYM(cblas_sgemmt)(int, int, int, int, int, int, float, const float*, int
 void ST_SYM(cblas_dgemmt)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
                           double*, int) __attribute__((weak));
 
-void ST_SYM(cblas_strsm)(int, int, int, int, int, int, int, float, const float*, int, float*, int);
-void ST_SYM(cblas_dtrsm)(int, int, int, int, int, int, int, double, const double*, int, double*, int);
-
 // Fortran LAPACK; character arguments carry a hidden length (gfortran ABI), passed explicitly.
 void ST_SYM(sgetrf_)(const int*, const int*, float*, const int*, int*, int*);
 void ST_SYM(dgetrf_)(const int*, const int*, double*, const int*, int*, int*);
@@ -70,7 +67,6 @@ int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 namespace sparsetarget::blas {
 namespace {
 constexpr int kRowMajor = 101, kColMajor = 102, kNoTrans = 111, kTrans = 112, kUpper = 121, kLower = 122;
-constexpr int kNonUnit = 131, kUnit = 132, kLeft = 141;
 int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
 
 void check_info(int info, const char* routine) {
@@ -101,7 +97,6 @@ struct Vendor;
     static constexpr auto gemv = ST_SYM(cblas_##p##gemv);   \
     static constexpr auto syr2k = ST_SYM(cblas_##p##syr2k); \
     static constexpr auto syrk = ST_SYM(cblas_##p##syrk);   \
-    static constexpr auto trsm = ST_SYM(cblas_##p##trsm);   \
     static auto gemmt() { return ST_SYM(cblas_##p##gemmt); } \
     static constexpr auto getrf = ST_SYM(p##getrf_);        \
     static constexpr auto getri = ST_SYM(p##getri_);        \
@@ -447,18 +442,65 @@ double lu_factor_transposed(int n, T* st, int* ipiv) {
 template double lu_factor_transposed<float>(int, float*, int*);
 template double lu_factor_transposed<double>(int, double*, int*);
 
+namespace {
+// The inverse (k x k, row-major, leading dimension k) of the k x k triangle of a at its diagonal (leading dimension
+// lda): lower with its diagonal, or upper with a unit diagonal. Column by column, by substitution.
+template <class T>
+void triangle_inverse(int k, const T* a, int lda, bool lower, T* inv) {
+  const auto A = [&](int i, int j) { return a[static_cast<std::ptrdiff_t>(i) * lda + j]; };
+  std::fill(inv, inv + static_cast<std::ptrdiff_t>(k) * k, T(0));
+  for (int c = 0; c < k; ++c) {
+    if (lower) {
+      for (int i = c; i < k; ++i) {
+        T sum = i == c ? T(1) : T(0);
+        for (int j = c; j < i; ++j) sum -= A(i, j) * inv[j * k + c];
+        inv[i * k + c] = sum / A(i, i);
+      }
+    } else {
+      for (int i = c; i >= 0; --i) {
+        T sum = i == c ? T(1) : T(0);
+        for (int j = i + 1; j <= c; ++j) sum -= A(i, j) * inv[j * k + c];
+        inv[i * k + c] = sum;
+      }
+    }
+  }
+}
+}  // namespace
+
 template <class T>
 void lu_solve_transposed(int n, int cols, const T* lu, const int* ipiv, T* b, int ldb) {
   if (n == 0 || cols == 0) return;
   // S^T = U^T L^T P^T. Read row-major, the factors' buffer holds U^T in its lower triangle and L^T (unit diagonal)
   // in its strict upper one: solve U^T Y = B, then L^T Z = Y, then X = P Z (getrf's interchanges, last first).
-  Vendor<T>::trsm(kRowMajor, kLeft, kLower, kNoTrans, kNonUnit, n, cols, T(1), lu, n, b, ldb);
-  Vendor<T>::trsm(kRowMajor, kLeft, kUpper, kNoTrans, kUnit, n, cols, T(1), lu, n, b, ldb);
+  // Blocked substitution in GEMMs (OpenBLAS's TRSM runs far below its GEMM, with its AVX-512 kernel at a third of
+  // it): each block of kBlock rows takes the product of the rows solved so far, then the inverse of its diagonal
+  // triangle.
+  constexpr int kBlock = 32;
+  std::vector<T> inv(static_cast<std::size_t>(kBlock) * kBlock), tmp(static_cast<std::size_t>(kBlock) * cols);
+  const auto row = [&](T* x, int i) { return x + static_cast<std::ptrdiff_t>(i) * ldb; };
+  const auto solve_block = [&](int k0, int k, bool lower) {  // rows k0 .. k0 + k of b <- inv(diagonal block) b
+    triangle_inverse(k, lu + static_cast<std::ptrdiff_t>(k0) * n + k0, n, lower, inv.data());
+    gemm<T>(Op::N, Op::N, k, cols, k, T(1), inv.data(), k, row(b, k0), ldb, T(0), tmp.data(), cols);
+    for (int i = 0; i < k; ++i) std::copy(tmp.data() + static_cast<std::ptrdiff_t>(i) * cols,
+                                          tmp.data() + static_cast<std::ptrdiff_t>(i + 1) * cols, row(b, k0 + i));
+  };
+  for (int k0 = 0; k0 < n; k0 += kBlock) {  // U^T, lower: top down
+    const int k = std::min(kBlock, n - k0);
+    if (k0 > 0)
+      gemm<T>(Op::N, Op::N, k, cols, k0, T(-1), lu + static_cast<std::ptrdiff_t>(k0) * n, n, b, ldb, T(1),
+              row(b, k0), ldb);
+    solve_block(k0, k, true);
+  }
+  for (int k1 = n; k1 > 0; k1 -= kBlock) {  // L^T, upper with a unit diagonal: bottom up
+    const int k0 = std::max(0, k1 - kBlock), k = k1 - k0;
+    if (k1 < n)
+      gemm<T>(Op::N, Op::N, k, cols, n - k1, T(-1), lu + static_cast<std::ptrdiff_t>(k0) * n + k1, n, row(b, k1),
+              ldb, T(1), row(b, k0), ldb);
+    solve_block(k0, k, false);
+  }
   for (int i = n - 1; i >= 0; --i) {
     const int r = ipiv[i] - 1;
-    if (r != i)
-      std::swap_ranges(b + static_cast<std::ptrdiff_t>(i) * ldb, b + static_cast<std::ptrdiff_t>(i) * ldb + cols,
-                       b + static_cast<std::ptrdiff_t>(r) * ldb);
+    if (r != i) std::swap_ranges(row(b, i), row(b, i) + cols, row(b, r));
   }
 }
 template void lu_solve_transposed<float>(int, int, const float*, const int*, float*, int);
