@@ -169,9 +169,9 @@ class CpuBackend {
   template <class T>
   Inverse<T> invert(int n, T* a, T* /*scratch*/, bool floor_one) {
     if (!floor_one) return {a, blas::invert<T>(n, a)};
-    const double norm = inf_norm(n, a);
+    const double norm = blas::inf_norm(n, a);
     const bool regular = blas::invert<T>(n, a, false) > 0;  // the bound below needs no estimate
-    return {a, regular ? 1.0 / (std::max(1.0, norm) * std::max(1.0, inf_norm(n, a))) : 0.0};
+    return {a, regular ? 1.0 / (std::max(1.0, norm) * std::max(1.0, blas::inf_norm(n, a))) : 0.0};
   }
 
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
@@ -366,17 +366,6 @@ class CpuBackend {
   }
 
  private:
-  template <class T>
-  static double inf_norm(int n, const T* a) {
-    double norm = 0;
-    for (int i = 0; i < n; ++i) {
-      double row = 0;
-      for (int j = 0; j < n; ++j) row += std::abs(static_cast<double>(a[static_cast<std::size_t>(i) * n + j]));
-      norm = std::max(norm, row);
-    }
-    return norm;
-  }
-
   // The nonzero target entries as (index, row, z), sorted by index then row.
   template <class TS>
   struct Entry {

@@ -72,8 +72,8 @@ int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
 void check_info(int info, const char* routine) {
   if (info < 0) throw std::logic_error(std::string(routine) + ": illegal argument " + std::to_string(-info));
 }
+}  // namespace
 
-// Largest absolute row sum of a row-major n x n matrix, summed in double.
 template <class T>
 double inf_norm(int n, const T* a) {
   double norm = 0;
@@ -84,7 +84,8 @@ double inf_norm(int n, const T* a) {
   }
   return norm;
 }
-}  // namespace
+template double inf_norm<float>(int, const float*);
+template double inf_norm<double>(int, const double*);
 
 namespace {
 // The vendor routines of each precision.

@@ -45,6 +45,10 @@ void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb
 template <class T>
 void mirror_upper(int n, T* c, int ldc);
 
+// Largest absolute row sum of a row-major n x n matrix (its infinity norm), summed in double.
+template <class T>
+double inf_norm(int n, const T* a);
+
 // In-place inverse of a square matrix. Returns the reciprocal condition number estimate (infinity norm)
 // of the input, or with estimate = false just 1; when it is 0 (exactly singular) the matrix is left in an
 // unspecified state.
