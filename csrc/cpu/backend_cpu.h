@@ -171,7 +171,11 @@ class CpuBackend {
     if (!floor_one) return {a, blas::invert<T>(n, a)};
     const double norm = blas::inf_norm(n, a);
     const bool regular = blas::invert<T>(n, a, false) > 0;  // the bound below needs no estimate
-    return {a, regular ? 1.0 / (std::max(1.0, norm) * std::max(1.0, blas::inf_norm(n, a))) : 0.0};
+    return {a, regular ? floor_one_rcond(norm, blas::inf_norm(n, a)) : 0.0};
+  }
+  // 1 / (max(1, ||a||) max(1, ||a^-1||)), 0 for an infinite ||a^-1|| (docs/algorithm.md §5.7).
+  static double floor_one_rcond(double norm, double inverse_norm) {
+    return 1.0 / (std::max(1.0, norm) * std::max(1.0, inverse_norm));
   }
 
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
@@ -190,7 +194,8 @@ class CpuBackend {
       return {inv.inverse, nullptr, inv.rcond};
     }
     pivots_.resize(static_cast<std::size_t>(n));
-    return {st, pivots_.data(), blas::lu_factor_transposed(n, st, pivots_.data())};
+    const double norm = blas::inf_norm(n, st);
+    return {st, pivots_.data(), floor_one_rcond(norm, blas::lu_factor_transposed(n, st, pivots_.data(), norm))};
   }
   // out (n x cols, row-major, leading dimension ld) <- alpha S^-T rhs, from factor_system's result.
   template <class T>

@@ -420,28 +420,25 @@ template double invert<float>(int, float*, bool);
 template double invert<double>(int, double*, bool);
 
 template <class T>
-double lu_factor_transposed(int n, T* st, int* ipiv) {
-  if (n == 0) return 1.0;
+double lu_factor_transposed(int n, T* st, int* ipiv, double norm) {
+  if (n == 0) return 0.0;
   // Row-major S^T is column-major S: getrf factors S = P L U in place. Its 1-norm is the infinity norm of S^T.
-  const double anorm = inf_norm(n, st);
-  const T anorm_t = static_cast<T>(anorm);
-  if (!std::isfinite(anorm_t)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
+  const T anorm = static_cast<T>(norm);
+  if (!std::isfinite(anorm)) return kSingular;  // LAPACK rejects a non-finite norm as an illegal argument
   int info = 0;
   Vendor<T>::getrf(&n, &n, st, &n, ipiv, &info);
   check_info(info, "getrf");
-  if (info > 0) return 0.0;
+  if (info > 0) return kSingular;
   // ||S^-1||_1 from LAPACK's estimate of 1 / (||S||_1 ||S^-1||_1): O(n^2), where the explicit inverse costs O(n^3)
   T rc = 0;
   std::vector<T> work(4 * static_cast<std::size_t>(n));
   std::vector<int> iwork(n);
-  Vendor<T>::gecon("1", &n, st, &n, &anorm_t, &rc, work.data(), iwork.data(), &info, 1);
+  Vendor<T>::gecon("1", &n, st, &n, &anorm, &rc, work.data(), iwork.data(), &info, 1);
   check_info(info, "gecon");
-  if (!(rc > 0)) return 0.0;
-  const double inv_norm = 1.0 / (static_cast<double>(rc) * anorm);
-  return 1.0 / (std::max(1.0, anorm) * std::max(1.0, inv_norm));
+  return rc > 0 ? 1.0 / (static_cast<double>(rc) * norm) : kSingular;
 }
-template double lu_factor_transposed<float>(int, float*, int*);
-template double lu_factor_transposed<double>(int, double*, int*);
+template double lu_factor_transposed<float>(int, float*, int*, double);
+template double lu_factor_transposed<double>(int, double*, int*, double);
 
 namespace {
 // The inverse (k x k, row-major, leading dimension k) of the k x k triangle of a at its diagonal (leading dimension

@@ -3,6 +3,7 @@
 // door (cuda/blas_cuda.cuh) offers the same operations over device memory.
 #pragma once
 
+#include <limits>
 #include <vector>
 
 #include "../backend.h"
@@ -56,10 +57,11 @@ template <class T>
 double invert(int n, T* a, bool estimate = true);
 
 // LU factors of the square matrix S whose transpose is st (row-major n x n, overwritten by the factors) and the
-// pivots (n), for lu_solve_transposed. Returns rcond = 1 / (max(1, ||S^T||) max(1, ||S^-T||)) (infinity norms; the
-// second from LAPACK's estimate), 0 when S is exactly singular.
+// pivots (n), for lu_solve_transposed; norm is inf_norm(n, st), taken before. Returns LAPACK's estimate of
+// ||S^-T|| (infinity norm), or kSingular when S is singular to working precision.
+constexpr double kSingular = std::numeric_limits<double>::infinity();
 template <class T>
-double lu_factor_transposed(int n, T* st, int* ipiv);
+double lu_factor_transposed(int n, T* st, int* ipiv, double norm);
 
 // B (n x cols, row-major, leading dimension ldb) <- S^-T B from the factors of lu_factor_transposed.
 template <class T>
