@@ -205,6 +205,32 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
   b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
 
+  // omega <- c omega - lr H^T (alpha * (H omega) + beta);  w_bar <- c w_bar - lr H^T (g . 1)  (§5.8-§5.9)
+  // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10); for large m, Q <- c^2 Q + dQ
+  TS* omega = b.template scratch<TS>(kSlotOmegaNew, d);
+  TS* w_bar = b.template scratch<TS>(kSlotWBarNew, d);
+  TS* Bq = nullptr;
+  TS* dQ = nullptr;
+  double* gamma_energy = nullptr;
+  const auto vector_and_q_factors = [&] {  // independent of the factor M and of X (take no scratch of their own)
+    b.copy(st.omega, omega, static_cast<std::size_t>(d));
+    b.copy(st.w_bar, w_bar, static_cast<std::size_t>(d));
+    b.gemv(Op::T, m, d, -lr, H, d, v, c, omega);
+    b.gemv(Op::T, m, d, -lr, H, d, g_one, c, w_bar);
+    if (!gram_free) {
+      b.copy(grad_H, Bq, md);
+      b.gemm(Op::N, Op::N, m, d, m, -lr / 2, G, m, H, d, c, Bq, d);
+    } else {
+      detail::q_update_without_gram(b, st, H, m, t, dA, order, grad_H, aH, WZ, z_sum, ds, lr, c, D, dQ, gamma_energy);
+    }
+  };
+  if (!gram_free) {
+    Bq = b.template scratch<TS>(kSlotB, md);
+  } else {
+    dQ = b.template scratch<TS>(kSlotGfDQ, dd);
+    gamma_energy = b.template scratch<double>(kSlotGfEnergy, 1);
+  }
+
   // U^-1_new and X = H U_new^-1 (row j: what V's target rows of example j move along), with rcond of the factor.
   TS* X = b.template scratch<TS>(kSlotX, md);
   bool woodbury = false;    // U^-1_new = (U^-1 + lr (alpha H)^T X) / c, applied at commit
@@ -232,7 +258,12 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     // formed meanwhile where the backend can, and H U^-1, which needs neither, fills whichever thread is free first
     b.concurrently(factor, form_gram, hu_columns, 2.0 * m * d * d);
     b.require_rcond(system.rcond, opt.min_rcond);
-    b.solve_system(system, m, d, 1 / c, HU, X, d);  // X = S^-T (H U^-1) / c (§5.5)
+    const auto x_columns = [&](int part, int parts) {  // X = S^-T (H U^-1) / c (§5.5) in column blocks
+      const int lo = block_edge(d, part, parts), hi = block_edge(d, part + 1, parts);
+      if (hi > lo) b.solve_system(system, m, hi - lo, 1 / c, HU + lo, X + lo, d);
+    };
+    // the vector and Q factors need neither: they take one thread while X's blocks fill the others
+    b.concurrently(vector_and_q_factors, [] {}, x_columns, 2.0 * m * m * d);
   } else {
     form_gram();
     // explicit (§5.6): M = c I - lr H^T diag(alpha) H, inverted (d x d)
@@ -245,27 +276,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     U_inv_new = b.template scratch<TS>(kSlotUInvNew, dd);
     b.gemm(Op::N, Op::N, d, d, d, TS(1), inv.inverse, d, st.U_inv, d, TS(0), U_inv_new, d);
     b.gemm(Op::N, Op::N, m, d, d, TS(1), H, d, U_inv_new, d, TS(0), X, d);
-  }
-
-  // omega <- c omega - lr H^T (alpha * (H omega) + beta);  w_bar <- c w_bar - lr H^T (g . 1)  (§5.8-§5.9)
-  TS* omega = b.template scratch<TS>(kSlotOmegaNew, d);
-  TS* w_bar = b.template scratch<TS>(kSlotWBarNew, d);
-  b.copy(st.omega, omega, static_cast<std::size_t>(d));
-  b.copy(st.w_bar, w_bar, static_cast<std::size_t>(d));
-  b.gemv(Op::T, m, d, -lr, H, d, v, c, omega);
-  b.gemv(Op::T, m, d, -lr, H, d, g_one, c, w_bar);
-  // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10); for large m, Q <- c^2 Q + dQ
-  TS* Bq = nullptr;
-  TS* dQ = nullptr;
-  double* gamma_energy = nullptr;
-  if (!gram_free) {
-    Bq = b.template scratch<TS>(kSlotB, md);
-    b.copy(grad_H, Bq, md);
-    b.gemm(Op::N, Op::N, m, d, m, -lr / 2, G, m, H, d, c, Bq, d);
-  } else {
-    dQ = b.template scratch<TS>(kSlotGfDQ, dd);
-    gamma_energy = b.template scratch<double>(kSlotGfEnergy, 1);
-    detail::q_update_without_gram(b, st, H, m, t, dA, order, grad_H, aH, WZ, z_sum, ds, lr, c, D, dQ, gamma_energy);
+    vector_and_q_factors();
   }
 
   // The d x d updates are products of these m x d factors, checked here so that the commit cannot meet a NaN or inf.
