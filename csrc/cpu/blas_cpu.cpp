@@ -259,16 +259,44 @@ void upper_triangle_parts(int n, double flops, const Block& block) {
   });
 }
 
+// Column block [j0, j0 + w) of syr2k_t's upper triangle (rows [0, j0 + w)) through the vendor.
+template <class T>
+void syr2k_upper_columns(int j0, int w, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                         int ldc) {
+  if (j0 > 0) {  // rows [0, j0) x columns [j0, j0 + w): A[:, :j0]^T B[:, block] + B[:, :j0]^T A[:, block]
+    Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, a, lda, b + j0, ldb, beta, c + j0, ldc);
+    Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, b, ldb, a + j0, lda, T(1), c + j0, ldc);
+  }
+  Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, w, k, alpha, a + j0, lda, b + j0, ldb, beta,
+                   c + static_cast<std::ptrdiff_t>(j0) * ldc + j0, ldc);
+}
+
 template <class T>
 void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
   upper_triangle_parts(n, 2.0 * k * n * n, [&](int j0, int w) {
-    if (j0 > 0) {  // rows [0, j0) x columns [j0, j0 + w): A[:, :j0]^T B[:, block] + B[:, :j0]^T A[:, block]
-      Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, a, lda, b + j0, ldb, beta, c + j0, ldc);
-      Vendor<T>::gemm(kRowMajor, kTrans, kNoTrans, j0, w, k, alpha, b, ldb, a + j0, lda, T(1), c + j0, ldc);
-    }
-    Vendor<T>::syr2k(kRowMajor, kUpper, kTrans, w, k, alpha, a + j0, lda, b + j0, ldb, beta,
-                     c + static_cast<std::ptrdiff_t>(j0) * ldc + j0, ldc);
+    syr2k_upper_columns<T>(j0, w, k, alpha, a, lda, b, ldb, beta, c, ldc);
   });
+}
+
+// Rows [j0, j0 + w) of the lower triangle of C from columns [j0, j0 + w) of its upper triangle: for the column
+// blocks of upper_triangle_parts, each block mirrors what it has just written, beside the others. Through a small
+// tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided copy misses on almost
+// every read (it cost half of a single-example step at d = 512).
+template <class T>
+void mirror_upper_columns(int j0, int w, T* c, int ldc) {
+  constexpr int kTile = 16;
+  T tile[kTile][kTile];
+  for (int ib = j0; ib < j0 + w; ib += kTile) {
+    const int ie = std::min(j0 + w, ib + kTile);
+    for (int jb = 0; jb < ie; jb += kTile) {
+      const int je = std::min(ie, jb + kTile);
+      for (int j = jb; j < je; ++j)  // source: rows j, columns i of the upper triangle, read along rows
+        for (int i = std::max(ib, j + 1); i < ie; ++i)
+          tile[i - ib][j - jb] = c[static_cast<std::ptrdiff_t>(j) * ldc + i];
+      for (int i = ib; i < ie; ++i)  // destination: rows i, columns j < i, written along rows
+        for (int j = jb; j < std::min(je, i); ++j) c[static_cast<std::ptrdiff_t>(i) * ldc + j] = tile[i - ib][j - jb];
+    }
+  }
 }
 
 // The vendor's GEMMT for the product below, or nullptr where the BLAS has none or gets a 3 x 3 case wrong (some
@@ -316,8 +344,8 @@ void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb
       gemmt(kColMajor, kLower, kTrans, kNoTrans, w, k, alpha, b0, ldb, a0, lda, T(0), c0, ldc);
     else
       Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, w, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
+    mirror_upper_columns<T>(j0, w, c, ldc);
   });
-  mirror_upper<T>(n, c, ldc);
 }
 
 template <class T>
@@ -352,31 +380,19 @@ void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
     sym_rank2k_small<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (small::suits_syr2k<T>(n, k))  // few rows: the unpacked loops, block by block of the upper triangle
-    upper_triangle_parts(n, 2.0 * k * n * n, [&](int j0, int w) {
+  const bool own = small::suits_syr2k<T>(n, k);  // few rows: the unpacked loops
+  upper_triangle_parts(n, 2.0 * k * n * n, [&](int j0, int w) {
+    if (own)
       small::syr2k_upper_block<T>(j0, w, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    });
-  else
-    syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  mirror_upper<T>(n, c, ldc);
+    else
+      syr2k_upper_columns<T>(j0, w, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mirror_upper_columns<T>(j0, w, c, ldc);
+  });
 }
 
 template <class T>
 void mirror_upper(int n, T* c, int ldc) {
-  // Through a small tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided
-  // copy misses on almost every read (it cost half of a single-example step at d = 512).
-  constexpr int kTile = 16;
-  T tile[kTile][kTile];
-  for (int ib = 0; ib < n; ib += kTile) {
-    const int ie = std::min(n, ib + kTile);
-    for (int jb = 0; jb <= ib; jb += kTile) {
-      const int je = std::min(n, jb + kTile);
-      for (int j = jb; j < je; ++j)  // source: rows j, columns i of the upper triangle, read along rows
-        for (int i = ib; i < ie; ++i) tile[i - ib][j - jb] = c[static_cast<std::ptrdiff_t>(j) * ldc + i];
-      for (int i = ib; i < ie; ++i)  // destination: rows i, columns j < i, written along rows
-        for (int j = jb; j < std::min(je, i); ++j) c[static_cast<std::ptrdiff_t>(i) * ldc + j] = tile[i - ib][j - jb];
-    }
-  }
+  mirror_upper_columns<T>(0, n, c, ldc);
 }
 #define ST_INSTANTIATE(T)                                                                                  \
   template void gemm<T>(Op, Op, int, int, int, T, const T*, int, const T*, int, T, T*, int);               \
