@@ -27,7 +27,7 @@ namespace sparsetarget::cpu {
 
 template <class T>
 struct Inverse {
-  T* inverse;    // where the inverse is (the CPU inverts in place)
+  T* inverse;    // where the inverse is (the scratch given to invert)
   double rcond;  // reciprocal condition estimate; 0 when singular
 };
 
@@ -164,14 +164,14 @@ class CpuBackend {
     *out = std::sqrt(sum_squares(x, static_cast<std::size_t>(n)));
   }
 
-  // The inverse of a (n x n), in place. With floor_one, rcond = 1 / (max(1, ||a||) max(1, ||a^-1||)) (infinity
-  // norms; docs/algorithm.md §5.7), else LAPACK's estimate.
+  // The inverse of a (n x n, overwritten by its LU factors) into inverse. With floor_one, rcond = 1 / (max(1, ||a||)
+  // max(1, ||a^-1||)) (infinity norms; docs/algorithm.md §5.7), else LAPACK's estimate.
   template <class T>
-  Inverse<T> invert(int n, T* a, T* /*scratch*/, bool floor_one) {
-    if (!floor_one) return {a, blas::invert<T>(n, a)};
+  Inverse<T> invert(int n, T* a, T* inverse, bool floor_one) {
+    if (!floor_one) return {inverse, blas::invert_into<T>(n, a, inverse)};
     const double norm = blas::inf_norm(n, a);
-    const bool regular = blas::invert<T>(n, a, false) > 0;  // the bound below needs no estimate
-    return {a, regular ? floor_one_rcond(norm, blas::inf_norm(n, a)) : 0.0};
+    const bool regular = blas::invert_into<T>(n, a, inverse, false) > 0;  // the bound below needs no estimate
+    return {inverse, regular ? floor_one_rcond(norm, blas::inf_norm(n, inverse)) : 0.0};
   }
   // 1 / (max(1, ||a||) max(1, ||a^-1||)), 0 for an infinite ||a^-1|| (docs/algorithm.md §5.7).
   static double floor_one_rcond(double norm, double inverse_norm) {
@@ -181,11 +181,10 @@ class CpuBackend {
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
   // rcond as invert's floor_one gives it (from LU factors: with ||S^-T|| estimated by gecon; docs/algorithm.md §5.7;
   // tests/test_exactness.py and test_reliability.py size their systems to take each path). The explicit inverse
-  // costs getri's 4/3 n^3 at a fraction of the GEMM rate, the LU factors a blocked substitution in GEMMs (about
-  // 3 n^2 rhs_cols) and LAPACK's O(n^2) condition estimate: on one thread the factors win from about
-  // n > rhs_cols / 4 (whole steps, OpenBLAS on an EPYC: 3-8 % faster with its AVX2 kernel and 2-11 % with its
-  // AVX-512 one at d = 256, m = 128-200 and d = 512, m = 200). With more threads the inverse runs beside the Gram
-  // matrix (concurrently) and splits over the threads with the product: there the inverse stays.
+  // costs 2 n^3 more than the factors, whose blocked substitution costs more than the inverse's product (smaller
+  // GEMMs): on one thread the factors win from about n > rhs_cols / 4 (whole steps, OpenBLAS's AVX2 kernel on an
+  // EPYC: 0-3 % faster at d = 256, m = 128-200 and d = 512, m = 200). With more threads the inverse runs beside the
+  // Gram matrix (concurrently) and splits over the threads with the product: there the inverse stays.
   static constexpr int kSystemLuRows = 96;
   template <class T>
   SystemFactors<T> factor_system(int n, int rhs_cols, T* st, T* scratch) {

@@ -409,28 +409,41 @@ ST_INSTANTIATE(double)
 
 
 template <class T>
-double invert(int n, T* a, bool estimate) {
+double invert_into(int n, T* a, T* inverse, bool estimate) {
   if (n == 0) return 1.0;
-  // The column-major view of row-major A is A^T; inv(A^T) = inv(A)^T, so inverting the view inverts A.
+  // Row-major A is column-major A^T: getrf factors A^T, and lu_solve_transposed solves A X = I from those factors.
   // The 1-norm of A^T is the infinity norm of A.
   const T anorm = static_cast<T>(inf_norm(n, a));
   if (!std::isfinite(anorm)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
-  std::vector<int> ipiv(n), iwork(n);
+  std::vector<int> ipiv(n);
   int info = 0;
   Vendor<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
   check_info(info, "getrf");
   if (info > 0) return 0.0;
   T rcond = 1;
-  std::vector<T> work(std::max(4 * n, 64 * n));
   if (estimate) {
+    std::vector<T> work(4 * static_cast<std::size_t>(n));
+    std::vector<int> iwork(n);
     Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
     check_info(info, "gecon");
   }
-  const int lwork = static_cast<int>(work.size());
-  Vendor<T>::getri(&n, a, &n, ipiv.data(), work.data(), &lwork, &info);
-  check_info(info, "getri");
-  if (info > 0) return 0.0;
+  // From the factors by the blocked substitution in GEMMs rather than getri, which runs at a fraction of the GEMM
+  // rate (about a fifth at n = 200 with OpenBLAS on an EPYC)
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  std::fill(inverse, inverse + nn, T(0));
+  for (int i = 0; i < n; ++i) inverse[static_cast<std::size_t>(i) * n + i] = T(1);
+  lu_solve_transposed<T>(n, n, a, ipiv.data(), inverse, n);
   return static_cast<double>(rcond);
+}
+template double invert_into<float>(int, float*, float*, bool);
+template double invert_into<double>(int, double*, double*, bool);
+
+template <class T>
+double invert(int n, T* a, bool estimate) {
+  std::vector<T> inverse(static_cast<std::size_t>(n) * n);
+  const double rcond = invert_into<T>(n, a, inverse.data(), estimate);
+  if (rcond > 0) std::copy(inverse.begin(), inverse.end(), a);
+  return rcond;
 }
 template double invert<float>(int, float*, bool);
 template double invert<double>(int, double*, bool);

@@ -56,6 +56,11 @@ double inf_norm(int n, const T* a);
 template <class T>
 double invert(int n, T* a, bool estimate = true);
 
+// The inverse of a square matrix a (overwritten by its LU factors) into inverse (n x n, distinct from a). Returns
+// what invert returns; when it is 0 (exactly singular) inverse is left unspecified.
+template <class T>
+double invert_into(int n, T* a, T* inverse, bool estimate = true);
+
 // LU factors of the square matrix S whose transpose is st (row-major n x n, overwritten by the factors) and the
 // pivots (n), for lu_solve_transposed; norm is inf_norm(n, st), taken before. Returns LAPACK's estimate of
 // ||S^-T|| (infinity norm), or kSingular when S is singular to working precision.
