@@ -45,6 +45,7 @@ enum Slot : int {
   kSlotV,
   kSlotG,
   kSlotP2,
+  kSlotGramR,  // rows (alpha_j / 2) Q h_j + W^T z_j of the Gram matrix's product (§5.3)
   kSlotAH,
   kSlotHHt,
   kSlotSmall,

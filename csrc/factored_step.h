@@ -194,16 +194,16 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   const auto order = b.order_targets(t, st.D);
   TS* G = gram_free ? nullptr : b.template scratch<TS>(kSlotG, mm);
   TS* P2 = gram_free ? nullptr : b.template scratch<TS>(kSlotP2, mm);
+  TS* R = gram_free ? nullptr : b.template scratch<TS>(kSlotGramR, md);
+  TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
+  b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
   const auto form_gram = [&] {  // independent of the factor's inverse below (takes no scratch of its own)
     if (gram_free) return;
-    b.sym_product(m, d, TS(1), H, d, p.HQ, d, G, m);                  // o_i . o_j = h_i^T Q h_j
-    b.gemm(Op::N, Op::T, m, m, d, TS(1), H, d, WZ, d, TS(0), P2, m);   // o_i . z_j
+    b.for_rows(m, d, parts::GramRow<TS>{dq, p.HQ, WZ, R, d});
+    b.gemm(Op::N, Op::T, m, m, d, TS(1), aH, d, R, d, TS(0), P2, m);  // its transpose added holds the o . o, o . z
     b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
     b.add_target_overlaps(t, st.D, dA, order, G);
   };
-
-  TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
-  b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
 
   // omega <- c omega - lr H^T (alpha * (H omega) + beta);  w_bar <- c w_bar - lr H^T (g . 1)  (§5.8-§5.9)
   // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10); for large m, Q <- c^2 Q + dQ

@@ -52,18 +52,31 @@ struct RowScalars {
   }
 };
 
-// G_ij = g_i . g_j from o_i . o_j (in G) and o_i . W^T z_j (in P2); the sparse overlaps z_i . z_j come after (§5.3).
+// Row j of R = (alpha_j / 2) Q h_j + W^T z_j, so that A = (alpha H) R^T has A_ij + A_ji = alpha_i alpha_j o_i . o_j
+// + alpha_i o_i . z_j + alpha_j o_j . z_i (§5.3).
+template <class TS>
+struct GramRow {
+  const TS *dq, *HQ, *WZ;
+  TS* R;
+  int d;
+  ST_HD void operator()(int j, int i) const {
+    const std::size_t x = static_cast<std::size_t>(j) * d + i;
+    R[x] = dq[j] * HQ[x] + WZ[x];
+  }
+};
+
+// G_ij = g_i . g_j from A (GramRow) and the scalars; the sparse overlaps z_i . z_j come after (§5.3).
 template <class TS>
 struct Gram {
-  const TS *dq, *ds, *s, *z_sum, *P2;
+  const TS *dq, *ds, *s, *z_sum, *A;
   TS* G;
   TS D;
   int m;
   ST_HD void operator()(int i, int j) const {
     const std::size_t ij = static_cast<std::size_t>(i) * m + j, ji = static_cast<std::size_t>(j) * m + i;
     const TS ai = 2 * dq[i], aj = 2 * dq[j];
-    G[ij] = ai * aj * G[ij] + ai * ds[j] * s[i] + ds[i] * aj * s[j] + D * ds[i] * ds[j] + ai * P2[ij] + aj * P2[ji] +
-            ds[i] * z_sum[j] + ds[j] * z_sum[i];
+    G[ij] = A[ij] + A[ji] + ai * ds[j] * s[i] + ds[i] * aj * s[j] + D * ds[i] * ds[j] + ds[i] * z_sum[j] +
+            ds[j] * z_sum[i];
   }
 };
 
