@@ -243,7 +243,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     TS* St_inv = b.template scratch<TS>(kSlotSmallInv, mm);
     decltype(b.factor_system(m, d, St, St_inv)) system{};
     const auto factor = [&] {  // S^T from H H^T, checked, then factored
-      b.sym_product(m, d, TS(1), H, d, H, d, HHt, m);
+      b.gram(m, d, TS(1), H, d, HHt, m);
       b.for_rows(m, m, parts::WoodburySystemT<TS>{dq, HHt, St, lr / c, m});
       b.require_finite(St, mm, "the update factor M");  // an overflow here would reach LAPACK as a bad argument
       // M / c = I - H^T E has the eigenvalues of S plus ones, so its condition is about max(1, ||S||) max(1, ||S^-1||)

@@ -87,8 +87,8 @@ class CpuBackend {
     blas::sym_rank2k<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   template <class T>
-  void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
-    blas::sym_product<T>(n, k, alpha, a, lda, b, ldb, c, ldc);
+  void gram(int n, int k, T alpha, const T* a, int lda, T* c, int ldc) {
+    blas::gram<T>(n, k, alpha, a, lda, c, ldc);
   }
 
   // ---- elementwise

@@ -28,17 +28,10 @@ void ST_SYM(cblas_dsyr2k)(int, int, int, int, int, double, const double*, int, c
                           int);
 void ST_SYM(cblas_ssyrk)(int, int, int, int, int, float, const float*, int, float, float*, int);
 void ST_SYM(cblas_dsyrk)(int, int, int, int, int, double, const double*, int, double, double*, int);
-// Not in every CBLAS (reference CBLAS has none): weak, with a full GEMM in its place when absent.
-void ST_SYM(cblas_sgemmt)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
-                          int) __attribute__((weak));
-void ST_SYM(cblas_dgemmt)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
-                          double*, int) __attribute__((weak));
 
 // Fortran LAPACK; character arguments carry a hidden length (gfortran ABI), passed explicitly.
 void ST_SYM(sgetrf_)(const int*, const int*, float*, const int*, int*, int*);
 void ST_SYM(dgetrf_)(const int*, const int*, double*, const int*, int*, int*);
-void ST_SYM(sgetri_)(const int*, float*, const int*, const int*, float*, const int*, int*);
-void ST_SYM(dgetri_)(const int*, double*, const int*, const int*, double*, const int*, int*);
 void ST_SYM(sgecon_)(const char*, const int*, const float*, const int*, const float*, float*, float*, int*, int*,
                      std::size_t);
 void ST_SYM(dgecon_)(const char*, const int*, const double*, const int*, const double*, double*, double*, int*,
@@ -98,9 +91,7 @@ struct Vendor;
     static constexpr auto gemv = ST_SYM(cblas_##p##gemv);   \
     static constexpr auto syr2k = ST_SYM(cblas_##p##syr2k); \
     static constexpr auto syrk = ST_SYM(cblas_##p##syrk);   \
-    static auto gemmt() { return ST_SYM(cblas_##p##gemmt); } \
     static constexpr auto getrf = ST_SYM(p##getrf_);        \
-    static constexpr auto getri = ST_SYM(p##getri_);        \
     static constexpr auto gecon = ST_SYM(p##gecon_);        \
     static constexpr auto gesdd = ST_SYM(p##gesdd_);        \
   };
@@ -299,51 +290,21 @@ void mirror_upper_columns(int j0, int w, T* c, int ldc) {
   }
 }
 
-// The vendor's GEMMT for the product below, or nullptr where the BLAS has none or gets a 3 x 3 case wrong (some
-// releases wrote the other triangle): checked once against a plain sum.
+// The upper triangle by SYRK in column blocks over the core's threads, each block mirrored by its thread.
 template <class T>
-auto trusted_gemmt() {
-  static const auto checked = [] {
-    const auto gemmt = Vendor<T>::gemmt();
-    if (!gemmt) return gemmt;
-    const T a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {7, 8, 9, 10, 11, 12};  // A, B 3 x 2 row-major
-    T c[9] = {-1, -1, -1, -1, -1, -1, -1, -1, -1};
-    gemmt(kColMajor, kLower, kTrans, kNoTrans, 3, 2, T(1), b, 2, a, 2, T(0), c, 3);
-    for (int i = 0; i < 3; ++i)
-      for (int j = 0; j < 3; ++j) {
-        const T want = j >= i ? a[2 * i] * b[2 * j] + a[2 * i + 1] * b[2 * j + 1] : T(-1);  // lower left alone
-        if (c[3 * i + j] != want) return decltype(gemmt)(nullptr);
-      }
-    return gemmt;
-  }();
-  return checked;
-}
-
-// The upper triangle of a product known to be symmetric: SYRK when B is A, else GEMMT (a GEMM where the BLAS has
-// none), in column blocks over the core's threads; then mirrored.
-template <class T>
-void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+void gram(int n, int k, T alpha, const T* a, int lda, T* c, int ldc) {
   if (n == 0) return;
   if (n <= 2) {  // one or two rows: the GEMM wrapper's vector paths
-    gemm<T>(Op::N, Op::T, n, n, k, alpha, a, lda, b, ldb, T(0), c, ldc);
+    gemm<T>(Op::N, Op::T, n, n, k, alpha, a, lda, a, lda, T(0), c, ldc);
     mirror_upper<T>(n, c, ldc);
     return;
   }
-  const bool gram = a == b && lda == ldb;
-  const auto gemmt = trusted_gemmt<T>();
-  upper_triangle_parts(n, (gram || gemmt ? 1.0 : 2.0) * k * n * n, [&](int j0, int w) {
+  upper_triangle_parts(n, 1.0 * k * n * n, [&](int j0, int w) {
     const T* a0 = a + static_cast<std::ptrdiff_t>(j0) * lda;
-    const T* b0 = b + static_cast<std::ptrdiff_t>(j0) * ldb;
+    if (j0 > 0)  // rows [0, j0) x columns [j0, j0 + w): A[:j0] A[block]^T
+      Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, j0, w, k, alpha, a, lda, a0, lda, T(0), c + j0, ldc);
     T* c0 = c + static_cast<std::ptrdiff_t>(j0) * ldc + j0;
-    if (j0 > 0)  // rows [0, j0) x columns [j0, j0 + w): A[:j0] B[block]^T
-      Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, j0, w, k, alpha, a, lda, b0, ldb, T(0), c + j0, ldc);
-    if (gram)
-      Vendor<T>::syrk(kRowMajor, kUpper, kNoTrans, w, k, alpha, a0, lda, T(0), c0, ldc);
-    else if (gemmt)  // column-major lower of B A^T, i.e. row-major upper of A B^T (OpenBLAS's row-major form filled
-                     // the wrong triangle before 0.3.29)
-      gemmt(kColMajor, kLower, kTrans, kNoTrans, w, k, alpha, b0, ldb, a0, lda, T(0), c0, ldc);
-    else
-      Vendor<T>::gemm(kRowMajor, kNoTrans, kTrans, w, w, k, alpha, a0, lda, b0, ldb, T(0), c0, ldc);
+    Vendor<T>::syrk(kRowMajor, kUpper, kNoTrans, w, k, alpha, a0, lda, T(0), c0, ldc);
     mirror_upper_columns<T>(j0, w, c, ldc);
   });
 }
@@ -402,7 +363,7 @@ void mirror_upper(int n, T* c, int ldc) {
   template void syrk_t<T>(int, int, T, const T*, int, T, T*, int);                                         \
   template void mirror_upper<T>(int, T*, int);                                                            \
   template void sym_rank2k<T>(int, int, T, const T*, int, const T*, int, T, T*, int);                      \
-  template void sym_product<T>(int, int, T, const T*, int, const T*, int, T*, int);
+  template void gram<T>(int, int, T, const T*, int, T*, int);
 ST_INSTANTIATE(float)
 ST_INSTANTIATE(double)
 #undef ST_INSTANTIATE

@@ -37,10 +37,9 @@ void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc);
 template <class T>
 void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc);
 
-// Both triangles of C (n x n) <- alpha * A B^T for a product the caller knows to be symmetric (A and B n x k; B may
-// be A): only the upper triangle is computed, then mirrored, so C is exactly symmetric.
+// Both triangles of C (n x n) <- alpha * A A^T (A n x k), exactly symmetric.
 template <class T>
-void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc);
+void gram(int n, int k, T alpha, const T* a, int lda, T* c, int ldc);
 
 // Copies the upper triangle of a square row-major matrix onto its lower triangle.
 template <class T>

@@ -94,8 +94,8 @@ class CudaBackend {
     mirror_upper<T>(n, c, ldc);
   }
   template <class T>
-  void sym_product(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
-    blas::sym_product<T>(blas, n, k, alpha, a, lda, b, ldb, c, ldc);
+  void gram(int n, int k, T alpha, const T* a, int lda, T* c, int ldc) {  // alpha A A^T, both triangles
+    blas::sym_product<T>(blas, n, k, alpha, a, lda, a, lda, c, ldc);
   }
 
   // ---- elementwise (kernels)
