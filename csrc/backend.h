@@ -12,7 +12,8 @@
 //                                       job of about `flops` in the threads that are free (or shared(0, 1)); none may
 //                                       take scratch the others have not been given
 //   copy, fill, scale, row_dots, norm2  small dense helpers (norm2 writes a double into the backend's memory)
-//   invert(n, a, scratch, floor_one)    the inverse of a small matrix (a is destroyed) and its reciprocal condition
+//   invert(n, a, inverse, floor_one)    the inverse of a small matrix, written to `inverse` (a is overwritten), and
+//                                       its reciprocal condition
 //   gather_outputs, combine_target_rows, target_row_sums, order_targets, add_target_overlaps,
 //   target_overlaps_times, scatter_rows
 //                                       the sparse parts: gathers from and a deterministic scatter into rows of V
@@ -44,7 +45,7 @@ enum Slot : int {
   kSlotGOne,
   kSlotV,
   kSlotG,
-  kSlotP2,
+  kSlotGramA,  // A = (alpha H) R^T, whose sum with its transpose is in G (§5.3)
   kSlotGramR,  // rows (alpha_j / 2) Q h_j + W^T z_j of the Gram matrix's product (§5.3)
   kSlotAH,
   kSlotHHt,

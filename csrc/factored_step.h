@@ -129,7 +129,8 @@ void q_update_without_gram(B& b, const FactoredState<TV, TS>& st, const TS* H, i
 }  // namespace detail
 
 // Above this many rows per hidden unit, the Q update is formed from d x d pieces instead of the m x m Gram matrix
-// of the output gradients: 6 m^2 d flops and m^2 memory against 8 m d^2 + 6 d^3 (equal at m = 1.6 d).
+// of the output gradients: 4 m^2 d flops (the Gram product and B) and m^2 memory against 8 m d^2 + 6 d^3 (equal at
+// m = 2.6 d); from 2d the m x m buffers are what counts (data-parallel ranks applying their combined batch).
 constexpr int kGramFreeRowsPerUnit = 2;
 
 // grad_H = dL/dH (m x d) for a loss with per-example partials dA (per target entry), dq and ds, at the current
@@ -193,15 +194,15 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   const bool gram_free = static_cast<std::int64_t>(m) >= static_cast<std::int64_t>(kGramFreeRowsPerUnit) * d;
   const auto order = b.order_targets(t, st.D);
   TS* G = gram_free ? nullptr : b.template scratch<TS>(kSlotG, mm);
-  TS* P2 = gram_free ? nullptr : b.template scratch<TS>(kSlotP2, mm);
+  TS* GA = gram_free ? nullptr : b.template scratch<TS>(kSlotGramA, mm);
   TS* R = gram_free ? nullptr : b.template scratch<TS>(kSlotGramR, md);
-  TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H, used by the U, U^-1 and omega updates
+  TS* aH = b.template scratch<TS>(kSlotAH, md);  // alpha H: the Gram product, the U and U^-1 updates (and Gram-free Q)
   b.for_rows(m, d, parts::ScaleRows<TS>{dq, H, aH, d});
   const auto form_gram = [&] {  // independent of the factor's inverse below (takes no scratch of its own)
     if (gram_free) return;
     b.for_rows(m, d, parts::GramRow<TS>{dq, p.HQ, WZ, R, d});
-    b.gemm(Op::N, Op::T, m, m, d, TS(1), aH, d, R, d, TS(0), P2, m);  // its transpose added holds the o . o, o . z
-    b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, P2, G, D, m});
+    b.gemm(Op::N, Op::T, m, m, d, TS(1), aH, d, R, d, TS(0), GA, m);  // its transpose added holds the o . o, o . z
+    b.for_rows(m, m, parts::Gram<TS>{dq, ds, p.s, z_sum, GA, G, D, m});
     b.add_target_overlaps(t, st.D, dA, order, G);
   };
 
@@ -212,7 +213,9 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   TS* Bq = nullptr;
   TS* dQ = nullptr;
   double* gamma_energy = nullptr;
-  const auto vector_and_q_factors = [&] {  // independent of the factor M and of X (take no scratch of their own)
+  // Independent of the factor M and of X. Beside X (Woodbury, m < d) they take no scratch of their own; the Gram-free
+  // Q update, which does, needs m >= 2d and runs alone.
+  const auto vector_and_q_factors = [&] {
     b.copy(st.omega, omega, static_cast<std::size_t>(d));
     b.copy(st.w_bar, w_bar, static_cast<std::size_t>(d));
     b.gemv(Op::T, m, d, -lr, H, d, v, c, omega);

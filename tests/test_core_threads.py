@@ -40,7 +40,8 @@ def train_against_dense(loss, D, d, m, steps, seed, weight_decay=1e-3):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("d,m", [(256, 201), (128, 301)])  # Woodbury (m < d) and explicit (m > d) steps
+# Woodbury (m < d), explicit with the Gram matrix (d <= m < 2d) and explicit Gram-free (m >= 2d) steps
+@pytest.mark.parametrize("d,m", [(256, 201), (160, 251), (128, 301)])
 def test_split_products_match_dense_sgd(two_threads, loss, d, m):
     assert 2.0 * m * d * d >= 8e6  # large enough to be split over two threads
     assert m >= d or 1.0 * m * m * d >= 8e6  # Woodbury: H H^T (SYRK in column blocks) is split too

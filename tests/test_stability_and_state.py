@@ -210,23 +210,6 @@ def test_Q_and_w_bar_track_W_and_Q_stays_symmetric(width, m):
     assert rel_err(sd["w_bar"], W.sum(0)) < 1e-12
 
 
-@pytest.mark.parametrize("core_threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("m", [101, 250, 410])  # Woodbury, explicit and Gram-free steps
-def test_Q_stays_symmetric_when_its_products_are_split_over_threads(core_threads, m):
-    """Q's update, the Gram matrix and H H^T are formed by blocks of columns of their upper triangles, each mirrored
-    by the thread that wrote it: at sizes that split them over two threads, Q stays exactly symmetric and equal to
-    W^T W to rounding."""
-    width = 203
-    rng = np.random.default_rng(m)
-    layer = st.FactoredOutput(rng.standard_normal((97, width)) / np.sqrt(width), loss="taylor_softmax")
-    for _ in range(3):
-        layer.step(rng.standard_normal((m, width)) / np.sqrt(width), rng.integers(0, 97, m), 0.05, 0.01)
-    sd = layer.state_dict()
-    W = layer.dense_weight()
-    assert np.array_equal(sd["Q"], sd["Q"].T)
-    assert rel_err(sd["Q"], W.T @ W) < 1e-12
-
-
 def refactor(layer, U):
     """Re-factor the layer with the given U, keeping W: V <- W U^-1 (omega = 0 here)."""
     W = layer.dense_weight()

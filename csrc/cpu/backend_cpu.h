@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -173,10 +174,12 @@ class CpuBackend {
     const bool regular = blas::invert_into<T>(n, a, inverse, false) > 0;  // the bound below needs no estimate
     return {inverse, regular ? floor_one_rcond(norm, blas::inf_norm(n, inverse)) : 0.0};
   }
-  // 1 / (max(1, ||a||) max(1, ||a^-1||)), 0 for an infinite ||a^-1|| (docs/algorithm.md §5.7).
+  // 1 / (max(1, ||a||) max(1, ||a^-1||)), 0 for an infinite or NaN norm (docs/algorithm.md §5.7).
   static double floor_one_rcond(double norm, double inverse_norm) {
+    if (!(norm < kInfinity) || !(inverse_norm < kInfinity)) return 0.0;  // std::max would drop a NaN
     return 1.0 / (std::max(1.0, norm) * std::max(1.0, inverse_norm));
   }
+  static constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
   // The Woodbury system S^T (n x n, row-major, overwritten) factored for solve_system on rhs_cols columns, with
   // rcond as invert's floor_one gives it (from LU factors: with ||S^-T|| estimated by gecon; docs/algorithm.md §5.7;

@@ -59,7 +59,7 @@ int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 
 namespace sparsetarget::blas {
 namespace {
-constexpr int kRowMajor = 101, kColMajor = 102, kNoTrans = 111, kTrans = 112, kUpper = 121, kLower = 122;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kUpper = 121;
 int op(Op o) { return o == Op::N ? kNoTrans : kTrans; }
 
 void check_info(int info, const char* routine) {
@@ -73,7 +73,7 @@ double inf_norm(int n, const T* a) {
   for (int i = 0; i < n; ++i) {
     double row = 0;
     for (int j = 0; j < n; ++j) row += std::abs(static_cast<double>(a[static_cast<std::ptrdiff_t>(i) * n + j]));
-    norm = std::max(norm, row);
+    if (!(row <= norm)) norm = row;  // a NaN row makes the norm NaN (std::max would drop it)
   }
   return norm;
 }
