@@ -84,6 +84,29 @@ def test_large_woodbury_system_that_needs_pivoting_matches_dense(core_threads):
     assert rel_err(layer.dense_weight(), dense.W) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 70, 97])  # around the 32-row blocks of the substitution
+def test_small_system_inverse_matches_numpy(dtype, n):
+    """The inverse the step takes of its small systems (getrf, then the blocked substitution applied to the identity)
+    against NumPy, for a matrix whose rows are permuted so that getrf must swap them; its rcond estimate brackets the
+    true one; with two equal rows, rcond is below the dtype's epsilon (0 where a pivot comes out exactly zero)."""
+    from sparsetarget import _core
+
+    rng = np.random.default_rng(n)
+    a = (np.eye(n) + 0.3 * rng.standard_normal((n, n)) / np.sqrt(n))[rng.permutation(n)]
+    a = a.astype(dtype)
+    inverse, rcond = _core._inverse(a)
+    a64 = a.astype(np.float64)
+    want = np.linalg.inv(a64)
+    assert inverse.dtype == dtype
+    assert np.abs(inverse - want).max() / np.abs(want).max() < (1e-13 if dtype == np.float64 else 2e-5)
+    true_rcond = 1 / (np.abs(a64).sum(1).max() * np.abs(want).sum(1).max())  # infinity norms
+    assert true_rcond * 0.999 <= rcond <= 10 * true_rcond
+    if n > 1:
+        a[-1] = a[0]
+        assert _core._inverse(a)[1] < np.finfo(dtype).eps
+
+
 def dense_float32_error(loss, opts, kind, m, weight_decay):
     """The error of a plain dense float32 SGD run against float64: the yardstick for float32 tolerances."""
     rng = np.random.default_rng(0)

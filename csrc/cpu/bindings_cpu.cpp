@@ -586,6 +586,23 @@ void by_dtype(const char* what, py::array a, py::array b, py::array c, const std
     throw std::invalid_argument(std::string(what) + ": the dtype must be float32 or float64");
 }
 
+// The inverse of a square matrix as the step forms it (getrf, then the blocked substitution applied to the identity)
+// and LAPACK's reciprocal condition estimate (0 when singular); a is not changed. For tests.
+template <class T>
+py::tuple inverse_of(const py::array& a_arr) {
+  const auto a = a_arr.cast<py::array_t<T, py::array::c_style>>();
+  const int n = static_cast<int>(a.shape(0));
+  std::vector<T> factors(a.data(), a.data() + static_cast<std::size_t>(n) * n);
+  py::array_t<T> inverse({n, n});
+  T* out = inverse.mutable_data();
+  double rcond = 0;
+  {
+    py::gil_scoped_release release;
+    rcond = blas::invert_into<T>(n, factors.data(), out, true);
+  }
+  return py::make_tuple(inverse, rcond);
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sparsetarget C++ core: exact factored training of large sparse-target output layers";
   m.attr("__version__") = SPARSETARGET_VERSION;
@@ -632,6 +649,13 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("alpha"), py::arg("beta"), py::arg("route"),
         "c <- alpha (a^T b + b^T a) + beta c, both triangles, by the vendor BLAS (split over the core's threads) or "
         "the core's own loops (one thread).");
+  m.def("_inverse", [](const py::array& a) {
+    if (a.ndim() != 2 || a.shape(0) != a.shape(1) || !(a.flags() & py::array::c_style))
+      throw std::invalid_argument("_inverse: a must be a square C-contiguous matrix");
+    if (a.dtype().is(py::dtype::of<double>())) return inverse_of<double>(a);
+    if (a.dtype().is(py::dtype::of<float>())) return inverse_of<float>(a);
+    throw std::invalid_argument("_inverse: the dtype must be float32 or float64");
+  }, py::arg("a"), "(inverse, rcond) of a square matrix as the step inverts its small systems (tests).");
   m.def("set_num_threads", &blas::set_num_threads, py::arg("n"), py::arg("passes") = true,
         "Set the number of threads the core splits its products over (n >= 1; each part is a single-threaded "
         "BLAS call); with passes, also for the long passes over V (refresh, correction, logits, top-k).");
