@@ -369,32 +369,43 @@ ST_INSTANTIATE(double)
 #undef ST_INSTANTIATE
 
 
+namespace {
+// getrf of the column-major view of row-major a (n x n), in place, and with estimate LAPACK's reciprocal condition
+// of that view in the 1-norm, which is the infinity norm of a (norm, taken before): 0 when a is singular or norm is
+// not finite, 1 without estimate.
+template <class T>
+double lu_factor(int n, T* a, int* ipiv, double norm, bool estimate) {
+  const T anorm = static_cast<T>(norm);
+  if (!std::isfinite(anorm)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
+  int info = 0;
+  Vendor<T>::getrf(&n, &n, a, &n, ipiv, &info);
+  check_info(info, "getrf");
+  if (info > 0) return 0.0;
+  if (!estimate) return 1.0;
+  // O(n^2), where the explicit inverse costs O(n^3)
+  T rcond = 0;
+  std::vector<T> work(4 * static_cast<std::size_t>(n));
+  std::vector<int> iwork(n);
+  Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
+  check_info(info, "gecon");
+  return static_cast<double>(rcond);
+}
+}  // namespace
+
 template <class T>
 double invert_into(int n, T* a, T* inverse, bool estimate) {
   if (n == 0) return 1.0;
-  // Row-major A is column-major A^T: getrf factors A^T, and lu_solve_transposed solves A X = I from those factors.
-  // The 1-norm of A^T is the infinity norm of A.
-  const T anorm = static_cast<T>(inf_norm(n, a));
-  if (!std::isfinite(anorm)) return 0.0;  // LAPACK rejects a non-finite norm as an illegal argument
+  // Row-major A is column-major A^T: getrf factors A^T, and lu_solve_transposed solves A X = I from those factors,
+  // by the blocked substitution in GEMMs rather than getri, which runs at a fraction of the GEMM rate (about a fifth
+  // at n = 200 with OpenBLAS on an EPYC).
   std::vector<int> ipiv(n);
-  int info = 0;
-  Vendor<T>::getrf(&n, &n, a, &n, ipiv.data(), &info);
-  check_info(info, "getrf");
-  if (info > 0) return 0.0;
-  T rcond = 1;
-  if (estimate) {
-    std::vector<T> work(4 * static_cast<std::size_t>(n));
-    std::vector<int> iwork(n);
-    Vendor<T>::gecon("1", &n, a, &n, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
-    check_info(info, "gecon");
-  }
-  // From the factors by the blocked substitution in GEMMs rather than getri, which runs at a fraction of the GEMM
-  // rate (about a fifth at n = 200 with OpenBLAS on an EPYC)
+  const double rcond = lu_factor(n, a, ipiv.data(), inf_norm(n, a), estimate);
+  if (!(rcond > 0)) return 0.0;
   const std::size_t nn = static_cast<std::size_t>(n) * n;
   std::fill(inverse, inverse + nn, T(0));
   for (int i = 0; i < n; ++i) inverse[static_cast<std::size_t>(i) * n + i] = T(1);
   lu_solve_transposed<T>(n, n, a, ipiv.data(), inverse, n);
-  return static_cast<double>(rcond);
+  return rcond;
 }
 template double invert_into<float>(int, float*, float*, bool);
 template double invert_into<double>(int, double*, double*, bool);
@@ -412,20 +423,10 @@ template double invert<double>(int, double*, bool);
 template <class T>
 double lu_factor_transposed(int n, T* st, int* ipiv, double norm) {
   if (n == 0) return 0.0;
-  // Row-major S^T is column-major S: getrf factors S = P L U in place. Its 1-norm is the infinity norm of S^T.
-  const T anorm = static_cast<T>(norm);
-  if (!std::isfinite(anorm)) return kSingular;  // LAPACK rejects a non-finite norm as an illegal argument
-  int info = 0;
-  Vendor<T>::getrf(&n, &n, st, &n, ipiv, &info);
-  check_info(info, "getrf");
-  if (info > 0) return kSingular;
-  // ||S^-1||_1 from LAPACK's estimate of 1 / (||S||_1 ||S^-1||_1): O(n^2), where the explicit inverse costs O(n^3)
-  T rc = 0;
-  std::vector<T> work(4 * static_cast<std::size_t>(n));
-  std::vector<int> iwork(n);
-  Vendor<T>::gecon("1", &n, st, &n, &anorm, &rc, work.data(), iwork.data(), &info, 1);
-  check_info(info, "gecon");
-  return rc > 0 ? 1.0 / (static_cast<double>(rc) * norm) : kSingular;
+  // Row-major S^T is column-major S: getrf factors S = P L U in place; ||S^-1||_1 = ||S^-T||_inf from LAPACK's
+  // estimate of 1 / (||S||_1 ||S^-1||_1).
+  const double rcond = lu_factor(n, st, ipiv, norm, true);
+  return rcond > 0 ? 1.0 / (rcond * norm) : kSingular;
 }
 template double lu_factor_transposed<float>(int, float*, int*, double);
 template double lu_factor_transposed<double>(int, double*, int*, double);
