@@ -146,7 +146,7 @@ void hidden_gradient(B& b, const FactoredState<TV, TS>& st, const Targets& t, co
 // One exact SGD step W <- (1 - lr wd) W - lr dL/dW for a loss with per-example partials dA (per target entry), dq
 // and ds evaluated at the current weights (§5; order and commit: §5.13). Writes grad_H = dL/dH (m x d) at the
 // weights before the step; with grad_H_known, grad_H already holds it (from hidden_gradient on the same minibatch
-// and weights) and is reused.
+// and weights) and is only read.
 // All-or-nothing: every check runs before the first write to the state (CPU), or the commit is skipped on the device
 // when one failed (CUDA).
 template <class B, class TV, class TS>

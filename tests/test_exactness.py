@@ -253,7 +253,16 @@ def test_split_backward_with_kept_projections(m):
     twin = st.FactoredOutput(W0)
     twin.load_state_dict(layer.state_dict())
     core.backward_step(*args)
-    twin._engine.core.backward_step(*args, known)  # reusing grad_H from grad_hidden skips recomputing it
+    bad = known.copy()
+    bad[1, 2] = np.nan
+    state = twin.state_dict()
+    with pytest.raises(ValueError, match="grad_H contains NaN or inf"):
+        twin._engine.core.backward_step(*args, bad)
+    assert all(np.array_equal(state[k], v) for k, v in twin.state_dict().items() if k != "config")
+    given = known.copy()
+    # reusing grad_H from grad_hidden skips recomputing it; the step only reads it and returns it as given
+    out = twin._engine.core.backward_step(*args, known)
+    assert out is known and np.array_equal(known, given)
     dense.W = (1 - 0.05 * 0.1) * dense.W - 0.05 * (dO1.T @ H1 + dO2.T @ H2)
     assert rel_err(layer.dense_weight(), dense.W) < 1e-10
     assert rel_err(twin.dense_weight(), dense.W) < 1e-10

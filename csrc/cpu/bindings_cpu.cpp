@@ -353,18 +353,24 @@ class Core {
       const bool known = !known_grad_H.is_none();
       if (known && in.given.empty())
         throw py::value_error("grad_H can only be reused together with the projections it was computed from");
-      py::array_t<TS> grad_H({m, d});
+      // A known grad_H is only read by the step (as on the GPU), so it is used in place and returned as given.
+      py::array_t<TS> grad_H;
+      TS* grad_out = nullptr;
       if (known) {
-        auto g = checked<TS>(known_grad_H, "grad_H", {m, d}, false);
-        if (!all_finite(g.data(), static_cast<std::size_t>(g.size()))) throw py::value_error("grad_H contains NaN or inf");
-        std::copy(g.data(), g.data() + g.size(), grad_H.mutable_data());
+        grad_H = checked<TS>(known_grad_H, "grad_H", {m, d}, false);
+        if (!all_finite(grad_H.data(), static_cast<std::size_t>(grad_H.size())))
+          throw py::value_error("grad_H contains NaN or inf");
+        grad_out = const_cast<TS*>(grad_H.data());  // read only: backward_step writes grad_H only when not known
+      } else {
+        grad_H = py::array_t<TS>({m, d});
+        grad_out = grad_H.mutable_data();
       }
       {
         py::gil_scoped_release release;
         const ReleaseLargeScratch release_scratch;
         auto& b = cpu_backend();
         sparsetarget::backward_step(b, st, in.h.data(), in.t.view, in.projections(st), in.dA.data(), in.dq.data(),
-                                    in.ds.data(), step_options(lr, weight_decay), grad_H.mutable_data(), known);
+                                    in.ds.data(), step_options(lr, weight_decay), grad_out, known);
         after_step(b, st, stabilize_, m);
       }
       return grad_H;
