@@ -11,7 +11,9 @@ Each factored configuration is first checked against the dense layer (loss and i
 The torch path costs more than the NumPy step by its Python glue and by torch's autograd machinery. To tell the two
 apart, the interleaved comparison also times "minimal": the same core calls (labels, fused loss and gradient, step)
 in the smallest torch.autograd.Function that can carry them, without the front end's checks: what any autograd
-front end over this core would at least cost on this machine.
+front end over this core would at least cost on this machine. A last table times the three at a tiny size with warm
+caches and with each call starting cold: after a long step the Python and autograd code of a step runs from memory,
+which is what makes the front end's overhead grow with the step it follows.
 
 Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
 Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import time
+from typing import Callable
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", type=int, default=1, help="threads for torch and BLAS (default 1)")
@@ -62,12 +65,16 @@ def measure(fn, min_reps: int, min_seconds: float) -> dict:
     return {"ms": float(np.median(times)) * 1e3, "reps": len(times), "peak_extra_mib": rss_mib("VmHWM") - base}
 
 
-def interleaved(fns: dict, bursts: int = 25, calls: int = 8) -> dict:
-    """Median ms of each function over ``bursts`` rounds of ``calls`` calls, the functions taking turns."""
+def interleaved(fns: dict, bursts: int = 25, calls: int = 8, flush: np.ndarray | None = None) -> dict:
+    """Median ms of each function over ``bursts`` rounds of ``calls`` calls, the functions taking turns. With
+    ``flush`` (an array larger than the caches), every call is preceded, untimed, by a pass writing it: each call
+    then starts with cold caches, as after a long step."""
     times: dict = {name: [] for name in fns}
     for _ in range(bursts):
         for name, fn in fns.items():
             for _ in range(calls):
+                if flush is not None:
+                    flush += 1
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -107,8 +114,12 @@ def dense_spherical(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.log(num.sum(1)) - torch.log(num.gather(1, y[:, None])[:, 0])).sum()
 
 
-def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
-    row: dict = {"D": D, "d": d, "m": m}
+def three_steps(D: int, d: int, m: int, rng: np.random.Generator,
+                row: dict) -> tuple[dict, torch.nn.Linear, Callable[[], tuple]]:
+    """The torch front end's step, the NumPy step and the minimal Function's step on three copies of one W, each
+    first checked against nn.Linear + the dense loss (errors into ``row``). Returns the steps by name, that
+    nn.Linear (the dense baselines' start) and a function giving the next (h, y) batch as the torch steps take
+    it."""
     torch.manual_seed(0)
     head = stt.FactoredLinear(d, D)
     opt = stt.FactoredSGD(head, lr=LR)
@@ -139,14 +150,12 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
         stt.linear_spherical_loss(h, head, y, eps=EPS, reduction="sum").backward()
         opt.step()
 
-    row["factored"] = measure(factored_step, 10, 1.5)
     np_batches = [(h.numpy(), y.numpy()) for h, y in batches]
     spec_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
 
     def core_step():
         spec_layer.step(*np_batches[next(counter) % 8], LR)
 
-    row["core"] = measure(core_step, 10, 1.5)
     # a third layer, trained by the minimal autograd Function over the core (same sizes, its own copy of W)
     minimal_layer = st.FactoredOutput(linear.weight.detach().numpy(), loss="spherical_softmax", eps=EPS)
     anchor = torch.zeros((), requires_grad=True)
@@ -162,8 +171,16 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
         h, y = next_batch()
         minimal_step(minimal_layer._engine.core, minimal_layer._spec, D, h, y, anchor)
 
+    return {"factored": factored_step, "minimal": minimal, "core": core_step}, linear, next_batch
+
+
+def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
+    row: dict = {"D": D, "d": d, "m": m}
+    steps, linear, next_batch = three_steps(D, d, m, rng, row)
+    row["factored"] = measure(steps["factored"], 10, 1.5)
+    row["core"] = measure(steps["core"], 10, 1.5)
     # the cost of the torch path: the steps in alternating bursts, so that the machine's load falls on all alike
-    row["interleaved_ms"] = interleaved({"factored": factored_step, "minimal": minimal, "core": core_step})
+    row["interleaved_ms"] = interleaved(steps)
 
     sgd = torch.optim.SGD(linear.parameters(), lr=LR)
     reps = 2 if D * m > 5e7 else 5
@@ -184,6 +201,17 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
 
         row[name] = measure(lce_step, reps, 0.0)
     row["W_mib"] = D * d * 4 / 2**20
+    return row
+
+
+def front_end_caches(rng: np.random.Generator) -> dict:
+    """The cost of the torch path and of the minimal Function over the NumPy step at a size where the core's work
+    is small, with warm caches and with every call starting cold (a 64 MiB pass before it, as a long step leaves
+    them): what their Python and autograd code costs when it is read from memory instead of the caches."""
+    row: dict = {"D": 2000, "d": 16, "m": 4}
+    steps, _, _ = three_steps(row["D"], row["d"], row["m"], rng, row)
+    row["warm_ms"] = interleaved(steps)
+    row["cold_ms"] = interleaved(steps, flush=np.ones(64 * 2**18, dtype=np.float32))
     return row
 
 
@@ -212,6 +240,14 @@ def main() -> None:
               f"{r['dense']['peak_extra_mib']:>9.1f} {r['lce']['peak_extra_mib']:>8.1f} "
               f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f} | "
               f"{tn:>7.3f} {tn / tc:>6.3f} {tn - tc:>6.3f}", flush=True)
+    caches = front_end_caches(rng)
+    results["front_end_caches"] = caches
+    print(f"\n# the same steps at (D, d, m) = ({caches['D']}, {caches['d']}, {caches['m']}): ms over the NumPy step, "
+          "with warm caches and with each call starting cold\n"
+          f"{'caches':>6} | {'torch +ms':>9} {'minimal +ms':>11} | {'core ms':>7}")
+    for name in ("warm", "cold"):
+        t = caches[f"{name}_ms"]
+        print(f"{name:>6} | {t['factored'] - t['core']:>9.3f} {t['minimal'] - t['core']:>11.3f} | {t['core']:>7.3f}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"torch_cpu_{'quick_' if args.quick else ''}{args.threads}thread.json")
     with open(out, "w") as f:
