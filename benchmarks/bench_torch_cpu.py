@@ -12,8 +12,9 @@ The torch path costs more than the NumPy step by its Python glue and by torch's 
 apart, the interleaved comparison also times "minimal": the same core calls (labels, fused loss and gradient, step)
 in the smallest torch.autograd.Function that can carry them, without the front end's checks: what any autograd
 front end over this core would at least cost on this machine. A last table times the three at a tiny size with warm
-caches and with each call starting cold: after a long step the Python and autograd code of a step runs from memory,
-which is what makes the front end's overhead grow with the step it follows.
+caches and with each call starting cold (after a pass over twice the last-level cache), as after a long step: the
+front end's overhead growing with the step it follows is consistent with its Python and autograd code then running
+from memory.
 
 Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
 Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).
@@ -22,6 +23,7 @@ Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -206,13 +208,25 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
 
 def front_end_caches(rng: np.random.Generator) -> dict:
     """The cost of the torch path and of the minimal Function over the NumPy step at a size where the core's work
-    is small, with warm caches and with every call starting cold (a 64 MiB pass before it, as a long step leaves
-    them): what their Python and autograd code costs when it is read from memory instead of the caches."""
-    row: dict = {"D": 2000, "d": 16, "m": 4}
+    is small, with warm caches and with every call starting cold (a pass over twice the last-level cache before it,
+    at least 64 MiB, as a long step leaves them): what their Python and autograd code costs when it is read from
+    memory instead of the caches."""
+    row: dict = {"D": 2000, "d": 16, "m": 4, "flush_mib": max(64, 2 * last_level_cache_mib())}
     steps, _, _ = three_steps(row["D"], row["d"], row["m"], rng, row)
     row["warm_ms"] = interleaved(steps)
-    row["cold_ms"] = interleaved(steps, flush=np.ones(64 * 2**18, dtype=np.float32))
+    row["cold_ms"] = interleaved(steps, flush=np.ones(row["flush_mib"] * 2**18, dtype=np.float32))
     return row
+
+
+def last_level_cache_mib() -> int:
+    """The largest CPU cache's size in MiB from sysfs (0 where it cannot be read)."""
+    sizes = [0]
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        scale = {"K": 1 / 1024, "M": 1, "G": 1024}.get(text[-1:], 1 / 2**20)
+        sizes.append(int(float(text.rstrip("KMG")) * scale))
+    return max(sizes)
 
 
 def main() -> None:
@@ -243,7 +257,7 @@ def main() -> None:
     caches = front_end_caches(rng)
     results["front_end_caches"] = caches
     print(f"\n# the same steps at (D, d, m) = ({caches['D']}, {caches['d']}, {caches['m']}): ms over the NumPy step, "
-          "with warm caches and with each call starting cold\n"
+          f"with warm caches and with each call starting cold (after a {caches['flush_mib']} MiB pass)\n"
           f"{'caches':>6} | {'torch +ms':>9} {'minimal +ms':>11} | {'core ms':>7}")
     for name in ("warm", "cold"):
         t = caches[f"{name}_ms"]

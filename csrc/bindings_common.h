@@ -74,7 +74,7 @@ void def_factored_core(pybind11::class_<Core>& cls) {
            py::arg("dq"), py::arg("ds"), py::arg("lr"), py::arg("weight_decay"), py::arg("projections") = py::none(),
            py::arg("grad_H") = py::none(),
            "grad_H and one exact SGD step for a loss with the given partial derivatives; grad_H from grad_hidden "
-           "(with the same projections) can be passed to skip recomputing it.")
+           "(with the same projections) can be passed to skip recomputing it: the step only reads it and returns it.")
       .def("refresh", &Core::refresh, "Recompute U^-1, Q and w_bar from V, U and omega (O(D d^2)).")
       .def("stabilize", &Core::stabilize, "SVD-based correction of U's singular values (one pass over V); W unchanged.")
       .def("inverse_error", &Core::inverse_error, "||U U^-1 - I||_F (O(d^3)).")

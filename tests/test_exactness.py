@@ -216,7 +216,7 @@ def test_scipy_csr_with_duplicates_is_summed(rng):
     assert rel_err(a.dense_weight(), b.dense_weight()) < 1e-13
 
 
-@pytest.mark.parametrize("m", [1, 6, 31])
+@pytest.mark.parametrize("m", [1, 6, 12, 31])  # stacked with 4 rows: Woodbury, Woodbury, explicit, Gram-free
 def test_split_backward_with_kept_projections(m):
     """The core's split path used by front ends that record a gradient now and step later: forward keeping the
     projections, grad_hidden (no state change), then backward_step on two stacked minibatches with their stacked
@@ -263,6 +263,11 @@ def test_split_backward_with_kept_projections(m):
     # reusing grad_H from grad_hidden skips recomputing it; the step only reads it and returns it as given
     out = twin._engine.core.backward_step(*args, known)
     assert out is known and np.array_equal(known, given)
+    other = st.FactoredOutput(W0)  # a grad_H unlike the one the step would compute is not overwritten either
+    other.load_state_dict(state)
+    wrong = 2 * known
+    other._engine.core.backward_step(*args, wrong)
+    assert np.array_equal(wrong, 2 * given)
     dense.W = (1 - 0.05 * 0.1) * dense.W - 0.05 * (dO1.T @ H1 + dO2.T @ H2)
     assert rel_err(layer.dense_weight(), dense.W) < 1e-10
     assert rel_err(twin.dense_weight(), dense.W) < 1e-10
