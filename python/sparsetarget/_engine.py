@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import math
 import os
 import threading
 from types import ModuleType
@@ -81,14 +82,17 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
 def check_scalar(x: Any, name: str) -> float:
     """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise. Strings are refused
     (``float("0.1")`` would accept them)."""
-    text = isinstance(x, (str, bytes, bytearray)) or getattr(getattr(x, "dtype", None), "kind", "") in ("S", "U", "O")
-    if text:
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    try:
+    if type(x) is float or type(x) is int:  # the common case (e.g. an optimizer's lr on every step)
         value = float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
-    if not np.isfinite(value) or value < 0:
+    else:
+        kind = getattr(getattr(x, "dtype", None), "kind", "")
+        if isinstance(x, (str, bytes, bytearray)) or kind in ("S", "U", "O"):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+        try:
+            value = float(x)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
 
