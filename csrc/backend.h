@@ -3,7 +3,7 @@
 // supply the primitives, mirrored name for name:
 //
 //   scratch<T>(slot, n)                 reusable memory of the backend (slots below), at least n elements
-//   gemm, gemv, syr2k_t, syrk_t, mirror_upper, sym_rank2k and gram (both triangles, exactly symmetric)
+//   gemm, gemv, mirror_upper, sym_rank2k and gram (both triangles, exactly symmetric)
 //                                       BLAS on ROW-MAJOR matrices (see cpu/blas_cpu.h), on the backend's stream
 //   for_each(n, f), for_rows(rows, cols, f[, row_work])
 //                                       elementwise loops running a functor of step_parts.h as f(i) / f(i, j)

@@ -81,16 +81,12 @@ class CudaBackend {
     blas::gemv<T>(blas, oa, m, n, alpha, a, lda, x, beta, y);
   }
   template <class T>
-  void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
-    blas::syr2k_t<T>(blas, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
-  template <class T>
   void mirror_upper(int n, T* c, int ldc) {
     blas::mirror_upper<T>(blas, n, c, ldc);
   }
   template <class T>
   void sym_rank2k(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) {
-    syr2k_t<T>(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    blas::syr2k_t<T>(blas, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     mirror_upper<T>(n, c, ldc);
   }
   template <class T>
