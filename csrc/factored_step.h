@@ -210,9 +210,9 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   // Q <- c^2 Q - lr (H^T B + B^T H), B = c G_H - (lr/2) G H  (§5.10); for large m, Q <- c^2 Q + dQ
   TS* omega = b.template scratch<TS>(kSlotOmegaNew, d);
   TS* w_bar = b.template scratch<TS>(kSlotWBarNew, d);
-  TS* Bq = nullptr;
-  TS* dQ = nullptr;
-  double* gamma_energy = nullptr;
+  TS* Bq = gram_free ? nullptr : b.template scratch<TS>(kSlotB, md);
+  TS* dQ = gram_free ? b.template scratch<TS>(kSlotGfDQ, dd) : nullptr;
+  double* gamma_energy = gram_free ? b.template scratch<double>(kSlotGfEnergy, 1) : nullptr;
   // Independent of the factor M and of X. Beside X (Woodbury, m < d) they take no scratch of their own; the Gram-free
   // Q update, which does, needs m >= 2d and runs alone.
   const auto vector_and_q_factors = [&] {
@@ -227,12 +227,6 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
       detail::q_update_without_gram(b, st, H, m, t, dA, order, grad_H, aH, WZ, z_sum, ds, lr, c, D, dQ, gamma_energy);
     }
   };
-  if (!gram_free) {
-    Bq = b.template scratch<TS>(kSlotB, md);
-  } else {
-    dQ = b.template scratch<TS>(kSlotGfDQ, dd);
-    gamma_energy = b.template scratch<double>(kSlotGfEnergy, 1);
-  }
 
   // U^-1_new and X = H U_new^-1 (row j: what V's target rows of example j move along), with rcond of the factor.
   TS* X = b.template scratch<TS>(kSlotX, md);
