@@ -713,21 +713,31 @@ def test_input_changed_in_place_after_backward_does_not_reach_the_step(fused):
     assert max_rel(heads[0].dense_weight(), make_head(bias=False, seed=1).dense_weight()) > 1e-4
 
 
-@pytest.mark.parametrize("form", ["int32", "strided", "2-D"])
-def test_class_labels_in_any_layout_train_alike(form):
-    """Class labels that take the general conversion (another integer dtype, a strided view) or a 2-D input with
-    2-D labels give the same losses, input gradients and step as contiguous int64 labels of a 2-D input."""
+@pytest.mark.parametrize("form", ["int32", "strided", "2-D", "strided input"])
+def test_class_labels_in_any_layout_train_alike(form, monkeypatch):
+    """Class labels that take the general conversion (another integer dtype, a strided view), a 2-D input with
+    2-D labels give the same losses, input gradients and step as int64 labels (m,) of a 2-D input, which take the
+    shorter checks of ``_plain_call`` (a strided input too; the other forms take the general ones)."""
     rng = np.random.default_rng(7)
     heads = [make_head(seed=2), make_head(seed=2)]
     opts = [stt.FactoredSGD(head, lr=0.5, weight_decay=0.1) for head in heads]
     h0 = torch.from_numpy(rng.standard_normal((6, D_IN)))
     y = torch.tensor([3, -100, 7, 7, D - 1, 0])
-    given = {"int32": y.to(torch.int32), "strided": torch.stack([y, y], 1)[:, 1], "2-D": y.reshape(2, 3)}[form]
+    given = {"int32": y.to(torch.int32), "strided": torch.stack([y, y], 1)[:, 1], "2-D": y.reshape(2, 3),
+             "strided input": y}[form]
     assert form != "strided" or not given.is_contiguous()
+    general_calls = []
+    general = stt.FactoredLinear._call
+    monkeypatch.setattr(stt.FactoredLinear, "_call", lambda self, *a: general_calls.append(1) or general(self, *a))
     results = []
-    for head, opt, labels in zip(heads, opts, (y, given)):
-        h = (h0 if labels.dim() == 1 else h0.reshape(2, 3, D_IN)).clone().requires_grad_(True)
+    for i, (head, opt, labels) in enumerate(zip(heads, opts, (y, given))):
+        h = h0 if labels.dim() == 1 else h0.reshape(2, 3, D_IN)
+        if i == 1 and form == "strided input":
+            h = h.t().contiguous().t()
+            assert not h.is_contiguous()
+        h = h.clone().requires_grad_(True)
         L = stt.linear_spherical_loss(h, head, labels, reduction="none")
+        assert len(general_calls) == (i if form != "strided input" else 0)
         L.sum().backward()
         opt.step()
         results.append((L.detach().reshape(-1), h.grad.reshape(6, D_IN)))

@@ -643,7 +643,6 @@ class CpuEngine(Engine):
         wrap = self._from_numpy
         return wrap(A), wrap(out[1]), wrap(out[2]), (out[3] if keep_projections else None)
 
-    @_locked
     def forward_loss(self, H: Any, targets: CSRTargets, spec: Any, with_grad: bool,
                      copy_hidden: bool = False) -> tuple[Any, ...]:
         """A built-in loss (``spec`` from :func:`loss_spec`) in one pass: ``(losses, dA, dq, ds, projections,
@@ -651,8 +650,9 @@ class CpuEngine(Engine):
         dL/ds, the projections of H for :meth:`grad_hidden` and the step, with ``with_grad`` dL/dH (else None), the
         sum of the losses (a float) and with ``copy_hidden`` a copy of H (else None). NumPy arrays. No state
         change."""
-        return self.core.loss_gradient(_np(H), targets.indptr, targets.indices, targets.values, targets.active, spec,
-                                       with_grad, copy_hidden)
+        with self.lock:  # held inline: this runs on every training step
+            return self.core.loss_gradient(_np(H), targets.indptr, targets.indices, targets.values, targets.active,
+                                           spec, with_grad, copy_hidden)
 
     @_locked
     def grad_hidden(self, H: Any, targets: CSRTargets, dA: Any, dq: Any, ds: Any, projections: Any) -> Any:
@@ -660,10 +660,17 @@ class CpuEngine(Engine):
                                        _np(dq), _np(ds), projections)
         return self._from_numpy(grad_H)
 
-    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:  # Engine.step holds the lock
-        native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
-                           None if r.grad_H is None else _np(r.grad_H)) for r in records]
-        return self._from_numpy(super().step(native, lr, weight_decay))
+    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:
+        with self.lock:  # Engine.step's work; one record (the usual step) goes to the core without stacking
+            if len(records) > 1:
+                native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
+                                   None if r.grad_H is None else _np(r.grad_H)) for r in records]
+                return self._from_numpy(super().step(native, lr, weight_decay))
+            H, targets, dA, dq, ds, projections, grad_H = records[0]
+            grad_H = self.core.backward_step(_np(H), targets.indptr, targets.indices,
+                                             entries_from_rows(_np(dA), targets), _np(dq), _np(ds), lr, weight_decay,
+                                             projections, None if grad_H is None else _np(grad_H))
+            return self._from_numpy(grad_H)
 
     def _backward_step(self, r: Recorded, lr: float, weight_decay: float) -> np.ndarray:
         return self.core.backward_step(r.H, r.targets.indptr, r.targets.indices, r.dA, r.dq, r.ds, lr, weight_decay,

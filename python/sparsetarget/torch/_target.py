@@ -125,15 +125,29 @@ def _on_device(csr: CSRTargets, device: torch.device) -> CSRTargets | DeviceCSR:
     return DeviceCSR(torch.from_numpy(csr.indptr).to(device), torch.from_numpy(csr.indices).to(device), None, False)
 
 
+_CPU = torch.device("cpu")
+
+
+def plain_class_target(target: Any, lead_shape: tuple[int, ...], out_features: int, ignore_index: int,
+                       dtype: torch.dtype) -> SparseTarget | None:
+    """The targets of a head on the CPU in their most common form, int64 class labels on the CPU shaped like
+    ``lead_shape``, checked and converted in the fewest calls (the core checks the range); None for any other form
+    (then :func:`convert_target` checks it in full)."""
+    if (type(target) is not torch.Tensor or target.dtype is not torch.int64 or not target.is_cpu
+            or target.layout is not torch.strided or not target.is_contiguous() or target.shape != lead_shape):
+        return None
+    labels = target.numpy()
+    csr = class_csr(labels if labels.ndim == 1 else labels.reshape(-1), out_features, ignore_index, "target")
+    return SparseTarget(csr, out_features, lead_shape, dtype, _CPU, host=csr)
+
+
 def convert_target(target: Any, lead_shape: tuple[int, ...], out_features: int, ignore_index: int,
                    dtype: torch.dtype, device: torch.device) -> SparseTarget:
     """Check ``target`` against an input of leading shape ``lead_shape`` and build the :class:`SparseTarget`."""
-    if (type(target) is torch.Tensor and target.dtype is torch.int64 and target.is_cpu and device.type == "cpu"
-            and target.layout is torch.strided and target.is_contiguous() and target.shape == lead_shape):
-        # the common case (int64 class labels on the CPU) in the fewest calls: the core checks the range
-        labels = target.numpy()
-        csr = class_csr(labels if labels.ndim == 1 else labels.reshape(-1), out_features, ignore_index, "target")
-        return SparseTarget(csr, out_features, lead_shape, dtype, device, host=csr)
+    if device.type == "cpu":
+        plain = plain_class_target(target, lead_shape, out_features, ignore_index, dtype)
+        if plain is not None:
+            return plain
     m = math.prod(lead_shape)
     parts = _csr_parts(target)
     if parts is not None:

@@ -27,7 +27,7 @@ from .._engine import (
     stabilization_updates,
 )
 from ._function import FactoredHeadFunction, FactoredLossFunction, HeadCall
-from ._target import convert_target
+from ._target import convert_target, plain_class_target
 from .distributed import VocabParallelHeadFunction, VocabShard, gather_update
 from .functional import REDUCTIONS, HeadOutput, loss_function
 
@@ -203,12 +203,13 @@ class FactoredLinear(nn.Module):
 
     def _engine(self) -> Engine:
         """The backend working in place on the state tensors; rebuilt when one was replaced (e.g. by ``.to()``)."""
-        tensors = self._state_tensors()
+        tensors = _STATE_OF(self.__dict__)
         key = list(map(torch.Tensor.data_ptr, tensors))  # a new dtype, device or buffer means new memory
-        if self._view is None or key != self._view_key:
-            self._view = engine_for(dict(zip(STATE_ARRAYS, tensors)), self._stabilization)
+        view = self._view
+        if view is None or key != self._view_key:
+            view = self._view = engine_for(dict(zip(STATE_ARRAYS, tensors)), self._stabilization)
             self._view_key = key
-        return self._view
+        return view
 
     def _hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """H (m, d) in the state dtype with the bias column, contiguous; ``h`` itself when nothing needs converting.
@@ -273,9 +274,30 @@ class FactoredLinear(nn.Module):
         engine = self._engine()
         if not engine.fuses_losses:
             return None
-        h, call = self._call(input, target, ignore_index, engine)
+        call = self._plain_call(input, target, ignore_index, engine)
+        if call is None:
+            h, call = self._call(input, target, ignore_index, engine)
+        else:
+            h = input
         with_grad = torch.is_grad_enabled() and (h.requires_grad or self._anchor.requires_grad)
         return FactoredLossFunction.apply(h, self._anchor, call, spec, reduction, with_grad)
+
+    def _plain_call(self, input: Any, target: Any, ignore_index: Any, engine: Engine) -> HeadCall | None:
+        """What ``_call`` gives for its most common arguments in fewer steps (a training step's forward): an
+        (m, in_features) floating-point CPU tensor and int64 class labels (m,) on the CPU. None for anything else,
+        which ``_call`` then checks and converts."""
+        if (type(input) is not torch.Tensor or type(ignore_index) is not int or not input.is_cpu
+                or input.layout is not torch.strided or not input.dtype.is_floating_point):
+            return None
+        lead = input.shape[:-1]
+        if len(lead) != 1 or input.shape[1] != self.in_features or lead[0] < 1:
+            return None
+        target_info = plain_class_target(target, lead, self.out_features, ignore_index, self.U.dtype)
+        if target_info is None:
+            return None
+        self._anchor.requires_grad_(not self._frozen)
+        H, owned = self._hidden(input)
+        return HeadCall(engine, target_info, H, owned, self._current_check(), self._record)
 
     def _current_check(self) -> Callable[[], None]:
         """A check that raises once the weights changed after this call (for a backward of this forward)."""
