@@ -11,10 +11,12 @@ Each factored configuration is first checked against the dense layer (loss and i
 The torch path costs more than the NumPy step by its Python glue and by torch's autograd machinery. To tell the two
 apart, the interleaved comparison also times "minimal": the same core calls (labels, fused loss and gradient, step)
 in the smallest torch.autograd.Function that can carry them, without the front end's checks: what any autograd
-front end over this core would at least cost on this machine. A last table times the three at a tiny size with warm
-caches and with each call starting cold (after a pass over twice the last-level cache), as after a long step: the
-front end's overhead growing with the step it follows is consistent with its Python and autograd code then running
-from memory.
+front end over this core would at least cost on this machine. "ratio" divides the medians over all calls;
+"bursts" is the median over the rounds of each burst's median over that of the NumPy step's burst next to it in
+time. Each torch step takes the batch as a new leaf over its memory (no copy), as a body's output reaches the head.
+A last table times the three at a tiny size with warm caches and with each call starting cold (after a pass over
+twice the last-level cache), as after a long step: the front end's overhead growing with the step it follows is
+consistent with its Python and autograd code then running from memory.
 
 Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
 Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).
@@ -68,19 +70,27 @@ def measure(fn, min_reps: int, min_seconds: float) -> dict:
 
 
 def interleaved(fns: dict, bursts: int = 25, calls: int = 8, flush: np.ndarray | None = None) -> dict:
-    """Median ms of each function over ``bursts`` rounds of ``calls`` calls, the functions taking turns. With
-    ``flush`` (an array larger than the caches), every call is preceded, untimed, by a pass writing it: each call
-    then starts with cold caches, as after a long step."""
+    """The functions in alternating bursts of ``calls`` calls, ``bursts`` rounds. Returns "ms": the median ms of
+    each over all its calls, and "burst_ratio": the median over the rounds of each one's burst median divided by
+    that of the last function in the same round (a slow spell of the machine falls on both alike). With ``flush``
+    (an array larger than the caches), every call is preceded, untimed, by a pass writing it: each call then starts
+    with cold caches, as after a long step."""
     times: dict = {name: [] for name in fns}
+    burst_medians: dict = {name: [] for name in fns}
     for _ in range(bursts):
         for name, fn in fns.items():
+            burst = []
             for _ in range(calls):
                 if flush is not None:
                     flush += 1
                 t0 = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+                burst.append(time.perf_counter() - t0)
+            times[name] += burst
+            burst_medians[name].append(np.median(burst))
+    last = np.array(burst_medians[list(fns)[-1]])
+    return {"ms": {name: float(np.median(t)) * 1e3 for name, t in times.items()},
+            "burst_ratio": {name: float(np.median(np.array(b) / last)) for name, b in burst_medians.items()}}
 
 
 class MinimalHead(torch.autograd.Function):
@@ -143,8 +153,10 @@ def three_steps(D: int, d: int, m: int, rng: np.random.Generator,
     counter = iter(range(10**9))
 
     def next_batch():
+        # a new leaf over the batch's memory (no copy), as a body's output reaches the head; the NumPy step takes
+        # its arrays as they are too, so a copy here would be timed as the torch path's cost
         h, y = batches[next(counter) % len(batches)]
-        return h.clone().requires_grad_(True), y
+        return h.detach().requires_grad_(True), y
 
     def factored_step():
         h, y = next_batch()
@@ -182,7 +194,8 @@ def bench_config(D: int, d: int, m: int, rng: np.random.Generator) -> dict:
     row["factored"] = measure(steps["factored"], 10, 1.5)
     row["core"] = measure(steps["core"], 10, 1.5)
     # the cost of the torch path: the steps in alternating bursts, so that the machine's load falls on all alike
-    row["interleaved_ms"] = interleaved(steps)
+    timed = interleaved(steps, bursts=40)
+    row["interleaved_ms"], row["interleaved_burst_ratio"] = timed["ms"], timed["burst_ratio"]
 
     sgd = torch.optim.SGD(linear.parameters(), lr=LR)
     reps = 2 if D * m > 5e7 else 5
@@ -213,8 +226,8 @@ def front_end_caches(rng: np.random.Generator) -> dict:
     memory instead of the caches."""
     row: dict = {"D": 2000, "d": 16, "m": 4, "flush_mib": max(64, 2 * last_level_cache_mib())}
     steps, _, _ = three_steps(row["D"], row["d"], row["m"], rng, row)
-    row["warm_ms"] = interleaved(steps)
-    row["cold_ms"] = interleaved(steps, flush=np.ones(row["flush_mib"] * 2**18, dtype=np.float32))
+    row["warm_ms"] = interleaved(steps)["ms"]
+    row["cold_ms"] = interleaved(steps, flush=np.ones(row["flush_mib"] * 2**18, dtype=np.float32))["ms"]
     return row
 
 
@@ -242,18 +255,20 @@ def main() -> None:
           "added during the step\n")
     print(f"{'D':>7} {'d':>4} {'m':>4} | {'factored':>9} {'core':>7} | {'dense':>9} {'lce':>9} {'lce chunk':>9} | "
           f"{'vs dense':>8} {'vs lce':>7} | {'fact MiB':>8} {'dense MiB':>9} {'lce MiB':>8} {'chunk MiB':>9} | "
-          f"{'interleaved: torch':>18} {'core':>7} {'ratio':>6} {'+ms':>6} | {'minimal':>7} {'ratio':>6} {'+ms':>6}")
+          f"{'interleaved: torch':>18} {'core':>7} {'ratio':>6} {'+ms':>6} {'bursts':>6} | {'minimal':>7} {'ratio':>6} "
+          f"{'+ms':>6} {'bursts':>6}")
     results = {"info": info, "configs": []}
     for D, d, m in configs:
         r = bench_config(D, d, m, rng)
         results["configs"].append(r)
         f, c, dn, lc, lk = (r[k]["ms"] for k in ("factored", "core", "dense", "lce", "lce_chunked"))
         tf, tn, tc = (r["interleaved_ms"][k] for k in ("factored", "minimal", "core"))
+        bf, bn = (r["interleaved_burst_ratio"][k] for k in ("factored", "minimal"))
         print(f"{D:>7} {d:>4} {m:>4} | {f:>9.2f} {c:>7.2f} | {dn:>9.1f} {lc:>9.1f} {lk:>9.1f} | {dn / f:>7.0f}x "
               f"{min(lc, lk) / f:>6.0f}x | {r['factored']['peak_extra_mib']:>8.1f} "
               f"{r['dense']['peak_extra_mib']:>9.1f} {r['lce']['peak_extra_mib']:>8.1f} "
-              f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f} | "
-              f"{tn:>7.3f} {tn / tc:>6.3f} {tn - tc:>6.3f}", flush=True)
+              f"{r['lce_chunked']['peak_extra_mib']:>9.1f} | {tf:>18.3f} {tc:>7.3f} {tf / tc:>6.3f} {tf - tc:>6.3f} "
+              f"{bf:>6.3f} | {tn:>7.3f} {tn / tc:>6.3f} {tn - tc:>6.3f} {bn:>6.3f}", flush=True)
     caches = front_end_caches(rng)
     results["front_end_caches"] = caches
     print(f"\n# the same steps at (D, d, m) = ({caches['D']}, {caches['d']}, {caches['m']}): ms over the NumPy step, "
