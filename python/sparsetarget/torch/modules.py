@@ -71,6 +71,15 @@ def _inconsistency(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _empty_weight(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised memory for V. On the CPU it is allocated by NumPy, which asks the kernel for transparent huge
+    pages for arrays of 4 MiB or more (torch's allocator does only with ``THP_MEM_ALLOC_ENABLE=1``): a step reads
+    and writes rows of V scattered over gigabytes, and on 4 KiB pages each of them costs a page walk."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.float64))
+
+
 def _float_dtype(dtype: Any, name: str) -> torch.dtype:
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
@@ -136,7 +145,7 @@ class FactoredLinear(nn.Module):
         d = self.in_features + self.has_bias
         self._shard = None if vocab_parallel_group is None else VocabShard(vocab_parallel_group, self.out_features)
         start, stop = (0, self.out_features) if self._shard is None else (self._shard.start, self._shard.stop)
-        V = torch.empty(stop - start, d, dtype=dtype, device=device)
+        V = _empty_weight((stop - start, d), dtype, device)
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             if weight is None:
