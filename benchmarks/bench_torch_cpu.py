@@ -12,11 +12,11 @@ The torch path costs more than the NumPy step by its Python glue and by torch's 
 apart, the interleaved comparison also times "minimal": the same core calls (labels, fused loss and gradient, step)
 in the smallest torch.autograd.Function that can carry them, without the front end's checks: what any autograd
 front end over this core would at least cost on this machine. "ratio" divides the medians over all calls;
-"bursts" is the median over the rounds of each burst's median over that of the NumPy step's burst next to it in
-time. Each torch step takes the batch as a new leaf over its memory (no copy), as a body's output reaches the head.
-A last table times the three at a tiny size with warm caches and with each call starting cold (after a pass over
-twice the last-level cache), as after a long step: the front end's overhead growing with the step it follows is
-consistent with its Python and autograd code then running from memory.
+"bursts" is the median over the rounds of each burst's median over that of the NumPy step's burst in the same
+round (a fraction of a second apart). Each torch step takes the batch as a new leaf over its memory (no copy), as a
+body's output reaches the head. A last table times the three at a tiny size with warm caches and with each call
+starting cold (after a pass over twice the last-level cache), as after a long step: the front end's overhead
+growing with the step it follows is consistent with its Python and autograd code then running from memory.
 
 Run:  python benchmarks/bench_torch_cpu.py [--threads 1] [--quick]
 Prints a table and writes benchmarks/results/torch_cpu_<threads>thread.json (and .txt when redirected).

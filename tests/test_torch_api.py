@@ -713,6 +713,60 @@ def test_input_changed_in_place_after_backward_does_not_reach_the_step(fused):
     assert max_rel(heads[0].dense_weight(), make_head(bias=False, seed=1).dense_weight()) > 1e-4
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
+def test_plain_call_builds_what_the_general_checks_build(bias, state_dtype):
+    """``_plain_call`` (a 2-D floating CPU input with int64 labels) gives the HeadCall of ``_call``: the same H (the
+    input itself where it is already H, else the same converted copy), ownership, targets and engine; for every other
+    form it declines."""
+    head = make_head(bias=bias, dtype=state_dtype)
+    engine = head._engine()
+    rng = np.random.default_rng(3)
+    y = torch.tensor([4, -100, 0, D - 1, 4, 9, 2])
+    base = torch.from_numpy(rng.standard_normal((7, D_IN)))
+    strided, broadcast = base.t().contiguous().t(), base[:, :1].expand(7, D_IN)
+    for x in (base, base.float(), base.half(), base.to(torch.bfloat16), strided, broadcast):
+        for ignore_index in (-100, 4):
+            labels = y.clone()
+            labels[1] = ignore_index
+            plain = head._plain_call(x, labels, ignore_index, engine)
+            h, general = head._call(x, labels, ignore_index, engine)
+            assert plain is not None and h is x
+            assert plain.engine is general.engine and plain.owned == general.owned
+            assert plain.H.dtype == general.H.dtype == state_dtype and torch.equal(plain.H, general.H)
+            assert plain.H.is_contiguous() and (plain.H.data_ptr() == x.data_ptr()) == (not plain.owned)
+            pt, gt = plain.target, general.target
+            counted = 7 - int((labels == ignore_index).sum())  # 6 with -100, 4 with 4
+            assert (pt.shape, pt.out_features, pt.entries, pt.rows_counted) == (gt.shape, gt.out_features, gt.entries,
+                                                                               gt.rows_counted) == (
+                (7,), D, 7, counted)
+            for name in ("indptr", "indices", "values", "active"):
+                a, b = getattr(pt.csr, name), getattr(gt.csr, name)
+                assert (a is None and b is None) or np.array_equal(a, b), name
+    declined = ((base.reshape(7, 1, D_IN), y.reshape(7, 1)), (base, y.to(torch.int32)), (base, y.reshape(7, 1)),
+                (nn.Parameter(base.clone()), y), (base[:0], y[:0]), (base, torch.stack([y, y], 1)[:, 0]))
+    for x, labels in declined:
+        assert head._plain_call(x, labels, -100, engine) is None
+
+
+def test_shared_memory_head_trains_alike():
+    """``share_memory()`` moves the state into shared memory (V is NumPy's memory before that); the head then
+    trains exactly as an unshared copy."""
+    heads = [make_head(seed=5), make_head(seed=5)]
+    heads[1].share_memory()
+    assert heads[1].V.is_shared() and not heads[0].V.is_shared()
+    h = torch.from_numpy(np.random.default_rng(1).standard_normal((5, D_IN)))
+    y = torch.tensor([1, 3, 3, -100, D - 2])
+    for head in heads:
+        opt = stt.FactoredSGD(head, lr=0.3, weight_decay=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            stt.linear_spherical_loss(h, head, y).backward()
+            opt.step()
+    assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+    assert max_rel(heads[0].dense_weight(), make_head(seed=5).dense_weight()) > 1e-4
+
+
 @pytest.mark.parametrize("form", ["int32", "strided", "2-D", "strided input"])
 def test_class_labels_in_any_layout_train_alike(form, monkeypatch):
     """Class labels that take the general conversion (another integer dtype, a strided view), a 2-D input with

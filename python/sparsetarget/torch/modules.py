@@ -74,7 +74,8 @@ def _inconsistency(state: dict[str, torch.Tensor]) -> str | None:
 def _empty_weight(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised memory for V. On the CPU it is allocated by NumPy, which asks the kernel for transparent huge
     pages for arrays of 4 MiB or more (torch's allocator does only with ``THP_MEM_ALLOC_ENABLE=1``): a step reads
-    and writes rows of V scattered over gigabytes, and on 4 KiB pages each of them costs a page walk."""
+    and writes rows of V scattered over gigabytes, and on 4 KiB pages each of them costs a page walk. (A head
+    converted by ``.to()`` or unpickled holds torch's allocation again: it works the same, a little slower.)"""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.float64))
@@ -301,7 +302,7 @@ class FactoredLinear(nn.Module):
         lead = input.shape[:-1]
         if len(lead) != 1 or input.shape[1] != self.in_features or lead[0] < 1:
             return None
-        target_info = plain_class_target(target, lead, self.out_features, ignore_index, self.U.dtype)
+        target_info = plain_class_target(target, tuple(lead), self.out_features, ignore_index, self.U.dtype)
         if target_info is None:
             return None
         self._anchor.requires_grad_(not self._frozen)

@@ -166,9 +166,8 @@ class FactoredSGD(torch.optim.Optimizer):
         """Discard the recorded gradients of every head. (The parameters torch.optim sees are the heads' V tensors,
         which never hold a ``.grad``: the gradients are the heads' recorded updates, so ``set_to_none`` changes
         nothing.)"""
-        for group in self.param_groups:
-            for V in group["params"]:
-                self._head(V)._discard_pending()
+        for head in self.heads():  # all found before any is cleared: a moved head raises with nothing changed
+            head._discard_pending()
 
 
 def _step_of(opt: FactoredSGD, closure: Callable[[], float] | None = None) -> float | None:
