@@ -314,3 +314,32 @@ print(peak() - before)
 """
     grew = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grew < 100, f"the step's peak memory grew by {grew:.0f} MiB"
+
+
+@pytest.mark.parametrize("state_dtype", [np.float32, np.float64])
+def test_usual_step_arguments_train_as_every_other_form(state_dtype, monkeypatch):
+    """A contiguous H in the state dtype with int64 labels (m,), the usual step, skips the general conversions;
+    other forms of the same values (Fortran-order or strided H, H in float64 holding float32 values, int32 or list
+    labels) take them and give bit-identical losses, gradients and weights over three steps."""
+    import sparsetarget.layer as layer_module
+
+    general = []
+    to_csr = layer_module.to_csr
+    monkeypatch.setattr(layer_module, "to_csr", lambda *a, **k: general.append(1) or to_csr(*a, **k))
+    rng = np.random.default_rng(11)
+    W = rng.uniform(-0.3, 0.3, (37, 7))
+    H = rng.standard_normal((5, 7)).astype(state_dtype)
+    y = np.array([3, -100, 36, 3, 0])
+    ref = st.FactoredOutput(W, state_dtype=state_dtype, loss="spherical_softmax")
+    expected = [ref.step(H, y, 0.2, 0.01) for _ in range(3)]
+    assert not general  # the usual arguments did not take the general target conversion
+    forms = [(np.asfortranarray(H), y), (np.repeat(H, 2, axis=0)[::2], y), (H, y.astype(np.int32)), (H, y.tolist())]
+    if state_dtype == np.float32:
+        forms.append((H.astype(np.float64), y))
+    for Hf, yf in forms:
+        layer = st.FactoredOutput(W, state_dtype=state_dtype, loss="spherical_softmax")
+        for losses0, grad0 in expected:
+            losses, grad = layer.step(Hf, yf, 0.2, 0.01)
+            assert np.array_equal(losses, losses0) and np.array_equal(grad.astype(grad0.dtype), grad0)
+        assert np.array_equal(layer.dense_weight(), ref.dense_weight())
+    assert len(general) == 6  # int32 and list labels, three steps each

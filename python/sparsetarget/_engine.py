@@ -691,12 +691,12 @@ class CpuEngine(Engine):
         """Per-example losses (float64) of a built-in loss (``spec`` from :func:`loss_spec`); no state change."""
         return self.core.loss(H, targets.indptr, targets.indices, targets.values, targets.active, spec)
 
-    @_locked
     def loss_step(self, H: np.ndarray, targets: CSRTargets, spec: Any, lr: float,
                   weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
         """One exact SGD step on a built-in loss: ``(losses, grad_H)`` at the weights before the step."""
-        return self.core.step(H, targets.indptr, targets.indices, targets.values, targets.active, spec, lr,
-                              weight_decay)
+        with self.lock:  # held inline: this runs on every training step
+            return self.core.step(H, targets.indptr, targets.indices, targets.values, targets.active, spec, lr,
+                                  weight_decay)
 
     # maintenance
     @_locked

@@ -19,6 +19,7 @@ from ._engine import (
     check_distribution,
     check_lr,
     check_scalar,
+    class_csr,
     default_min_rcond,
     float_dtype,
     initial_small_state,
@@ -191,6 +192,10 @@ class FactoredOutput:
     # ------------------------------------------------------------------ input checks
     def _hidden(self, H: Any) -> tuple[np.ndarray, np.dtype]:
         """H in the state dtype, contiguous, and the dtype of its gradient (H's own)."""
+        engine = self._engine
+        if (type(H) is np.ndarray and H.dtype == engine.state_dtype and H.ndim == 2 and H.flags.c_contiguous
+                and H.shape[1] == engine.in_features and H.shape[0] >= 1):
+            return H, H.dtype  # already what the core takes (the usual step): no conversion calls
         arr = np.asarray(H)
         if not np.issubdtype(arr.dtype, np.floating):
             raise TypeError(f"H must be a floating-point array, got dtype {arr.dtype}")
@@ -199,6 +204,9 @@ class FactoredOutput:
         return np.ascontiguousarray(arr, dtype=self.state_dtype), arr.dtype
 
     def _targets(self, targets: Any, m: int) -> CSRTargets:
+        if type(targets) is np.ndarray and targets.dtype == np.int64 and targets.shape == (m,):
+            # int64 class labels (the usual step), as to_csr converts them, in fewer calls: the core checks them
+            return class_csr(np.ascontiguousarray(targets), self._engine.out_features, self.ignore_index, "targets")
         return to_csr(targets, m, self.out_features, self.ignore_index)
 
     # ------------------------------------------------------------------ training
