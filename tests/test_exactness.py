@@ -321,11 +321,11 @@ def test_usual_step_arguments_train_as_every_other_form(state_dtype, monkeypatch
     """A contiguous H in the state dtype with int64 labels (m,), the usual step, skips the general conversions;
     other forms of the same values (Fortran-order or strided H, H in float64 holding float32 values, int32 or list
     labels) take them and give bit-identical losses, gradients and weights over three steps."""
-    import sparsetarget.layer as layer_module
+    import sparsetarget._targets as targets_module
 
-    general = []
-    to_csr = layer_module.to_csr
-    monkeypatch.setattr(layer_module, "to_csr", lambda *a, **k: general.append(1) or to_csr(*a, **k))
+    general = []  # calls of the general conversion's first probe
+    probe = targets_module.is_csr_like
+    monkeypatch.setattr(targets_module, "is_csr_like", lambda t: general.append(1) or probe(t))
     rng = np.random.default_rng(11)
     W = rng.uniform(-0.3, 0.3, (37, 7))
     H = rng.standard_normal((5, 7)).astype(state_dtype)

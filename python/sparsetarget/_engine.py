@@ -660,17 +660,10 @@ class CpuEngine(Engine):
                                        _np(dq), _np(ds), projections)
         return self._from_numpy(grad_H)
 
-    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:
-        with self.lock:  # Engine.step's work; one record (the usual step) goes to the core without stacking
-            if len(records) > 1:
-                native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
-                                   None if r.grad_H is None else _np(r.grad_H)) for r in records]
-                return self._from_numpy(super().step(native, lr, weight_decay))
-            H, targets, dA, dq, ds, projections, grad_H = records[0]
-            grad_H = self.core.backward_step(_np(H), targets.indptr, targets.indices,
-                                             entries_from_rows(_np(dA), targets), _np(dq), _np(ds), lr, weight_decay,
-                                             projections, None if grad_H is None else _np(grad_H))
-            return self._from_numpy(grad_H)
+    def step(self, records: list[Recorded], lr: float, weight_decay: float) -> Any:  # Engine.step holds the lock
+        native = [Recorded(_np(r.H), r.targets, _np(r.dA), _np(r.dq), _np(r.ds), r.projections,
+                           None if r.grad_H is None else _np(r.grad_H)) for r in records]
+        return self._from_numpy(super().step(native, lr, weight_decay))
 
     def _backward_step(self, r: Recorded, lr: float, weight_decay: float) -> np.ndarray:
         return self.core.backward_step(r.H, r.targets.indptr, r.targets.indices, r.dA, r.dq, r.ds, lr, weight_decay,

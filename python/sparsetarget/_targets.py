@@ -41,6 +41,8 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
 
     ``name`` is how error messages call the argument.
     """
+    if type(targets) is np.ndarray and targets.dtype == np.int64 and targets.shape == (m,):
+        return _class_csr(targets, out_features, ignore_index, name)  # the usual step's labels, without probing
     if is_csr_like(targets):
         shape = tuple(targets.shape)
         if shape != (m, out_features):
@@ -75,6 +77,11 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
         labels = _int_array(labels, name)
     if labels.shape != (m,):
         raise ValueError(f"{name} has shape {labels.shape}, expected ({m},) to match H")
+    return _class_csr(labels, out_features, ignore_index, name)
+
+
+def _class_csr(labels: np.ndarray, out_features: int, ignore_index: int, name: str) -> CSRTargets:
+    """int64 class labels (m,) as CSR targets, checked by the core (``_engine.class_csr``)."""
     from ._engine import class_csr  # the engine imports this module
 
     return class_csr(np.ascontiguousarray(labels), out_features, ignore_index, name)

@@ -19,7 +19,6 @@ from ._engine import (
     check_distribution,
     check_lr,
     check_scalar,
-    class_csr,
     default_min_rcond,
     float_dtype,
     initial_small_state,
@@ -204,9 +203,6 @@ class FactoredOutput:
         return np.ascontiguousarray(arr, dtype=self.state_dtype), arr.dtype
 
     def _targets(self, targets: Any, m: int) -> CSRTargets:
-        if type(targets) is np.ndarray and targets.dtype == np.int64 and targets.shape == (m,):
-            # int64 class labels (the usual step), as to_csr converts them, in fewer calls: the core checks them
-            return class_csr(np.ascontiguousarray(targets), self._engine.out_features, self.ignore_index, "targets")
         return to_csr(targets, m, self.out_features, self.ignore_index)
 
     # ------------------------------------------------------------------ training

@@ -271,9 +271,13 @@ class FactoredLinear(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         h, lead = self._input(input)
         target_info = convert_target(target, lead, self.out_features, ignore_index, self.U.dtype, self.V.device)
+        return h, self._head_call(h, target_info, engine or self._engine())
+
+    def _head_call(self, h: torch.Tensor, target_info: Any, engine: Engine) -> HeadCall:
+        """The HeadCall of checked input rows h (m, in_features) and their checked targets."""
         self._anchor.requires_grad_(not self._frozen)
         H, owned = self._hidden(h)
-        return h, HeadCall(engine or self._engine(), target_info, H, owned, self._current_check(), self._record)
+        return HeadCall(engine, target_info, H, owned, self._current_check(), self._record)
 
     def _fused_loss(self, input: torch.Tensor, target: Any, ignore_index: int, spec: Any,
                     reduction: str) -> torch.Tensor | None:
@@ -303,11 +307,7 @@ class FactoredLinear(nn.Module):
         if len(lead) != 1 or input.shape[1] != self.in_features or lead[0] < 1:
             return None
         target_info = plain_class_target(target, tuple(lead), self.out_features, ignore_index, self.U.dtype)
-        if target_info is None:
-            return None
-        self._anchor.requires_grad_(not self._frozen)
-        H, owned = self._hidden(input)
-        return HeadCall(engine, target_info, H, owned, self._current_check(), self._record)
+        return None if target_info is None else self._head_call(input, target_info, engine)
 
     def _current_check(self) -> Callable[[], None]:
         """A check that raises once the weights changed after this call (for a backward of this forward)."""
