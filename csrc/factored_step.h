@@ -66,8 +66,10 @@ inline void check_step_options(double lr, double weight_decay) {
 template <class B, class TV, class TS>
 void project(B& b, const FactoredState<TV, TS>& st, const TS* H, int m, TS* UH, TS* HQ, TS* q, TS* s, TS* Hw) {
   const int d = st.d;
-  b.gemm(Op::N, Op::T, m, d, d, TS(1), H, d, st.U, d, TS(0), UH, d);
+  // Q first, U last: a step's commit ends with Q, and the hidden gradient reads U next; a d x d matrix read right
+  // after it was last touched is still partly in cache (the order matters at small m, where these are memory bound).
   b.gemm(Op::N, Op::N, m, d, d, TS(1), H, d, st.Q, d, TS(0), HQ, d);
+  b.gemm(Op::N, Op::T, m, d, d, TS(1), H, d, st.U, d, TS(0), UH, d);
   b.gemv(Op::N, m, d, TS(1), H, d, st.w_bar, TS(0), s);
   b.gemv(Op::N, m, d, TS(1), H, d, st.omega, TS(0), Hw);
   b.row_dots(HQ, H, m, d, q);
@@ -321,7 +323,13 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.require_finite(step, nnz, "V");
   }
 
-  // Commit: where the backend stages it (in place on the CPU, nothing below can fail there).
+  // Commit: where the backend stages it (in place on the CPU, nothing below can fail there). U^-1 first (H U^-1
+  // above has just read it), Q last (the next step's projection reads it first).
+  TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, woodbury);
+  if (woodbury)
+    b.gemm(Op::T, Op::N, d, d, m, lr / c, aH, d, X, d, 1 / c, U_inv, d);  // U^-1 <- (U^-1 + lr aH^T X) / c
+  else
+    b.copy(U_inv_new, U_inv, dd);
   TS* U = b.stage(st.U, dd, kSlotStageU, true);
   b.gemm(Op::T, Op::N, d, d, m, -lr, p.UH, d, aH, d, c, U, d);  // U <- c U - lr U H^T aH
   TS* Q = b.stage(st.Q, dd, kSlotStageQ, true);
@@ -329,11 +337,6 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     b.sym_rank2k(d, m, -lr, H, d, Bq, d, c * c, Q, d);  // Q <- c^2 Q - lr (H^T B + B^T H), exactly symmetric
   else
     b.for_rows(d, d, parts::ScaleAdd<TS>{dQ, c * c, Q, d});  // Q <- c^2 Q + dQ
-  TS* U_inv = b.stage(st.U_inv, dd, kSlotStageUInv, woodbury);
-  if (woodbury)
-    b.gemm(Op::T, Op::N, d, d, m, lr / c, aH, d, X, d, 1 / c, U_inv, d);  // U^-1 <- (U^-1 + lr aH^T X) / c
-  else
-    b.copy(U_inv_new, U_inv, dd);
   TS* omega_out = b.stage(st.omega, static_cast<std::size_t>(d), kSlotStageOmega, false);
   TS* w_bar_out = b.stage(st.w_bar, static_cast<std::size_t>(d), kSlotStageWBar, false);
   b.copy(omega, omega_out, static_cast<std::size_t>(d));
