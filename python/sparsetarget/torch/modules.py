@@ -299,9 +299,9 @@ class FactoredLinear(nn.Module):
     def _plain_call(self, input: Any, target: Any, ignore_index: Any, engine: Engine) -> HeadCall | None:
         """What ``_call`` gives for its most common arguments in fewer steps (a training step's forward): an
         (m, in_features) floating-point CPU tensor and int64 class labels (m,) on the CPU. None for anything else,
-        which ``_call`` then checks and converts."""
+        which ``_call`` then checks and converts (an input on another device than the head's among them)."""
         if (type(input) is not torch.Tensor or type(ignore_index) is not int or not input.is_cpu
-                or input.layout is not torch.strided or not input.dtype.is_floating_point):
+                or not self.V.is_cpu or input.layout is not torch.strided or not input.dtype.is_floating_point):
             return None
         lead = input.shape[:-1]
         if len(lead) != 1 or input.shape[1] != self.in_features or lead[0] < 1:
