@@ -4,6 +4,7 @@ whole training runs with every product the loops can take routed to them, agains
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -35,39 +36,43 @@ def tolerance(dtype) -> float:
 
 
 def check_products(dtype) -> None:
-    """_product by the own loops against float64 NumPy, on every transpose, shape and beta; raises on a mismatch."""
+    """_product by the own loops and by the step's choice against float64 NumPy, on every transpose, shape and beta;
+    raises on a mismatch."""
     rng = np.random.default_rng(0)
     for m, n, k in PRODUCT_SHAPES:
         for ta in (False, True):
             for tb in (False, True):
-                for beta in (0.0, 1.0, -0.5):
+                for beta, route in itertools.product((0.0, 1.0, -0.5), ("own", "step")):
                     a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
                     b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
                     c0 = rng.standard_normal((m, n)).astype(dtype)
                     c = np.full_like(c0, np.nan) if beta == 0 else c0.copy()  # beta = 0 must not read c
-                    _core._product(a, b, c, ta, tb, 1.3, beta, "own")
+                    _core._product(a, b, c, ta, tb, 1.3, beta, route)
                     a64, b64 = a.astype(np.float64), b.astype(np.float64)
                     want = 1.3 * (a64.T if ta else a64) @ (b64.T if tb else b64) + (beta * c0 if beta else 0)
                     scale = 1.3 * np.abs(a64).max() * np.abs(b64).max() * k + abs(beta) * np.abs(c0).max()
                     err = np.abs(c - want).max() / scale
-                    assert np.all(np.isfinite(c)) and err < tolerance(dtype), (m, n, k, ta, tb, beta, err)
+                    assert np.all(np.isfinite(c)) and err < tolerance(dtype), (m, n, k, ta, tb, beta, route, err)
 
 
 def check_sym_rank2k(dtype) -> None:
+    """The own SYR2K loops, and the step's choice ("step": one pass per row of C for k <= 2, as at m = 1 and 2),
+    against float64 NumPy: both triangles, exactly symmetric, and C not read when beta = 0."""
     rng = np.random.default_rng(1)
-    for n, k in [(1, 1), (5, 3), (17, 8), (40, 33), (70, 5), (129, 12)]:
+    for n, k in [(1, 1), (5, 3), (17, 8), (40, 33), (70, 5), (129, 12), (37, 1), (64, 2), (129, 2), (3, 2)]:
         for beta in (0.0, 0.7):
-            a = rng.standard_normal((k, n)).astype(dtype)
-            b = rng.standard_normal((k, n)).astype(dtype)
-            c0 = rng.standard_normal((n, n)).astype(dtype)
-            c0 = (c0 + c0.T).astype(dtype)
-            c = np.full_like(c0, np.nan) if beta == 0 else c0.copy()
-            _core._sym_rank2k(a, b, c, -0.9, beta, "own")
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            want = -0.9 * (a64.T @ b64 + b64.T @ a64) + beta * c0
-            scale = 0.9 * 2 * np.abs(a64).max() * np.abs(b64).max() * k + beta * np.abs(c0).max()
-            assert np.array_equal(c, c.T), (n, k)
-            assert np.abs(c - want).max() / scale < tolerance(dtype), (n, k, beta)
+            for route in ("own", "step"):
+                a = rng.standard_normal((k, n)).astype(dtype)
+                b = rng.standard_normal((k, n)).astype(dtype)
+                c0 = rng.standard_normal((n, n)).astype(dtype)
+                c0 = (c0 + c0.T).astype(dtype)
+                c = np.full_like(c0, np.nan) if beta == 0 else c0.copy()
+                _core._sym_rank2k(a, b, c, -0.9, beta, route)
+                a64, b64 = a.astype(np.float64), b.astype(np.float64)
+                want = -0.9 * (a64.T @ b64 + b64.T @ a64) + beta * c0
+                scale = 0.9 * 2 * np.abs(a64).max() * np.abs(b64).max() * k + beta * np.abs(c0).max()
+                assert np.array_equal(c, c.T), (n, k, route)
+                assert np.abs(c - want).max() / scale < tolerance(dtype), (n, k, beta, route)
 
 
 def check_all() -> None:

@@ -533,8 +533,9 @@ class Core {
 
 // C <- alpha op(A) op(B) + beta C (product) or C <- alpha (A^T B + B^T A) + beta C, both triangles (sym_rank2k), on
 // C-contiguous float32 or float64 arrays, single-threaded, by the vendor BLAS ("vendor") or the core's own loops
-// ("own", small_gemm_cpu.h) whatever the shape: the tests check the loops on every path against NumPy, and
-// benchmarks/bench_small_gemm.py times one against the other.
+// ("own", small_gemm_cpu.h) whatever the shape, or as the step calls them ("step": blas::gemm / blas::sym_rank2k,
+// which choose by shape, e.g. the one-pass rows of a rank-1 or rank-2 update): the tests check the loops on every
+// path against NumPy, and benchmarks/bench_small_gemm.py times one against the other.
 template <class T>
 void routed_product(py::array a_arr, py::array b_arr, py::array c_arr, bool ta, bool tb, double alpha, double beta,
                     const std::string& route) {
@@ -552,6 +553,8 @@ void routed_product(py::array a_arr, py::array b_arr, py::array c_arr, bool ta, 
   py::gil_scoped_release release;
   if (route == "own")
     blas::small::gemm<T>(oa, ob, m, n, k, T(alpha), ap, lda, bp, ldb, T(beta), cp, n);
+  else if (route == "step")
+    blas::gemm<T>(oa, ob, m, n, k, T(alpha), ap, lda, bp, ldb, T(beta), cp, n);
   else
     blas::vendor_gemm<T>(oa, ob, m, n, k, T(alpha), ap, lda, bp, ldb, T(beta), cp, n);
 }
@@ -568,6 +571,10 @@ void routed_sym_rank2k(py::array a_arr, py::array b_arr, py::array c_arr, double
   const T* bp = b.data();
   T* cp = c.mutable_data();
   py::gil_scoped_release release;
+  if (route == "step") {  // both triangles already
+    blas::sym_rank2k<T>(n, k, T(alpha), ap, n, bp, n, T(beta), cp, n);
+    return;
+  }
   if (route == "own")
     blas::small::syr2k_upper_block<T>(0, n, k, T(alpha), ap, n, bp, n, T(beta), cp, n);
   else
@@ -579,7 +586,8 @@ void routed_sym_rank2k(py::array a_arr, py::array b_arr, py::array c_arr, double
 template <class F64, class F32>
 void by_dtype(const char* what, py::array a, py::array b, py::array c, const std::string& route, const F64& f64,
               const F32& f32) {
-  if (route != "own" && route != "vendor") throw std::invalid_argument("route must be 'own' or 'vendor'");
+  if (route != "own" && route != "vendor" && route != "step")
+    throw std::invalid_argument("route must be 'own', 'vendor' or 'step'");
   for (const py::array* x : {&a, &b, &c})
     if (x->ndim() != 2 || !(x->flags() & py::array::c_style) || !x->dtype().is(c.dtype()))
       throw std::invalid_argument(std::string(what) + ": a, b and c must be 2-D C-contiguous arrays of one dtype");
@@ -647,14 +655,14 @@ PYBIND11_MODULE(_core, m) {
              [&] { routed_product<float>(a, b, c, ta, tb, alpha, beta, route); });
   }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a"), py::arg("trans_b"), py::arg("alpha"),
         py::arg("beta"), py::arg("route"),
-        "c <- alpha op(a) op(b) + beta c by the vendor BLAS or the core's own loops ('vendor' or 'own'), one thread "
-        "(tests and benchmarks).");
+        "c <- alpha op(a) op(b) + beta c by the vendor BLAS or the core's own loops ('vendor' or 'own'), one thread, "
+        "or as the step chooses ('step') (tests and benchmarks).");
   m.def("_sym_rank2k", [](py::array a, py::array b, py::array c, double alpha, double beta, const std::string& route) {
     by_dtype("_sym_rank2k", a, b, c, route, [&] { routed_sym_rank2k<double>(a, b, c, alpha, beta, route); },
              [&] { routed_sym_rank2k<float>(a, b, c, alpha, beta, route); });
   }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("alpha"), py::arg("beta"), py::arg("route"),
-        "c <- alpha (a^T b + b^T a) + beta c, both triangles, by the vendor BLAS (split over the core's threads) or "
-        "the core's own loops (one thread).");
+        "c <- alpha (a^T b + b^T a) + beta c, both triangles, by the vendor BLAS (split over the core's threads), "
+        "the core's own loops (one thread) or as the step chooses ('step').");
   m.def("_inverse", [](const py::array& a) {
     if (a.ndim() != 2 || a.shape(0) != a.shape(1) || !(a.flags() & py::array::c_style))
       throw std::invalid_argument("_inverse: a must be a square C-contiguous matrix");

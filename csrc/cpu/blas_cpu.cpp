@@ -314,25 +314,47 @@ void syrk_t(int n, int k, T alpha, const T* a, int lda, T beta, T* c, int ldc) {
   Vendor<T>::syrk(kRowMajor, kUpper, kTrans, n, k, alpha, a, lda, beta, c, ldc);
 }
 
-// Both triangles of C (n x n) <- beta C + alpha (A^T B + B^T A), A and B k x n, for small k: one pass over C. Entry
-// (i, j) sums a_li b_lj + b_li a_lj over l, the same two products as entry (j, i) added in the other order, so C stays
+// Row i of sym_rank2k_small: c_ij <- beta c_ij + alpha s_ij with s_ij = sum over l < K of (a_li b_lj + b_li a_lj),
+// summed in the order of l, in one pass over the row (no accumulator to clear and read back). K = 0 leaves s = 0.
+template <class T, int K, bool kReadC>
+ST_INLINE_IN_CLONES void sym_rank2k_row(int i, int n, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                                        T* row) {
+  const T* a1 = a + (K > 1 ? lda : 0);
+  const T* b1 = b + (K > 1 ? ldb : 0);
+  const T ai0 = K > 0 ? a[i] : T(0), bi0 = K > 0 ? b[i] : T(0), ai1 = K > 1 ? a1[i] : T(0), bi1 = K > 1 ? b1[i] : T(0);
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    T s = T(0);
+    if constexpr (K > 0) s = ai0 * b[j] + bi0 * a[j];
+    if constexpr (K > 1) s += ai1 * b1[j] + bi1 * a1[j];
+    row[j] = kReadC ? beta * row[j] + alpha * s : alpha * s;  // beta = 0 does not read C
+  }
+}
+
+template <class T, int K>
+ST_INLINE_IN_CLONES void sym_rank2k_rows(int n, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                                         int ldc) {
+  for (int i = 0; i < n; ++i) {
+    T* row = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    if (beta == T(0))
+      sym_rank2k_row<T, K, false>(i, n, alpha, a, lda, b, ldb, beta, row);
+    else
+      sym_rank2k_row<T, K, true>(i, n, alpha, a, lda, b, ldb, beta, row);
+  }
+}
+
+// Both triangles of C (n x n) <- beta C + alpha (A^T B + B^T A), A and B k x n, k <= 2: one pass over C. Entry (i, j)
+// sums a_li b_lj + b_li a_lj over l, the same two products as entry (j, i) added in the other order, so C stays
 // exactly symmetric (this file is compiled without floating-point contraction).
 template <class T>
 ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
                                       int ldc) {
-  std::vector<T> acc(static_cast<std::size_t>(n));
-  T* s = acc.data();
-  for (int i = 0; i < n; ++i) {
-    std::fill(acc.begin(), acc.end(), T(0));
-    for (int l = 0; l < k; ++l) {
-      const T* al = a + static_cast<std::ptrdiff_t>(l) * lda;
-      const T* bl = b + static_cast<std::ptrdiff_t>(l) * ldb;
-      const T ai = al[i], bi = bl[i];
-#pragma omp simd
-      for (int j = 0; j < n; ++j) s[j] += ai * bl[j] + bi * al[j];
-    }
-    scale_add_row(c + static_cast<std::ptrdiff_t>(i) * ldc, n, beta, alpha, s);
-  }
+  if (k == 1)
+    sym_rank2k_rows<T, 1>(n, alpha, a, lda, b, ldb, beta, c, ldc);
+  else if (k == 2)
+    sym_rank2k_rows<T, 2>(n, alpha, a, lda, b, ldb, beta, c, ldc);
+  else
+    sym_rank2k_rows<T, 0>(n, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 template <class T>
