@@ -73,6 +73,13 @@ def check_sym_rank2k(dtype) -> None:
                 scale = 0.9 * 2 * np.abs(a64).max() * np.abs(b64).max() * k + beta * np.abs(c0).max()
                 assert np.array_equal(c, c.T), (n, k, route)
                 assert np.abs(c - want).max() / scale < tolerance(dtype), (n, k, beta, route)
+    # no terms (k = 0): C <- beta C exactly, and zeros without reading C when beta = 0
+    c0 = rng.standard_normal((5, 5)).astype(dtype)
+    empty = np.zeros((0, 5), dtype)
+    for beta in (0.0, 0.7):
+        c = np.full_like(c0, np.nan) if beta == 0 else c0.copy()
+        _core._sym_rank2k(empty, empty, c, -0.9, beta, "step")
+        assert np.array_equal(c, np.zeros_like(c0) if beta == 0 else dtype(beta) * c0), beta
 
 
 def check_all() -> None:

@@ -532,8 +532,8 @@ class Core {
 }  // namespace
 
 // C <- alpha op(A) op(B) + beta C (product) or C <- alpha (A^T B + B^T A) + beta C, both triangles (sym_rank2k), on
-// C-contiguous float32 or float64 arrays, single-threaded, by the vendor BLAS ("vendor") or the core's own loops
-// ("own", small_gemm_cpu.h) whatever the shape, or as the step calls them ("step": blas::gemm / blas::sym_rank2k,
+// C-contiguous float32 or float64 arrays, by the vendor BLAS ("vendor") or the core's own loops ("own",
+// small_gemm_cpu.h, one thread) whatever the shape, or as the step calls them ("step": blas::gemm / blas::sym_rank2k,
 // which choose by shape, e.g. the one-pass rows of a rank-1 or rank-2 update, and may split over the core's
 // threads): the tests check the loops on every path against NumPy, and benchmarks/bench_small_gemm.py times one
 // against the other.

@@ -321,7 +321,8 @@ ST_INLINE_IN_CLONES void sym_rank2k_row(int i, int n, T alpha, const T* a, int l
                                         T* row) {
   const T* a1 = a + (K > 1 ? lda : 0);
   const T* b1 = b + (K > 1 ? ldb : 0);
-  const T ai0 = K > 0 ? a[i] : T(0), bi0 = K > 0 ? b[i] : T(0), ai1 = K > 1 ? a1[i] : T(0), bi1 = K > 1 ? b1[i] : T(0);
+  [[maybe_unused]] const T ai0 = K > 0 ? a[i] : T(0), bi0 = K > 0 ? b[i] : T(0);
+  [[maybe_unused]] const T ai1 = K > 1 ? a1[i] : T(0), bi1 = K > 1 ? b1[i] : T(0);
 #pragma omp simd
   for (int j = 0; j < n; ++j) {
     T s = T(0);
@@ -349,6 +350,7 @@ ST_INLINE_IN_CLONES void sym_rank2k_rows(int n, T alpha, const T* a, int lda, co
 template <class T>
 ST_VECTOR_CLONES void sym_rank2k_small(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
                                       int ldc) {
+  if (k > 2 || k < 0) throw std::invalid_argument("sym_rank2k_small: k must be 0, 1 or 2, got " + std::to_string(k));
   if (k == 1)
     sym_rank2k_rows<T, 1>(n, alpha, a, lda, b, ldb, beta, c, ldc);
   else if (k == 2)
