@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import sparsetarget as st
+from conftest import core_thread_count
 from sparsetarget import _core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,13 +56,17 @@ def check_products(dtype) -> None:
                     assert np.all(np.isfinite(c)) and err < tolerance(dtype), (m, n, k, ta, tb, beta, route, err)
 
 
-def check_sym_rank2k(dtype) -> None:
+SYR2K_SHAPES = [(1, 1), (5, 3), (17, 8), (40, 33), (70, 5), (129, 12), (37, 1), (64, 2), (129, 2), (3, 2)]
+
+
+def check_sym_rank2k(dtype, shapes=tuple(SYR2K_SHAPES), routes=("own", "step")) -> None:
     """The own SYR2K loops, and the step's choice ("step": one pass per row of C for k <= 2, as at m = 1 and 2),
-    against float64 NumPy: both triangles, exactly symmetric, and C not read when beta = 0."""
+    against float64 NumPy: both triangles (the lower one mirrored from the upper one, by whole tiles where they fit),
+    exactly symmetric, and C not read when beta = 0."""
     rng = np.random.default_rng(1)
-    for n, k in [(1, 1), (5, 3), (17, 8), (40, 33), (70, 5), (129, 12), (37, 1), (64, 2), (129, 2), (3, 2)]:
+    for n, k in shapes:
         for beta in (0.0, 0.7):
-            for route in ("own", "step"):
+            for route in routes:
                 a = rng.standard_normal((k, n)).astype(dtype)
                 b = rng.standard_normal((k, n)).astype(dtype)
                 c0 = rng.standard_normal((n, n)).astype(dtype)
@@ -73,8 +78,11 @@ def check_sym_rank2k(dtype) -> None:
                 scale = 0.9 * 2 * np.abs(a64).max() * np.abs(b64).max() * k + beta * np.abs(c0).max()
                 assert np.array_equal(c, c.T), (n, k, route)
                 assert np.abs(c - want).max() / scale < tolerance(dtype), (n, k, beta, route)
-    # no terms (k = 0): C <- beta C exactly, and zeros without reading C when beta = 0
-    c0 = rng.standard_normal((5, 5)).astype(dtype)
+
+
+def check_sym_rank2k_no_terms(dtype) -> None:
+    """k = 0: C <- beta C exactly, and zeros without reading C when beta = 0."""
+    c0 = np.random.default_rng(2).standard_normal((5, 5)).astype(dtype)
     empty = np.zeros((0, 5), dtype)
     for beta in (0.0, 0.7):
         c = np.full_like(c0, np.nan) if beta == 0 else c0.copy()
@@ -86,6 +94,7 @@ def check_all() -> None:
     for dtype in (np.float64, np.float32):
         check_products(dtype)
         check_sym_rank2k(dtype)
+        check_sym_rank2k_no_terms(dtype)
 
 
 def run_with(env_value: str, code: str) -> str:
@@ -112,6 +121,15 @@ def test_products_match_numpy(dtype):
     """At the level chosen at load (the plain build where that is "off": the tests' direct calls still run)."""
     check_products(dtype)
     check_sym_rank2k(dtype)
+    check_sym_rank2k_no_terms(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sym_rank2k_split_over_threads(dtype):
+    """The step's SYR2K in column blocks over two threads, the second block starting off the 16-column tiles
+    (n = 512: column 362), each block mirrored by its own thread."""
+    with core_thread_count(2):
+        check_sym_rank2k(dtype, shapes=((512, 16), (300, 48)), routes=("step",))
 
 
 def test_plain_loops_match_numpy():

@@ -274,21 +274,17 @@ void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T 
   });
 }
 
-// Rows [j0, j0 + w) of the lower triangle of C from columns [j0, j0 + w) of its upper triangle: for the column
-// blocks of upper_triangle_parts, each block mirrors what it has just written, beside the others. Through a small
-// tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided copy misses on almost
-// every read (it cost half of a single-example step at d = 512).
-constexpr int kMirrorTile = 16;
+constexpr int kMirrorTile = 16;  // the tile of mirror_upper_columns
 
 // dst[i * ld + j] = src[j * ld + i] for i, j < kMirrorTile (dst and src do not overlap): a whole tile strictly below
 // the diagonal, moved in 4 x 4 (float) or 2 x 2 (double) register transposes, rows read and written contiguously.
+// Elsewhere every tile takes the element path of mirror_upper_columns.
 template <class T>
-void transpose_tile(const T* src, T* dst, std::ptrdiff_t ld) {
-  for (int j = 0; j < kMirrorTile; ++j)
-    for (int i = 0; i < kMirrorTile; ++i) dst[i * ld + j] = src[j * ld + i];
-}
+void transpose_tile(const T* src, T* dst, std::ptrdiff_t ld);
 
 #if defined(__SSE2__)
+constexpr bool kRegisterTranspose = true;
+
 template <>
 void transpose_tile<float>(const float* src, float* dst, std::ptrdiff_t ld) {
   for (int i = 0; i < kMirrorTile; i += 4)
@@ -316,8 +312,14 @@ void transpose_tile<double>(const double* src, double* dst, std::ptrdiff_t ld) {
       _mm_storeu_pd(o + ld, _mm_unpackhi_pd(r0, r1));
     }
 }
+#else
+constexpr bool kRegisterTranspose = false;
 #endif
 
+// Rows [j0, j0 + w) of the lower triangle of C from columns [j0, j0 + w) of its upper triangle: for the column
+// blocks of upper_triangle_parts, each block mirrors what it has just written, beside the others. Through a small
+// tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided copy misses on almost
+// every read (it cost half of a single-example step at d = 512).
 template <class T>
 void mirror_upper_columns(int j0, int w, T* c, int ldc) {
   constexpr int kTile = kMirrorTile;
@@ -326,10 +328,12 @@ void mirror_upper_columns(int j0, int w, T* c, int ldc) {
     const int ie = std::min(j0 + w, ib + kTile);
     for (int jb = 0; jb < ie; jb += kTile) {
       const int je = std::min(ie, jb + kTile);
-      if (ie - ib == kTile && je - jb == kTile && je <= ib) {  // a whole tile below the diagonal
-        const T* upper = c + static_cast<std::ptrdiff_t>(jb) * ldc + ib;  // rows jb.., columns ib..
-        transpose_tile<T>(upper, c + static_cast<std::ptrdiff_t>(ib) * ldc + jb, ldc);
-        continue;
+      if constexpr (kRegisterTranspose) {
+        if (ie - ib == kTile && je - jb == kTile && je <= ib) {  // a whole tile below the diagonal
+          const T* upper = c + static_cast<std::ptrdiff_t>(jb) * ldc + ib;  // rows jb.., columns ib..
+          transpose_tile<T>(upper, c + static_cast<std::ptrdiff_t>(ib) * ldc + jb, ldc);
+          continue;
+        }
       }
       for (int j = jb; j < je; ++j)  // source: rows j, columns i of the upper triangle, read along rows
         for (int i = std::max(ib, j + 1); i < ie; ++i)
