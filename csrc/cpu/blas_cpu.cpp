@@ -4,17 +4,13 @@
 
 #include "small_gemm_cpu.h"
 #include "thread_pool_cpu.h"
+#include "transpose_cpu.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#include <xmmintrin.h>
-#endif
 
 #define ST_CAT2(a, b) a##b
 #define ST_CAT(a, b) ST_CAT2(a, b)
@@ -274,55 +270,14 @@ void syr2k_t(int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T 
   });
 }
 
-constexpr int kMirrorTile = 16;  // the tile of mirror_upper_columns
-
-// dst[i * ld + j] = src[j * ld + i] for i, j < kMirrorTile (dst and src do not overlap): a whole tile strictly below
-// the diagonal, moved in 4 x 4 (float) or 2 x 2 (double) register transposes, rows read and written contiguously.
-// Elsewhere every tile takes the element path of mirror_upper_columns.
-template <class T>
-void transpose_tile(const T* src, T* dst, std::ptrdiff_t ld);
-
-#if defined(__SSE2__)
-constexpr bool kRegisterTranspose = true;
-
-template <>
-void transpose_tile<float>(const float* src, float* dst, std::ptrdiff_t ld) {
-  for (int i = 0; i < kMirrorTile; i += 4)
-    for (int j = 0; j < kMirrorTile; j += 4) {
-      const float* s = src + j * ld + i;
-      __m128 r0 = _mm_loadu_ps(s), r1 = _mm_loadu_ps(s + ld), r2 = _mm_loadu_ps(s + 2 * ld),
-             r3 = _mm_loadu_ps(s + 3 * ld);
-      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-      float* o = dst + i * ld + j;
-      _mm_storeu_ps(o, r0);
-      _mm_storeu_ps(o + ld, r1);
-      _mm_storeu_ps(o + 2 * ld, r2);
-      _mm_storeu_ps(o + 3 * ld, r3);
-    }
-}
-
-template <>
-void transpose_tile<double>(const double* src, double* dst, std::ptrdiff_t ld) {
-  for (int i = 0; i < kMirrorTile; i += 2)
-    for (int j = 0; j < kMirrorTile; j += 2) {
-      const double* s = src + j * ld + i;
-      const __m128d r0 = _mm_loadu_pd(s), r1 = _mm_loadu_pd(s + ld);
-      double* o = dst + i * ld + j;
-      _mm_storeu_pd(o, _mm_unpacklo_pd(r0, r1));
-      _mm_storeu_pd(o + ld, _mm_unpackhi_pd(r0, r1));
-    }
-}
-#else
-constexpr bool kRegisterTranspose = false;
-#endif
-
 // Rows [j0, j0 + w) of the lower triangle of C from columns [j0, j0 + w) of its upper triangle: for the column
 // blocks of upper_triangle_parts, each block mirrors what it has just written, beside the others. Through a small
 // tile: rows of a power-of-two leading dimension alias in the L1 cache, so a direct strided copy misses on almost
-// every read (it cost half of a single-example step at d = 512).
+// every read (it cost half of a single-example step at d = 512); whole tiles below the diagonal by register
+// transposes (transpose_cpu.h).
 template <class T>
 void mirror_upper_columns(int j0, int w, T* c, int ldc) {
-  constexpr int kTile = kMirrorTile;
+  constexpr int kTile = kTransposeTile;
   T tile[kTile][kTile];
   for (int ib = j0; ib < j0 + w; ib += kTile) {
     const int ie = std::min(j0 + w, ib + kTile);
@@ -331,7 +286,7 @@ void mirror_upper_columns(int j0, int w, T* c, int ldc) {
       if constexpr (kRegisterTranspose) {
         if (ie - ib == kTile && je - jb == kTile && je <= ib) {  // a whole tile below the diagonal
           const T* upper = c + static_cast<std::ptrdiff_t>(jb) * ldc + ib;  // rows jb.., columns ib..
-          transpose_tile<T>(upper, c + static_cast<std::ptrdiff_t>(ib) * ldc + jb, ldc);
+          transpose_tile<T>(upper, ldc, c + static_cast<std::ptrdiff_t>(ib) * ldc + jb, ldc);
           continue;
         }
       }
