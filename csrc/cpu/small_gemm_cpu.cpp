@@ -204,25 +204,16 @@ void run(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T b
   sweep_plain<T, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag, by_rows);
 }
 
-// out (k x m, leading dimension ld) <- op(A)^T for op(A) m x k (A itself when stored_transposed, i.e. A is k x m),
-// in 16 x 16 tiles (whole ones of a stored A by register transposes).
+// out (k x m, leading dimension ld) <- op(A)^T for op(A) m x k (A itself when stored_transposed, i.e. A is k x m).
 template <class T>
 void transpose(int m, int k, const T* a, int lda, bool stored_transposed, T* out, int ld) {
-  constexpr int kTile = kTransposeTile;
-  for (int i0 = 0; i0 < m; i0 += kTile)
-    for (int l0 = 0; l0 < k; l0 += kTile) {
-      if constexpr (kRegisterTranspose) {
-        if (!stored_transposed && i0 + kTile <= m && l0 + kTile <= k) {  // out rows l, columns i <- A rows i, columns l
-          const T* block = a + static_cast<std::ptrdiff_t>(i0) * lda + l0;
-          transpose_tile<T>(block, lda, out + static_cast<std::size_t>(l0) * ld + i0, ld);
-          continue;
-        }
-      }
-      for (int l = l0; l < std::min(k, l0 + kTile); ++l)
-        for (int i = i0; i < std::min(m, i0 + kTile); ++i)
-          out[static_cast<std::size_t>(l) * ld + i] = stored_transposed ? a[static_cast<std::ptrdiff_t>(l) * lda + i]
-                                                                        : a[static_cast<std::ptrdiff_t>(i) * lda + l];
-    }
+  if (!stored_transposed) {
+    transpose_copy<T>(k, m, a, lda, out, ld);
+    return;
+  }
+  for (int l = 0; l < k; ++l)
+    std::copy(a + static_cast<std::ptrdiff_t>(l) * lda, a + static_cast<std::ptrdiff_t>(l) * lda + m,
+              out + static_cast<std::size_t>(l) * ld);
 }
 
 // Per-thread buffers of the transposed path (reused across calls).
@@ -283,24 +274,18 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
   transpose<T>(m, k, a, lda, oa == Op::T, at, ld);
   T* dt = buffer<T>(1, static_cast<std::size_t>(n) * ld);
   run<T, false>(n, m, k, Term<T>{b, ldb, 1, at, ld}, none, alpha, T(0), dt, ld, -1, true);
+  if (beta == T(0)) {  // C = D^T
+    transpose_copy<T>(m, n, dt, ld, c, ldc);
+    return;
+  }
   constexpr int kTile = kTransposeTile;
   for (int i0 = 0; i0 < m; i0 += kTile)
-    for (int j0 = 0; j0 < n; j0 += kTile) {
-      if constexpr (kRegisterTranspose) {
-        if (beta == T(0) && i0 + kTile <= m && j0 + kTile <= n) {  // C rows i, columns j <- D rows j, columns i
-          const T* block = dt + static_cast<std::size_t>(j0) * ld + i0;
-          transpose_tile<T>(block, ld, c + static_cast<std::ptrdiff_t>(i0) * ldc + j0, ldc);
-          continue;
-        }
-      }
+    for (int j0 = 0; j0 < n; j0 += kTile)
       for (int i = i0; i < std::min(m, i0 + kTile); ++i) {
         T* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
-        for (int j = j0; j < std::min(n, j0 + kTile); ++j) {
-          const T v = dt[static_cast<std::size_t>(j) * ld + i];
-          ci[j] = beta == T(0) ? v : v + beta * ci[j];
-        }
+        for (int j = j0; j < std::min(n, j0 + kTile); ++j)
+          ci[j] = dt[static_cast<std::size_t>(j) * ld + i] + beta * ci[j];
       }
-    }
 }
 
 template <class T>

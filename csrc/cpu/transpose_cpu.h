@@ -3,6 +3,7 @@
 // two (the rows of a tile alias in the cache); the callers copy the remaining partial tiles element by element.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 
 #if defined(__SSE2__)
@@ -53,5 +54,25 @@ inline void transpose_tile<double>(const double* src, std::ptrdiff_t ld_src, dou
     }
 }
 #endif
+
+// dst (rows x cols, leading dimension ld_dst) <- src^T, src cols x rows (leading dimension ld_src), in tiles of
+// kTransposeTile: whole ones by transpose_tile where the build has it, the others entry by entry.
+template <class T>
+void transpose_copy(int rows, int cols, const T* src, std::ptrdiff_t ld_src, T* dst, std::ptrdiff_t ld_dst) {
+  for (int i0 = 0; i0 < rows; i0 += kTransposeTile)
+    for (int j0 = 0; j0 < cols; j0 += kTransposeTile) {
+      const T* s = src + j0 * ld_src + i0;
+      T* d = dst + i0 * ld_dst + j0;
+      const int ie = std::min(rows - i0, kTransposeTile), je = std::min(cols - j0, kTransposeTile);
+      if constexpr (kRegisterTranspose) {
+        if (ie == kTransposeTile && je == kTransposeTile) {
+          transpose_tile<T>(s, ld_src, d, ld_dst);
+          continue;
+        }
+      }
+      for (int i = 0; i < ie; ++i)
+        for (int j = 0; j < je; ++j) d[i * ld_dst + j] = s[j * ld_src + i];
+    }
+}
 
 }  // namespace sparsetarget::blas
