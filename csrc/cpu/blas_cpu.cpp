@@ -466,23 +466,34 @@ template double lu_factor_transposed<double>(int, double*, int*, double);
 
 namespace {
 // The inverse (k x k, row-major, leading dimension k) of the k x k triangle of a at its diagonal (leading dimension
-// lda): lower with its diagonal, or upper with a unit diagonal. Column by column, by substitution.
+// lda): lower with its diagonal, or upper with a unit diagonal. By substitution a row at a time: row i of the inverse
+// is e_i less A(i, j) times each row j already solved, so the inner loops run along contiguous rows and vectorise.
+// Each entry takes the same terms in the same order (j ascending) as column-by-column substitution.
 template <class T>
 void triangle_inverse(int k, const T* a, int lda, bool lower, T* inv) {
   const auto A = [&](int i, int j) { return a[static_cast<std::ptrdiff_t>(i) * lda + j]; };
+  const auto row = [&](int i) { return inv + static_cast<std::ptrdiff_t>(i) * k; };
   std::fill(inv, inv + static_cast<std::ptrdiff_t>(k) * k, T(0));
-  for (int c = 0; c < k; ++c) {
-    if (lower) {
-      for (int i = c; i < k; ++i) {
-        T sum = i == c ? T(1) : T(0);
-        for (int j = c; j < i; ++j) sum -= A(i, j) * inv[j * k + c];
-        inv[i * k + c] = sum / A(i, i);
+  if (lower) {  // row j of the inverse is nonzero in columns 0 .. j
+    for (int i = 0; i < k; ++i) {
+      T* x = row(i);
+      x[i] = T(1);
+      for (int j = 0; j < i; ++j) {
+        const T aij = A(i, j);
+        const T* y = row(j);
+        for (int c = 0; c <= j; ++c) x[c] -= aij * y[c];
       }
-    } else {
-      for (int i = c; i >= 0; --i) {
-        T sum = i == c ? T(1) : T(0);
-        for (int j = i + 1; j <= c; ++j) sum -= A(i, j) * inv[j * k + c];
-        inv[i * k + c] = sum;
+      const T diagonal = A(i, i);
+      for (int c = 0; c <= i; ++c) x[c] /= diagonal;
+    }
+  } else {  // unit diagonal; row j of the inverse is nonzero in columns j .. k - 1
+    for (int i = k - 1; i >= 0; --i) {
+      T* x = row(i);
+      x[i] = T(1);
+      for (int j = i + 1; j < k; ++j) {
+        const T aij = A(i, j);
+        const T* y = row(j);
+        for (int c = j; c < k; ++c) x[c] -= aij * y[c];
       }
     }
   }
