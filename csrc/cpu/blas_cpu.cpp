@@ -467,7 +467,8 @@ template double lu_factor_transposed<double>(int, double*, int*, double);
 namespace {
 // The inverse (k x k, row-major, leading dimension k) of the k x k triangle of a at its diagonal (leading dimension
 // lda): lower with its diagonal, or upper with a unit diagonal. By substitution a row at a time: row i of the inverse
-// is e_i less A(i, j) times each row j already solved, so the inner loops run along contiguous rows and vectorise.
+// is e_i less A(i, j) times each row j already solved (then divided by A(i, i) in the lower case), so the inner loops
+// run along contiguous rows and vectorise.
 // Each entry takes the same terms in the same order (j ascending) as column-by-column substitution.
 template <class T>
 void triangle_inverse(int k, const T* a, int lda, bool lower, T* inv) {
