@@ -79,20 +79,15 @@ ST_ALWAYS_INLINE void block_rows(int rows, int k, const Term<T>& t1, const Term<
   }
 }
 
-// Columns [j0, n) left over by the vector blocks, one scalar sum each.
-template <class T, bool Two>
-ST_ALWAYS_INLINE void scalar_columns(int rows, int k, const Term<T>& t1, const Term<T>& t2, int j0, int n, T alpha,
-                                     T beta, T* c, std::ptrdiff_t ldc) {
-  for (int i = 0; i < rows; ++i)
-    for (int j = j0; j < n; ++j) {
-      T s = 0;
-      for (int l = 0; l < k; ++l) {
-        s += t1.x[i * t1.xi + l * t1.xl] * t1.y[l * t1.ldy + j];
-        if constexpr (Two) s += t2.x[i * t2.xi + l * t2.xl] * t2.y[l * t2.ldy + j];
-      }
-      T* out = c + i * ldc + j;
-      *out = beta == T(0) ? alpha * s : alpha * s + beta * *out;
-    }
+// Per-thread buffers (reused across calls): slots 0 and 1 for the transposed path's copies, 2 to 4 for the column
+// tail of a sweep.
+enum Slot { kSlotAt, kSlotDt, kSlotTailY1, kSlotTailY2, kSlotTailC, kSlots };
+template <class T>
+T* buffer(int which, std::size_t n) {
+  thread_local std::vector<T> buffers[kSlots];
+  std::vector<T>& b = buffers[which];
+  if (b.size() < n) b.resize(n);
+  return b.data();
 }
 
 // Terms advanced to row i0.
@@ -117,18 +112,46 @@ ST_ALWAYS_INLINE int column_blocks(int j0, int m, int n, int k, const Term<T>& t
   return j0;
 }
 
-// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then single columns.
-// With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column) of a block are computed
-// (entries below the diagonal of those groups with them).
+// Columns [j0, n), fewer than one vector of TW, as one more vector block: those columns of Y1 (and Y2) copied with
+// zeros after them, the block's sums into a scratch C, then its first n - j0 columns added to C. Row groups as in
+// column_blocks.
+template <class T, int TW, int R, bool Two>
+ST_ALWAYS_INLINE void column_tail(int j0, int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta,
+                                  T* c, std::ptrdiff_t ldc, int diag) {
+  const int tail = n - j0;
+  const auto padded = [&](const Term<T>& t, int slot) {
+    T* y = buffer<T>(slot, static_cast<std::size_t>(k) * TW);
+    for (int l = 0; l < k; ++l) {
+      const T* row = t.y + l * t.ldy + j0;
+      T* out = y + static_cast<std::ptrdiff_t>(l) * TW;
+      for (int j = 0; j < TW; ++j) out[j] = j < tail ? row[j] : T(0);
+    }
+    return Term<T>{t.x, t.xi, t.xl, y, TW};
+  };
+  const Term<T> p1 = padded(t1, kSlotTailY1);
+  const Term<T> p2 = Two ? padded(t2, kSlotTailY2) : t2;
+  T* sums = buffer<T>(kSlotTailC, static_cast<std::size_t>(m) * TW);
+  const int tail_diag = diag >= 0 ? diag + j0 : -1;
+  column_blocks<T, TW, 1, R, Two>(0, m, TW, k, p1, p2, alpha, T(0), sums, TW, tail_diag);
+  for (int i0 = 0; i0 < m && !(tail_diag >= 0 && i0 >= tail_diag + TW); i0 += R)
+    for (int i = i0; i < std::min(m, i0 + R); ++i) {
+      const T* s = sums + static_cast<std::ptrdiff_t>(i) * TW;
+      T* out = c + i * ldc + j0;
+      for (int j = 0; j < tail; ++j) out[j] = beta == T(0) ? s[j] : s[j] + beta * out[j];  // beta = 0: C not read
+    }
+}
+
+// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then one zero-padded
+// block for the columns left. With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column)
+// of a block are computed (entries below the diagonal of those groups with them).
 template <class T, int W, int R, bool Two>
 ST_ALWAYS_INLINE void sweep(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
                             std::ptrdiff_t ldc, int diag) {
   int j0 = column_blocks<T, W, 2, R, Two>(0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
   j0 = column_blocks<T, W, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  if constexpr (W >= 8) j0 = column_blocks<T, W / 2, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  for (int i0 = 0; i0 < m && j0 < n && !(diag >= 0 && i0 >= diag + n); i0 += R)
-    scalar_columns<T, Two>(std::min(R, m - i0), k, from_row(t1, i0), from_row(t2, i0), j0, n, alpha, beta,
-                           c + i0 * ldc, ldc);
+  constexpr int TW = W >= 8 ? W / 2 : W;  // the narrowest block, and the tail's
+  if constexpr (W >= 8) j0 = column_blocks<T, TW, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  if (j0 < n) column_tail<T, TW, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
 }
 
 // The sweep, or with by_rows (full products only: diag < 0) one sweep per group of R rows, all column blocks of a
@@ -216,15 +239,6 @@ void transpose(int m, int k, const T* a, int lda, bool stored_transposed, T* out
               out + static_cast<std::size_t>(l) * ld);
 }
 
-// Per-thread buffers of the transposed path (reused across calls).
-template <class T>
-T* buffer(int which, std::size_t n) {
-  thread_local std::vector<T> buffers[2];
-  std::vector<T>& b = buffers[which];
-  if (b.size() < n) b.resize(n);
-  return b.data();
-}
-
 }  // namespace
 
 Level level() { return g_policy.level; }
@@ -270,9 +284,9 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
   // copies pad their rows past multiples of 64 elements (power-of-two strides would map a tile's rows to the same
   // cache sets) and go tile by tile; D is swept a group of B's rows at a time, B being the larger operand.
   const int ld = m % 64 == 0 ? m + 16 : m;
-  T* at = buffer<T>(0, static_cast<std::size_t>(k) * ld);
+  T* at = buffer<T>(kSlotAt, static_cast<std::size_t>(k) * ld);
   transpose<T>(m, k, a, lda, oa == Op::T, at, ld);
-  T* dt = buffer<T>(1, static_cast<std::size_t>(n) * ld);
+  T* dt = buffer<T>(kSlotDt, static_cast<std::size_t>(n) * ld);
   run<T, false>(n, m, k, Term<T>{b, ldb, 1, at, ld}, none, alpha, T(0), dt, ld, -1, true);
   if (beta == T(0)) {  // C = D^T
     transpose_copy<T>(m, n, dt, ld, c, ldc);
