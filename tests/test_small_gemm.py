@@ -195,3 +195,38 @@ def test_training_with_every_product_on_the_own_loops(words, level):
         pytest.skip(f"no {level} on this CPU")
     worst = float(run_with(words, TRAIN.format(level=level)).split()[-1])
     assert worst < 1e-10  # float64 states; float32 ones scaled by 1e-6
+
+
+POLICY = """
+import numpy as np, sparsetarget as st
+from sparsetarget import _core
+info = st.build_info()
+rng = np.random.default_rng(3)
+a, b = rng.standard_normal((64, 300)).astype(np.float32), rng.standard_normal((64, 300)).astype(np.float32)
+c0 = rng.standard_normal((300, 300)).astype(np.float32)
+out = {}
+for route in ("vendor", "own", "step"):
+    c = c0.copy()
+    _core._product(a, b, c, True, False, 0.7, 0.5, route)  # a rank-64 update of a 300 x 300 matrix
+    out[route] = c
+print(info["blas_kernel"], "|", info["small_gemm_scope"], "|", np.array_equal(out["step"], out["own"]),
+      np.array_equal(out["step"], out["vendor"]))
+"""
+
+
+@pytest.mark.parametrize("kernel, scope, own", [("Haswell", "up to 1024 on every side", True),
+                                                ("SkylakeX", "a short side", False)])
+def test_products_go_to_the_loops_where_the_vendor_kernel_is_narrower(kernel, scope, own):
+    """With AVX-512 loops, an OpenBLAS running its AVX2 (Haswell) kernels hands the step's rank-k updates to the own
+    loops too; with its AVX-512 (SkylakeX) kernels it keeps them. Told apart by the rounding of the step's route."""
+    if not {"avx512f", "fma"} <= cpu_flags():
+        pytest.skip("no AVX-512 on this CPU")
+    if not st.build_info()["blas_kernel"] or os.environ.get("SPARSETARGET_SMALL_GEMM"):
+        pytest.skip("the BLAS does not name its kernel, or SPARSETARGET_SMALL_GEMM is set")
+    env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
+    out = subprocess.run([sys.executable, "-c", POLICY], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, got_scope, flags = (part.strip() for part in out.stdout.strip().split("|"))
+    assert name.lower() == kernel.lower() and got_scope == scope, out.stdout
+    same_as_own, same_as_vendor = flags.split()
+    assert same_as_own == str(own) and same_as_vendor == str(not own), out.stdout

@@ -637,6 +637,8 @@ PYBIND11_MODULE(_core, m) {
     const auto level = blas::small::level();
     info["small_gemm"] = level == blas::small::Level::kAvx512 ? "avx512" : level == blas::small::Level::kAvx2 ? "avx2"
                                                                                                             : "off";
+    info["small_gemm_scope"] = blas::small::scope();
+    info["blas_kernel"] = blas::vendor_kernel();
     return info;
   }, "How this _core was built: version, BLAS, compiler, CUDA support, and the vector width of its own products.");
   m.attr("DEFAULT_STABILIZATION") = policy_dict(StabilizeOptions{});

@@ -43,10 +43,11 @@ void ST_SYM(dgesdd_)(const char*, const int*, const int*, double*, const int*, d
                      double*, const int*, double*, const int*, int*, int*, std::size_t);
 }
 
-// OpenBLAS thread control; weak, so a system BLAS without these symbols still links.
+// OpenBLAS thread control and kernel name; weak, so a system BLAS without these symbols still links.
 extern "C" {
 void ST_SYM(openblas_set_num_threads)(int) __attribute__((weak));
 int ST_SYM(openblas_get_num_threads)(void) __attribute__((weak));
+char* ST_SYM(openblas_get_corename)(void) __attribute__((weak));
 }
 
 // Loops built for the machine's vector width, chosen when the library loads (x86-64 with GCC; elsewhere one build).
@@ -576,6 +577,11 @@ const int g_threads_at_load = [] {
   return n;
 }();
 }  // namespace
+
+std::string vendor_kernel() {
+  const char* name = ST_SYM(openblas_get_corename) ? ST_SYM(openblas_get_corename)() : nullptr;
+  return name ? std::string(name) : std::string();
+}
 
 void set_num_threads(int n, bool passes) {
   cpu::set_pool_threads(n);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../backend.h"
@@ -74,6 +75,10 @@ void lu_solve_transposed(int n, int cols, const T* lu, const int* ipiv, T* b, in
 // Full SVD of a square matrix A = P diag(sigma) R^T. Returns P (n x n), sigma (n, descending) and R^T (n x n).
 template <class T>
 void svd(int n, const T* a, std::vector<T>& p, std::vector<T>& sigma, std::vector<T>& r_t);
+
+// The kernel family the vendor library runs, as OpenBLAS names it ("Haswell", "SkylakeX", ...: what it chose for
+// this CPU or was told to use by OPENBLAS_CORETYPE); empty for a library that does not say.
+std::string vendor_kernel();
 
 // How many parts a product of this many FLOPs is split into: one per thread, each worth at least 4 MFLOP.
 int parts_for(double flops);

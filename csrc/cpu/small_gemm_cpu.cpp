@@ -4,9 +4,11 @@
 // costs as much as the arithmetic; here that operand is read once, in place.
 #include "small_gemm_cpu.h"
 
+#include "blas_cpu.h"
 #include "transpose_cpu.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -192,11 +194,23 @@ void sweep_plain(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T al
 
 // What the loops may be used for, fixed when the library loads: the CPU's vector width, unless the comma-separated
 // words of SPARSETARGET_SMALL_GEMM say otherwise ("off": never; "avx2": at most AVX2; "always": for every product
-// these loops can compute, whatever its shape, which the tests use to run the loops on every path).
+// these loops can compute, whatever its shape, which the tests use to run the loops on every path). With AVX-512 loops
+// and a vendor library that runs narrower kernels on this CPU (an OpenBLAS told to use its AVX2 kernels by
+// OPENBLAS_CORETYPE, or one that does not know the CPU's AVX-512), the loops are faster on nearly every product of the
+// step's sizes: vendor_narrower.
 struct Policy {
   Level level = Level::kOff;
   bool always = false;
+  bool vendor_narrower = false;
 };
+
+// OpenBLAS's names of its kernel families that use AVX-512.
+bool runs_avx512(std::string kernel) {
+  std::transform(kernel.begin(), kernel.end(), kernel.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  for (const char* name : {"skylakex", "cooperlake", "sapphirerapids"})
+    if (kernel.find(name) != std::string::npos) return true;
+  return false;
+}
 
 Policy detect() {
   Policy p;
@@ -213,6 +227,8 @@ Policy detect() {
   if (has("off")) p.level = Level::kOff;
   if (has("avx2") && p.level == Level::kAvx512) p.level = Level::kAvx2;
   p.always = has("always");
+  const std::string kernel = vendor_kernel();  // empty: a library that does not say, taken to be the fastest
+  p.vendor_narrower = p.level == Level::kAvx512 && !kernel.empty() && !runs_avx512(kernel);
   return p;
 }
 const Policy g_policy = detect();
@@ -243,6 +259,12 @@ void transpose(int m, int k, const T* a, int lda, bool stored_transposed, T* out
 
 Level level() { return g_policy.level; }
 
+const char* scope() {
+  if (g_policy.level == Level::kOff) return "none";
+  if (g_policy.always) return "every product";
+  return g_policy.vendor_narrower ? "up to 1024 on every side" : "a short side";
+}
+
 // Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
 // against OpenBLAS 0.3.34 (SkylakeX kernel) at d = 512 by benchmarks/bench_small_gemm.py
 // (benchmarks/results/small_gemm_skylakex_vm.txt): C = H B in float32 up to 256 rows (3.0x at 8 rows, 1.2x at 64,
@@ -250,25 +272,33 @@ Level level() { return g_policy.level; }
 // rows (1.6x at 8 and 32, 1.05x at 128; 0.94x at 200) and in float64 up to 200 (2.1x at 8, 1.07x at 200); the Q
 // update's SYR2K in float32 up to 16 rows (1.05-1.07x). Rank-k updates of a d x d matrix stay with the vendor, which
 // runs them faster (the loops reach 0.8-0.9x). With AVX2 only: C = H B in float32 up to 16 rows.
+// Against a narrower vendor kernel (OpenBLAS's Haswell kernel on the same CPU,
+// benchmarks/results/small_gemm_haswell_vm.txt), the loops win on every product with no side above
+// kNarrowerVendorMax: C = H B and H B^T 1.7-5.0x, the rank-k updates (op(A) = A^T) 1.3-1.7x from 16 rows in float32
+// and 32 in float64 (below that they are no faster, and in float64 at 8 rows half as fast), the SYR2K 1.2-1.9x.
+// Beyond it, at a few thousand, they fall behind (0.4-0.8x in float64 with k = 4096).
+constexpr int kNarrowerVendorMax = 1024;
 template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
   if (g_policy.always) return true;
-  static_cast<void>(k);
   const bool wide = g_policy.level == Level::kAvx512;
   const bool single = sizeof(T) == 4;
-  if (oa == Op::N && ob == Op::N) return m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
+  const bool narrower = g_policy.vendor_narrower && std::max({m, n, k}) <= kNarrowerVendorMax;
+  if (oa == Op::N && ob == Op::N) return narrower || m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
   if (oa == Op::N && ob == Op::T) {
     const int half_vector = 32 / static_cast<int>(sizeof(T));
-    return wide && m >= half_vector && m <= (single ? 128 : 200);
+    return wide && m >= half_vector && (narrower || m <= (single ? 128 : 200));
   }
+  if (oa == Op::T && ob == Op::N) return narrower && k >= (single ? 16 : 32);
   return false;
 }
 
 template <class T>
 bool suits_syr2k(int n, int k) {
   if (g_policy.level == Level::kOff || n <= 0) return false;
-  return g_policy.always || (g_policy.level == Level::kAvx512 && sizeof(T) == 4 && k <= 16);
+  const bool narrower = g_policy.vendor_narrower && std::max(n, k) <= kNarrowerVendorMax;
+  return g_policy.always || (g_policy.level == Level::kAvx512 && (narrower || (sizeof(T) == 4 && k <= 16)));
 }
 
 template <class T>
