@@ -204,6 +204,17 @@ struct Policy {
   bool vendor_narrower = false;
 };
 
+// Against a narrower vendor kernel (OpenBLAS's Haswell kernel on the same CPU,
+// benchmarks/results/small_gemm_haswell_vm.txt at d = 512, small_gemm_haswell_d1024_vm.txt at d = 1024), the loops
+// win on every product with no side above narrower_vendor_max: C = H B and H B^T 1.2-5.0x, the rank-k updates
+// (op(A) = A^T) 1.0-1.7x from 16 rows in float32 and 32 in float64 (below that they are no faster, and in float64 at
+// 8 rows half as fast), the SYR2K 1.1-1.9x. In float64 at d = 1024 they lose on some of these (0.75x for the SYR2K
+// at k = 1024, 0.88-0.99x for the rank-k updates at 64, 512 and 1024 rows), hence its lower bound.
+template <class T>
+constexpr int narrower_vendor_max() {
+  return sizeof(T) == 4 ? 1024 : 512;
+}
+
 // OpenBLAS's names of its kernel families that use AVX-512.
 bool runs_avx512(std::string kernel) {
   std::transform(kernel.begin(), kernel.end(), kernel.begin(), [](unsigned char ch) { return std::tolower(ch); });
@@ -227,8 +238,9 @@ Policy detect() {
   if (has("off")) p.level = Level::kOff;
   if (has("avx2") && p.level == Level::kAvx512) p.level = Level::kAvx2;
   p.always = has("always");
-  const std::string kernel = vendor_kernel();  // empty: a library that does not say, taken to be the fastest
-  p.vendor_narrower = p.level == Level::kAvx512 && !kernel.empty() && !runs_avx512(kernel);
+  // empty: a library that does not say; "Unknown": an OpenBLAS asked before it chose; both taken to be the fastest
+  const std::string kernel = vendor_kernel();
+  p.vendor_narrower = p.level == Level::kAvx512 && !kernel.empty() && kernel != "Unknown" && !runs_avx512(kernel);
   return p;
 }
 const Policy g_policy = detect();
@@ -262,7 +274,9 @@ Level level() { return g_policy.level; }
 const char* scope() {
   if (g_policy.level == Level::kOff) return "none";
   if (g_policy.always) return "every product";
-  return g_policy.vendor_narrower ? "up to 1024 on every side" : "a short side";
+  static const std::string narrower = "up to " + std::to_string(narrower_vendor_max<float>()) + " (float32) or " +
+                                      std::to_string(narrower_vendor_max<double>()) + " (float64) on every side";
+  return g_policy.vendor_narrower ? narrower.c_str() : "a short side";
 }
 
 // Where these loops beat the vendor's packed GEMM with its best kernel for the machine, measured single-threaded
@@ -272,19 +286,14 @@ const char* scope() {
 // rows (1.6x at 8 and 32, 1.05x at 128; 0.94x at 200) and in float64 up to 200 (2.1x at 8, 1.07x at 200); the Q
 // update's SYR2K in float32 up to 16 rows (1.05-1.07x). Rank-k updates of a d x d matrix stay with the vendor, which
 // runs them faster (the loops reach 0.8-0.9x). With AVX2 only: C = H B in float32 up to 16 rows.
-// Against a narrower vendor kernel (OpenBLAS's Haswell kernel on the same CPU,
-// benchmarks/results/small_gemm_haswell_vm.txt), the loops win on every product with no side above
-// kNarrowerVendorMax: C = H B and H B^T 1.7-5.0x, the rank-k updates (op(A) = A^T) 1.3-1.7x from 16 rows in float32
-// and 32 in float64 (below that they are no faster, and in float64 at 8 rows half as fast), the SYR2K 1.2-1.9x.
-// Beyond it, at a few thousand, they fall behind (0.4-0.8x in float64 with k = 4096).
-constexpr int kNarrowerVendorMax = 1024;
+// Against a narrower vendor kernel: see narrower_vendor_max.
 template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
   if (g_policy.always) return true;
   const bool wide = g_policy.level == Level::kAvx512;
   const bool single = sizeof(T) == 4;
-  const bool narrower = g_policy.vendor_narrower && std::max({m, n, k}) <= kNarrowerVendorMax;
+  const bool narrower = g_policy.vendor_narrower && std::max({m, n, k}) <= narrower_vendor_max<T>();
   if (oa == Op::N && ob == Op::N) return narrower || m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
   if (oa == Op::N && ob == Op::T) {
     const int half_vector = 32 / static_cast<int>(sizeof(T));
@@ -297,7 +306,7 @@ bool suits(Op oa, Op ob, int m, int n, int k) {
 template <class T>
 bool suits_syr2k(int n, int k) {
   if (g_policy.level == Level::kOff || n <= 0) return false;
-  const bool narrower = g_policy.vendor_narrower && std::max(n, k) <= kNarrowerVendorMax;
+  const bool narrower = g_policy.vendor_narrower && std::max(n, k) <= narrower_vendor_max<T>();
   return g_policy.always || (g_policy.level == Level::kAvx512 && (narrower || (sizeof(T) == 4 && k <= 16)));
 }
 

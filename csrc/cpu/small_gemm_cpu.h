@@ -13,8 +13,9 @@ enum class Level { kOff, kAvx2, kAvx512 };
 
 // The instruction set the loops were built for that the library chose when it loaded (kOff: the loops are not used).
 Level level();
-// Which products the step routes to the loops, in words: "none", "a short side", "up to 1024 on every side" (the
-// vendor library runs narrower kernels than the loops) or "every product" (SPARSETARGET_SMALL_GEMM=always).
+// Which products the step routes to the loops, in words: "none", "a short side", "up to N (float32) or M (float64) on
+// every side" (the vendor library runs narrower kernels than the loops) or "every product"
+// (SPARSETARGET_SMALL_GEMM=always).
 const char* scope();
 
 // Whether the GEMM wrapper should route C (m x n) <- alpha op(A) op(B) + beta C (inner dimension k) here.

@@ -238,7 +238,9 @@ def build_info() -> dict:
     """How the compiled core was built: ``version``, ``blas``, ``cuda`` (the CUDA backend was compiled; whether a
     device can use it is :func:`cuda_status`), compiler, BLAS threads, and ``small_gemm``: the vector width
     (``"avx512"``, ``"avx2"``) of the core's own loops for products with few rows, chosen when it loaded, or ``"off"``
-    (no AVX2 on this CPU, or ``SPARSETARGET_SMALL_GEMM=off`` in the environment)."""
+    (no AVX2 on this CPU, or ``SPARSETARGET_SMALL_GEMM=off`` in the environment); ``blas_kernel``: the kernel family
+    OpenBLAS runs (``"Haswell"``, ``"SkylakeX"``, ...; empty for a BLAS that does not say), and ``small_gemm_scope``:
+    which products the step gives those loops (all of them up to a size where OpenBLAS's kernel is narrower)."""
     return dict(_core.build_info())
 
 
