@@ -97,8 +97,8 @@ def check_all() -> None:
         check_sym_rank2k_no_terms(dtype)
 
 
-def run_with(env_value: str, code: str) -> str:
-    env = {**os.environ, "SPARSETARGET_SMALL_GEMM": env_value, "PYTHONPATH": HERE + os.pathsep
+def run_with(env_value: str, code: str, **env_vars: str) -> str:
+    env = {**os.environ, **env_vars, "SPARSETARGET_SMALL_GEMM": env_value, "PYTHONPATH": HERE + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -231,12 +231,10 @@ def test_products_go_to_the_loops_where_the_vendor_kernel_is_narrower(kernel, sc
         pytest.skip("the own loops are not at AVX-512 here, or SPARSETARGET_SMALL_GEMM is set")
     if "openblas" not in st.build_info()["blas"].lower():
         pytest.skip("not OpenBLAS: OPENBLAS_CORETYPE cannot choose the kernel")
-    env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
-    out = subprocess.run([sys.executable, "-c", POLICY], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    name, got_scope, flags = (part.strip() for part in out.stdout.strip().split("|"))
+    out = run_with("", POLICY, OPENBLAS_CORETYPE=kernel)  # no words: the loops' choice at load
+    name, got_scope, flags = (part.strip() for part in out.strip().split("|"))
     if name.lower() != kernel.lower():
         pytest.skip(f"this OpenBLAS does not take OPENBLAS_CORETYPE={kernel} (it runs {name})")
-    assert got_scope == scope, out.stdout
+    assert got_scope == scope, out
     same_as_own, same_as_vendor = flags.split()
-    assert same_as_own == str(own) and same_as_vendor == str(not own), out.stdout
+    assert same_as_own == str(own) and same_as_vendor == str(not own), out

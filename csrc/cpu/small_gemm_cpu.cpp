@@ -288,12 +288,17 @@ const char* scope() {
 // runs them faster (the loops reach 0.8-0.9x). With AVX2 only: C = H B in float32 up to 16 rows.
 // Against a narrower vendor kernel: see narrower_vendor_max.
 template <class T>
+bool beats_narrower_vendor(int longest_side) {
+  return g_policy.vendor_narrower && longest_side <= narrower_vendor_max<T>();
+}
+
+template <class T>
 bool suits(Op oa, Op ob, int m, int n, int k) {
   if (g_policy.level == Level::kOff || m <= 0 || n <= 0) return false;
   if (g_policy.always) return true;
   const bool wide = g_policy.level == Level::kAvx512;
   const bool single = sizeof(T) == 4;
-  const bool narrower = g_policy.vendor_narrower && std::max({m, n, k}) <= narrower_vendor_max<T>();
+  const bool narrower = beats_narrower_vendor<T>(std::max({m, n, k}));
   if (oa == Op::N && ob == Op::N) return narrower || m <= (wide ? (single ? 256 : 16) : (single ? 16 : 0));
   if (oa == Op::N && ob == Op::T) {
     const int half_vector = 32 / static_cast<int>(sizeof(T));
@@ -306,7 +311,7 @@ bool suits(Op oa, Op ob, int m, int n, int k) {
 template <class T>
 bool suits_syr2k(int n, int k) {
   if (g_policy.level == Level::kOff || n <= 0) return false;
-  const bool narrower = g_policy.vendor_narrower && std::max(n, k) <= narrower_vendor_max<T>();
+  const bool narrower = beats_narrower_vendor<T>(std::max(n, k));
   return g_policy.always || (g_policy.level == Level::kAvx512 && (narrower || (sizeof(T) == 4 && k <= 16)));
 }
 
