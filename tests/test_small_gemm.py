@@ -125,6 +125,22 @@ def test_products_match_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_h_times_b_transposed_equals_h_times_its_copy(dtype):
+    """C = H B^T goes through D = B H^T a group of B's rows at a time, the columns past the last whole vector block of
+    H^T (m not a multiple of the vector width) in one zero-padded block for all rows; each entry is the same sum in the
+    same order as in H (B^T copied), so the two agree bit for bit."""
+    rng = np.random.default_rng(3)
+    for m, n, k in [(13, 40, 29), (21, 9, 64), (37, 130, 17), (100, 75, 50), (5, 23, 8), (300, 19, 33)]:
+        h = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((n, k)).astype(dtype)
+        through_transpose = np.full((m, n), np.nan, dtype)
+        direct = np.full((m, n), np.nan, dtype)
+        _core._product(h, b, through_transpose, False, True, 0.7, 0.0, "own")
+        _core._product(h, b.T.copy(), direct, False, False, 0.7, 0.0, "own")
+        assert np.array_equal(through_transpose, direct), (m, n, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_sym_rank2k_split_over_threads(dtype):
     """The step's SYR2K in column blocks over two threads, the second block starting off the 16-column tiles
     (n = 512: column 362), each block mirrored by its own thread."""

@@ -143,29 +143,40 @@ ST_ALWAYS_INLINE void column_tail(int j0, int m, int n, int k, const Term<T>& t1
     }
 }
 
-// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then one zero-padded
-// block for the columns left. With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column)
-// of a block are computed (entries below the diagonal of those groups with them).
-template <class T, int W, int R, bool Two>
-ST_ALWAYS_INLINE void sweep(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
-                            std::ptrdiff_t ldc, int diag) {
-  int j0 = column_blocks<T, W, 2, R, Two>(0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  j0 = column_blocks<T, W, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  constexpr int TW = W >= 8 ? W / 2 : W;  // the narrowest block, and the tail's
-  if constexpr (W >= 8) j0 = column_blocks<T, TW, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  if (j0 < n) column_tail<T, TW, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+template <int W>
+constexpr int tail_width() {
+  return W >= 8 ? W / 2 : W;  // the narrowest block, and the tail's
 }
 
-// The sweep, or with by_rows (full products only: diag < 0) one sweep per group of R rows, all column blocks of a
-// group before the next group: the group's rows of X stay in L1 while Y, when it is the smaller operand, is read
-// once per group.
+// The column blocks of the sweep below, without its tail; returns the first column left.
+template <class T, int W, int R, bool Two>
+ST_ALWAYS_INLINE int whole_blocks(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
+                                  std::ptrdiff_t ldc, int diag) {
+  int j0 = column_blocks<T, W, 2, R, Two>(0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  j0 = column_blocks<T, W, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  if constexpr (W >= 8)
+    j0 = column_blocks<T, tail_width<W>(), 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  return j0;
+}
+
+// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then one zero-padded
+// block for the columns left. With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column)
+// of a block are computed (entries below the diagonal of those groups with them). With by_rows (full products only:
+// diag < 0), the whole blocks go one group of R rows at a time, all of a group's blocks before the next group: the
+// group's rows of X stay in L1 while Y, when it is the smaller operand, is read once per group; the padded tail,
+// which copies its columns of Y, is then computed once for all rows. Each entry of C is the same sum, in the same
+// order, whichever way the rows are grouped.
 template <class T, int W, int R, bool Two>
 ST_ALWAYS_INLINE void sweep_in_order(int m, int n, int k, const Term<T>& t1, const Term<T>& t2, T alpha, T beta, T* c,
                                      std::ptrdiff_t ldc, int diag, bool by_rows) {
-  if (!by_rows) return sweep<T, W, R, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  for (int i0 = 0; i0 < m; i0 += R)
-    sweep<T, W, R, Two>(std::min(R, m - i0), n, k, from_row(t1, i0), from_row(t2, i0), alpha, beta, c + i0 * ldc, ldc,
-                        -1);
+  int j0 = n;
+  if (!by_rows)
+    j0 = whole_blocks<T, W, R, Two>(m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  else
+    for (int i0 = 0; i0 < m; i0 += R)
+      j0 = whole_blocks<T, W, R, Two>(std::min(R, m - i0), n, k, from_row(t1, i0), from_row(t2, i0), alpha, beta,
+                                      c + i0 * ldc, ldc, -1);
+  if (j0 < n) column_tail<T, tail_width<W>(), R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
 }
 
 // The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks. The plain build
