@@ -18,9 +18,26 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_family() -> str | None:
+    """The CPU's "family F model M" from /proc/cpuinfo (on a VM named only "AMD EPYC", its generation), or None."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def machine_info(**extra: Any) -> dict[str, Any]:
-    """Host, CPU model, core count, Python version and OPENBLAS_CORETYPE, plus ``extra``."""
-    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+    """Host, CPU model and family, core count, Python version and OPENBLAS_CORETYPE, plus ``extra``."""
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_family": cpu_family(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), **extra}
 
 
