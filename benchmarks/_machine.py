@@ -20,7 +20,7 @@ def cpu_model() -> str:
 
 def cpu_family() -> str | None:
     """The CPU's "family F model M" from /proc/cpuinfo (on a VM named only "AMD EPYC", its generation), or None."""
-    fields = {}
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

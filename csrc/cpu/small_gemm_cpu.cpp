@@ -154,13 +154,13 @@ ST_ALWAYS_INLINE int whole_blocks(int m, int n, int k, const Term<T>& t1, const 
                                   std::ptrdiff_t ldc, int diag) {
   int j0 = column_blocks<T, W, 2, R, Two>(0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
   j0 = column_blocks<T, W, 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
-  if constexpr (W >= 8)
+  if constexpr (tail_width<W>() != W)
     j0 = column_blocks<T, tail_width<W>(), 1, R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
   return j0;
 }
 
-// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2, then one zero-padded
-// block for the columns left. With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column)
+// C (m x n) <- alpha (X1 Y1 [+ X2 Y2]) + beta C over column blocks of 2W, then W, then W/2 (W >= 8), then one
+// zero-padded block for the columns left. With diag >= 0, only the row groups that meet the upper triangle (row <= diag + column)
 // of a block are computed (entries below the diagonal of those groups with them). With by_rows (full products only:
 // diag < 0), the whole blocks go one group of R rows at a time, all of a group's blocks before the next group: the
 // group's rows of X stay in L1 while Y, when it is the smaller operand, is read once per group; the padded tail,
@@ -176,7 +176,8 @@ ST_ALWAYS_INLINE void sweep_in_order(int m, int n, int k, const Term<T>& t1, con
     for (int i0 = 0; i0 < m; i0 += R)
       j0 = whole_blocks<T, W, R, Two>(std::min(R, m - i0), n, k, from_row(t1, i0), from_row(t2, i0), alpha, beta,
                                       c + i0 * ldc, ldc, -1);
-  if (j0 < n) column_tail<T, tail_width<W>(), R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, diag);
+  if (j0 < n)
+    column_tail<T, tail_width<W>(), R, Two>(j0, m, n, k, t1, t2, alpha, beta, c, ldc, by_rows ? -1 : diag);
 }
 
 // The machine's vector width: R rows of W-element vectors, 2R accumulators in the 2W-wide blocks. The plain build
@@ -337,7 +338,8 @@ void gemm(Op oa, Op ob, int m, int n, int k, T alpha, const T* a, int lda, const
   }
   // C = op(A) B^T: through D = B op(A)^T (n x m), whose rows sum rows of op(A)^T (k x m, copied), then C = D^T. The
   // copies pad their rows past multiples of 64 elements (power-of-two strides would map a tile's rows to the same
-  // cache sets) and go tile by tile; D is swept a group of B's rows at a time, B being the larger operand.
+  // cache sets) and go tile by tile; D is swept a group of B's rows at a time, B being the larger operand (its
+  // zero-padded tail block once for all rows).
   const int ld = m % 64 == 0 ? m + 16 : m;
   T* at = buffer<T>(kSlotAt, static_cast<std::size_t>(k) * ld);
   transpose<T>(m, k, a, lda, oa == Op::T, at, ld);
