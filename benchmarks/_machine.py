@@ -9,17 +9,8 @@ import socket
 from typing import Any
 
 
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what the platform module says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def cpu_family() -> str | None:
-    """The CPU's "family F model M" from /proc/cpuinfo (on a VM named only "AMD EPYC", its generation), or None."""
+def cpuinfo_fields() -> dict[str, str]:
+    """The first processor's "key: value" lines of /proc/cpuinfo; empty where there is none."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -29,7 +20,18 @@ def cpu_family() -> str | None:
                 key, _, value = line.partition(":")
                 fields[key.strip()] = value.strip()
     except OSError:
-        return None
+        pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what the platform module says."""
+    return cpuinfo_fields().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_family() -> str | None:
+    """The CPU's "family F model M" from /proc/cpuinfo (on a VM named only "AMD EPYC", its generation), or None."""
+    fields = cpuinfo_fields()
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']} model {fields['model']}"

@@ -14,8 +14,6 @@ csrc/cpu/small_gemm_cpu.cpp). Writes benchmarks/results/small_gemm_<core>_<host>
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import os
 import statistics
 import sys
@@ -28,15 +26,6 @@ import numpy as np  # noqa: E402
 import sparsetarget as st  # noqa: E402
 from _machine import machine_info, write_results  # noqa: E402
 from sparsetarget import _core  # noqa: E402
-
-
-def openblas_core() -> str:
-    """The kernel family OpenBLAS chose (or was told to use) in this process."""
-    import scipy_openblas32
-
-    lib = ctypes.CDLL(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas*.so"))[0])
-    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
-    return lib.scipy_openblas_get_corename().decode()
 
 
 def operands(kind: str, m: int, d: int, dtype, rng) -> tuple:
@@ -82,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     st.set_num_threads(1)
-    core = openblas_core()
+    core = st.build_info()["blas_kernel"]  # the OpenBLAS that the core, and its vendor route, link
     info = machine_info(openblas_core=core, small_gemm=st.build_info()["small_gemm"], d=args.d, rounds=args.rounds)
     print(f"# {info['cpu']}, {info['cpus']} cpus; OpenBLAS kernel {core}; own loops: {info['small_gemm']}; "
           f"1 thread, d = {args.d}, medians of {args.rounds} alternating bursts")
