@@ -295,15 +295,15 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
   // or V (§9.3). O(m d + nnz d).
   {
     double* bounds = b.template scratch<double>(kSlotBounds, 8);  // 5 norms, 2 flags (5, 7), the scatter norm (6)
-    b.norm2(p.UH, static_cast<int>(md), bounds + 0);
-    b.norm2(aH, static_cast<int>(md), bounds + 1);
-    b.norm2(H, static_cast<int>(md), bounds + 2);
+    b.norm2(p.UH, md, bounds + 0);
+    b.norm2(aH, md, bounds + 1);
+    b.norm2(H, md, bounds + 2);
     if (Bq)
-      b.norm2(Bq, static_cast<int>(md), bounds + 3);
+      b.norm2(Bq, md, bounds + 3);
     else
-      b.norm2(dQ, static_cast<int>(dd), bounds + 3);
+      b.norm2(dQ, dd, bounds + 3);
     if (woodbury)
-      b.norm2(X, static_cast<int>(md), bounds + 4);
+      b.norm2(X, md, bounds + 4);
     else
       b.fill(bounds + 4, 1, 0.0);
     b.for_each(1, parts::CommitBound{bounds, opt.lr, 1.0 / static_cast<double>(c), kStateLimit / 2, bounds + 5,
@@ -317,7 +317,7 @@ void backward_step(B& b, FactoredState<TV, TS>& st, const TS* H, const Targets& 
     double* row_max = b.template scratch<double>(kSlotScatterRow, nnz);
     b.for_rows(m, 1, parts::ScatterBound<TV, TS>{st.V, t.indptr, t.indices, dA, X, st.D, opt.lr, d, step, row_max},
                static_cast<std::size_t>(d) * (1 + static_cast<std::size_t>(t.nnz) / static_cast<std::size_t>(m)));
-    b.norm2(step, static_cast<int>(nnz), bounds + 6);
+    b.norm2(step, nnz, bounds + 6);
     b.for_each(nnz, parts::FinishScatterBound{row_max, bounds + 6, std::sqrt(static_cast<double>(nnz)), kWeightLimit,
                                                step});
     b.require_finite(step, nnz, "V");

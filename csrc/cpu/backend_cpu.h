@@ -157,8 +157,8 @@ class CpuBackend {
     for (int j = 0; j < m; ++j) out[j] = dot_row(row_ptr(a, j, d), row_ptr(b, j, d), d);
   }
   template <class T>
-  void norm2(const T* x, int n, double* out) {
-    *out = std::sqrt(sum_squares(x, static_cast<std::size_t>(n)));
+  void norm2(const T* x, std::size_t n, double* out) {
+    *out = std::sqrt(sum_squares(x, n));
   }
 
   // The inverse of a (n x n, overwritten by its LU factors) into inverse. With floor_one, rcond = 1 / (max(1, ||a||)

@@ -115,7 +115,7 @@ class CudaBackend {
   template <class T>
   void row_dots(const T* a, const T* b, int m, int d, T* out);
   template <class T>
-  void norm2(const T* x, int n, double* out);
+  void norm2(const T* x, std::size_t n, double* out);
   template <class T>
   Inverse<T> invert(int n, T* a, T* inverse, bool floor_one);
   // The Woodbury system S^T (n x n) for solve_system: inverted explicitly into `inverse` (rcond as floor_one).

@@ -48,10 +48,10 @@ __global__ void fill_kernel(T* x, std::size_t n, T value) {
 
 // *out = ||x||, one block.
 template <class T>
-__global__ void norm2_kernel(const T* x, int n, double* out) {
+__global__ void norm2_kernel(const T* x, std::size_t n, double* out) {
   __shared__ double part[kThreads];
   double acc = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += static_cast<double>(x[i]) * x[i];
+  for (std::size_t i = threadIdx.x; i < n; i += blockDim.x) acc += static_cast<double>(x[i]) * x[i];
   part[threadIdx.x] = acc;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
@@ -266,7 +266,7 @@ void CudaBackend::row_dots(const T* a, const T* b, int m, int d, T* out) {
 }
 
 template <class T>
-void CudaBackend::norm2(const T* x, int n, double* out) {
+void CudaBackend::norm2(const T* x, std::size_t n, double* out) {
   norm2_kernel<T><<<1, kThreads, 0, stream()>>>(x, n, out);
   check_launch("norm2");
 }
