@@ -128,6 +128,10 @@ def test_to_csr_values_normalized_and_row_selection():
     assert values.tolist() == [0.5, 0.5, 1.0]
     ptr, idx, val = data.to_csr([[0, 1, 2]], 3, values=[[1.0, 2.0, 1.0]], normalize=True)
     assert val.tolist() == [0.25, 0.5, 0.25]
+    ptr, idx, val = data.to_csr([[], [1, 2], [], [0], [], []], 3, values=[[], [1.0, 3.0], [], [2.0], [], []],
+                                normalize=True)  # empty rows first, between and last
+    assert ptr.tolist() == [0, 0, 2, 2, 3, 3, 3] and val.tolist() == [0.25, 0.75, 1.0]
+    assert [a.tolist() for a in data.to_csr([[], []], 3, normalize=True)] == [[0, 0, 0], [], []]
     sub = data.csr_rows(indptr, indices, values, np.array([2, 0]))
     assert sub[0].tolist() == [0, 1, 3] and sub[1].tolist() == [2, 3, 1] and sub[2].tolist() == [1.0, 0.5, 0.5]
     with pytest.raises(ValueError, match="num_cols"):

@@ -50,6 +50,8 @@ BAD_STEPS = [
     ("lr", dict(lr=float("inf")), ValueError),
     ("lr", dict(lr=-0.1), ValueError),
     ("lr", dict(lr="fast"), TypeError),
+    ("lr", dict(lr=True), TypeError),
+    ("weight_decay", dict(weight_decay=np.bool_(False)), TypeError),
     ("weight_decay", dict(weight_decay=-1.0), ValueError),
     ("weight_decay", dict(weight_decay=float("nan")), ValueError),
     ("lr \\* weight_decay", dict(lr=0.5, weight_decay=2.0), ValueError),
@@ -123,6 +125,10 @@ def test_overflowing_step_refused(layer):
         (dict(state_dtype=np.float16), TypeError, "state_dtype"),
         (dict(sigma_range=(2.0, 0.5)), ValueError, "sigma_range"),
         (dict(check_every=-1), ValueError, "check_every"),
+        (dict(check_every=2**63), ValueError, "check_every"),
+        (dict(refresh_every=2**64), ValueError, "refresh_every"),
+        (dict(ignore_index=True), TypeError, "ignore_index"),
+        (dict(ignore_index=2.0), TypeError, "ignore_index"),
         (dict(min_rcond=2.0), ValueError, "min_rcond"),
     ],
 )
@@ -145,6 +151,22 @@ def test_bad_weight(weight, exc, match):
         st.FactoredOutput(weight)
 
 
+def test_read_only_weight_without_copy_is_named():
+    w = np.ones((4, 3))
+    w.flags.writeable = False
+    with pytest.raises(ValueError, match="weight is read-only"):
+        st.FactoredOutput(w, copy=False)
+    st.FactoredOutput(w)  # copied: fine
+
+
+def test_policy_out_of_range_changes_nothing(layer):
+    """An option the core cannot hold (check_every beyond int64) is refused, naming it, before any option is set."""
+    config = layer.config()
+    with pytest.raises(ValueError, match="check_every"):
+        layer.set_stabilization(sigma_range=(0.5, 2.0), check_every=2**63)
+    assert layer.config() == config
+
+
 def test_z_loss_zero_variance_is_reported():
     lay = st.FactoredOutput(np.zeros((5, 3)), loss="z_loss")
     before = snapshot(lay)
@@ -162,6 +184,15 @@ def test_bad_inference_arguments(layer):
         layer.dense_weight(3, D + 1)
     with pytest.raises(ValueError, match="kind must"):
         st.FactoredOutput(np.ones((4, 3))).log_prob(np.ones((1, 3)), np.array([0]))
+    for k in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="k must"):
+            layer.topk(H_OK, k)
+    for eps, exc in ((float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError), ("0.5", TypeError),
+                     (True, TypeError)):
+        with pytest.raises(exc, match="eps"):
+            layer.log_prob(H_OK, Y_OK, eps=eps)
+        with pytest.raises(exc, match="eps"):
+            layer.topk(H_OK, 2, by="probability", eps=eps)
 
 
 def test_load_state_dict_rejects_mismatch(layer):
@@ -171,6 +202,40 @@ def test_load_state_dict_rejects_mismatch(layer):
     with pytest.raises(ValueError, match="state\\['U'\\]"):
         layer.load_state_dict(sd)
     assert_unchanged(layer, before)
+
+
+def test_load_state_dict_bad_config_or_keys_change_nothing(layer):
+    config = layer.config()
+    before = snapshot(layer)
+    other = st.FactoredOutput(layer.dense_weight() * 2, loss="squared_error", ignore_index=7).state_dict()
+    other["config"]["check_every"] = 2**63  # everything else valid, and different from the layer's
+    with pytest.raises(ValueError, match="check_every"):
+        layer.load_state_dict(other)
+    del other["Q"]
+    with pytest.raises(ValueError, match="missing \\['Q'\\]"):
+        layer.load_state_dict(other)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        layer.load_state_dict([("V", layer.dense_weight())])
+    assert_unchanged(layer, before)
+    assert layer.config() == config
+
+
+def test_config_and_state_dict_are_copies(layer):
+    """Changing the dict that config() or state_dict() returned does not change the layer's loss options."""
+    layer.state_dict()["config"]["loss_options"]["eps"] = 0.5
+    layer.config()["loss_options"]["eps"] = 0.5
+    assert layer.loss_options == {"eps": 0.01} and layer.config()["loss_options"] == {"eps": 0.01}
+
+
+def test_load_of_a_file_with_a_wrong_dtype_is_a_value_error(layer, tmp_path):
+    path = tmp_path / "layer.npz"
+    layer.save(path)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["V"] = arrays["V"].astype(np.int32)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="not a valid FactoredOutput file.*V"):
+        st.FactoredOutput.load(path)
 
 
 def test_class_targets_are_copied_and_masked():

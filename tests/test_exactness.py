@@ -169,6 +169,37 @@ def test_generic_family_custom_derivatives(m):
     assert rel_err(layer.dense_weight(), dense.W) < 1e-10
 
 
+@pytest.mark.parametrize("m", [1, 7, 31])
+def test_generic_family_ignored_rows_take_nothing(m):
+    """backward_step with class labels, some ignore_index: the ignored rows' dA, dq, ds are not used (here they are
+    non-zero, NaN in dA), so those rows get no gradient and move nothing, as dense SGD with the rows masked out."""
+    rng = np.random.default_rng(11)
+    W0 = rng.uniform(-1, 1, (D, d)) / np.sqrt(d)
+    layer = st.FactoredOutput(W0)
+    dense = DenseSGD(W0)
+    for step in range(STEPS):
+        H = rng.standard_normal((m, d)) / np.sqrt(d)
+        labels = make_targets("class_ignore", m, D, rng)  # rows 0, 3, 6, ... ignored (m = 1: the only row)
+        if step == STEPS - 1 and m > 1:
+            labels[1] = labels[2] = int(rng.integers(0, D))  # a class twice among the rows that count
+        Y, mask = dense_targets(labels, m, D)
+
+        def custom(O, Y=Y):
+            q, s = (O**2).sum(1), O.sum(1)
+            A = (Y * O).sum(1)
+            dO = Y * (A**2)[:, None] + (4 * q / 50)[:, None] * O + np.cos(s)[:, None]
+            return A**3 / 3 + q**2 / 50 + np.sin(s), dO
+
+        _, g_ref = dense.step_with(H, custom, 0.05, 0.02, mask)
+        A, q, s = layer.forward(H, labels)
+        ignored = labels == -100
+        dA = np.where(ignored, np.nan, A**2)
+        g = layer.backward_step(H, labels, dA, 2 * q / 50, np.cos(s), 0.05, 0.02)
+        assert np.all(g[ignored] == 0)
+        assert rel_err(g, g_ref) < 1e-10
+    assert rel_err(layer.dense_weight(), dense.W) < 1e-10
+
+
 def test_forward_quantities_and_loss_match_dense(rng):
     W0 = rng.standard_normal((D, d))
     layer = st.FactoredOutput(W0, loss="taylor_softmax")
@@ -214,6 +245,23 @@ def test_scipy_csr_with_duplicates_is_summed(rng):
     Lb, gb = b.step(H, summed, 0.1)
     assert rel_err(La, Lb) < 1e-13 and rel_err(ga, gb) < 1e-13
     assert rel_err(a.dense_weight(), b.dense_weight()) < 1e-13
+
+
+def test_scipy_csc_targets_are_read_by_rows(rng):
+    """A CSC matrix carries indptr, indices and data too, over columns: it must be converted, never read as CSR
+    (with m = D its arrays would pass every check and give the transposed targets)."""
+    sp = pytest.importorskip("scipy.sparse")
+    m = 9
+    W0 = rng.standard_normal((m, d)) / np.sqrt(d)  # D = m
+    H = rng.standard_normal((m, d)) / np.sqrt(d)
+    dense_y = np.zeros((m, m))
+    dense_y[np.arange(m), (3 * np.arange(m) + 1) % m] = 1.0
+    dense_y[2, 5] = 0.5
+    Y, _ = dense_targets(sp.csr_matrix(dense_y), m, m)
+    L_ref, g_ref = DenseSGD(W0).step(H, Y, "squared_error", {}, 0.1)
+    for targets in (sp.csc_matrix(dense_y), sp.csr_matrix(dense_y)):
+        L, g = st.FactoredOutput(W0, loss="squared_error").step(H, targets, 0.1)
+        assert rel_err(L, L_ref) < 1e-12 and rel_err(g, g_ref) < 1e-12
 
 
 @pytest.mark.parametrize("m", [1, 6, 12, 31])  # stacked with 4 rows: Woodbury, Woodbury, explicit, Gram-free

@@ -69,6 +69,7 @@ TILE_ROWS = 65536
 """Rows of V per tile in the dense views (dense weight, logits, top-k) computed in Python (the CUDA engine)."""
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64_MAX = 2**63 - 1
 
 
 def float_dtype(dtype: Any, name: str) -> np.dtype:
@@ -80,13 +81,14 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
 
 
 def check_scalar(x: Any, name: str) -> float:
-    """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise. Strings are refused
-    (``float("0.1")`` would accept them)."""
+    """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise. Strings and booleans
+    are refused (``float("0.1")`` and ``float(True)`` would accept them)."""
     if type(x) is float or type(x) is int:  # the common case (e.g. an optimizer's lr on every step)
         value = float(x)
     else:
-        kind = getattr(getattr(x, "dtype", None), "kind", "")
-        if isinstance(x, (str, bytes, bytearray)) or kind in ("S", "U", "O"):
+        dtype = getattr(x, "dtype", None)
+        if (isinstance(x, (str, bytes, bytearray, bool, np.bool_)) or getattr(dtype, "kind", "") in ("S", "U", "O", "b")
+                or str(dtype) == "torch.bool"):
             raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
         try:
             value = float(x)
@@ -134,9 +136,10 @@ def check_distribution(kind: str, eps: float) -> tuple[str, float]:
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"kind must be 'spherical_softmax' or 'taylor_softmax' (the losses that define a "
                          f"normalised distribution), got {kind!r}")
-    if not float(eps) > 0:
+    value = check_scalar(eps, "eps")
+    if not value > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    return kind, float(eps)
+    return kind, value
 
 
 def default_min_rcond(state_dtype: Any) -> float:
@@ -180,10 +183,16 @@ def stabilization_updates(
             raise ValueError(f"check_every must be >= 1, got {check_every}: without monitoring nothing looks at U, "
                              "whose condition then grows unchecked and silently costs every digit of the results; "
                              "use a larger value to monitor less often")
+        if check_every > _INT64_MAX:
+            raise ValueError(f"check_every must be at most 2**63 - 1 (the core counts steps in int64), got "
+                             f"{check_every}")
         updates["check_every"] = int(check_every)
     if refresh_every is not None:
         if check_int(refresh_every, "refresh_every") < -1:
             raise ValueError(f"refresh_every must be -1 (automatic), 0 (never) or a number of steps, got "
+                             f"{refresh_every}")
+        if refresh_every > _INT64_MAX:
+            raise ValueError(f"refresh_every must be at most 2**63 - 1 (the core counts steps in int64), got "
                              f"{refresh_every}")
         updates["refresh_every"] = int(refresh_every)
     if min_rcond is not None:

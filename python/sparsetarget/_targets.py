@@ -18,7 +18,8 @@ class CSRTargets(NamedTuple):
 
 
 def is_csr_like(targets: Any) -> bool:
-    """True for scipy.sparse CSR matrices and anything with ``indptr``, ``indices``, ``data`` and ``shape``."""
+    """True for scipy.sparse compressed matrices and anything with ``indptr``, ``indices``, ``data`` and ``shape``
+    (read as CSR unless its ``format`` says otherwise)."""
     return all(hasattr(targets, name) for name in ("indptr", "indices", "data", "shape"))
 
 
@@ -44,6 +45,11 @@ def to_csr(targets: Any, m: int, out_features: int, ignore_index: int, name: str
     if type(targets) is np.ndarray and targets.dtype == np.int64 and targets.shape == (m,):
         return _class_csr(targets, out_features, ignore_index, name)  # the usual step's labels, without probing
     if is_csr_like(targets):
+        layout = getattr(targets, "format", "csr")  # scipy.sparse: CSC and BSR carry indptr, indices, data too
+        if layout != "csr":
+            if not callable(getattr(targets, "tocsr", None)):
+                raise TypeError(f"{name} is a sparse matrix in {layout!r} format; give a CSR matrix")
+            targets = targets.tocsr()
         shape = tuple(targets.shape)
         if shape != (m, out_features):
             raise ValueError(f"{name} has shape {shape}, expected (m, D) = ({m}, {out_features})")

@@ -283,9 +283,11 @@ def to_csr(rows: Sequence[Sequence[int]], num_cols: int, values: Sequence[Sequen
             raise ValueError("values must have the shape of rows")
         data = np.fromiter((x for v in values for x in v), dtype=dtype, count=int(indptr[-1]))
     if normalize:
-        sums = np.add.reduceat(data, indptr[:-1]) if data.size else np.zeros(len(rows), dtype=dtype)
         lengths = np.diff(indptr)
-        sums = np.where(lengths > 0, sums, 1)
+        filled = lengths > 0  # reduceat over the non-empty rows only: it cannot start a row at index nnz
+        sums = np.ones(len(rows), dtype=dtype)
+        if data.size:
+            sums[filled] = np.add.reduceat(data, indptr[:-1][filled])
         data = (data / np.repeat(sums, lengths)).astype(dtype)
     return indptr, indices, data
 

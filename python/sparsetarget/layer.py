@@ -17,6 +17,7 @@ from ._engine import (
     CpuEngine,
     Recorded,
     check_distribution,
+    check_int,
     check_lr,
     check_scalar,
     default_min_rcond,
@@ -99,12 +100,13 @@ class FactoredOutput:
         if not np.all(np.isfinite(w)):
             raise ValueError("weight contains NaN or inf")
         V = np.array(w, dtype=dtype, order="C", copy=True) if copy else np.ascontiguousarray(w, dtype=dtype)
+        if not V.flags.writeable:
+            raise ValueError("weight is read-only: with copy=False the layer trains it in place; pass a writeable "
+                             "array or copy=True")
         sdt = V.dtype if state_dtype is None else float_dtype(state_dtype, "state_dtype")
         self._spec, self._loss_options = loss_spec(loss, loss_options)
         self._loss = loss
-        if not isinstance(ignore_index, (int, np.integer)):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int(ignore_index, "ignore_index")
         policy = dict(sigma_range=sigma_range, inverse_tol=inverse_tol, check_every=check_every,
                       refresh_every=refresh_every, min_rcond=min_rcond)
         self._engine = CpuEngine({"V": V, **initial_small_state(V.shape[1], sdt)}, policy)
@@ -209,7 +211,8 @@ class FactoredOutput:
     def loss(self, H: np.ndarray, targets: Any) -> np.ndarray:
         """Per-example losses (m,) in float64 of the built-in loss at the current weights; no state change."""
         h, _ = self._hidden(H)
-        return self._engine.loss(h, self._targets(targets, h.shape[0]), self._spec)
+        with self._engine.lock:  # the loss and ignore_index of the arrays' configuration (see load_state_dict)
+            return self._engine.loss(h, self._targets(targets, h.shape[0]), self._spec)
 
     def step(self, H: np.ndarray, targets: Any, lr: float, weight_decay: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """One exact SGD step on the summed built-in loss sum_j L_j, with L2 weight decay (torch.optim.SGD rule).
@@ -220,7 +223,9 @@ class FactoredOutput:
         """
         lr, weight_decay = check_lr(lr, weight_decay)
         h, out_dtype = self._hidden(H)
-        losses, grad_h = self._engine.loss_step(h, self._targets(targets, h.shape[0]), self._spec, lr, weight_decay)
+        with self._engine.lock:  # the loss and ignore_index of the arrays' configuration (see load_state_dict)
+            losses, grad_h = self._engine.loss_step(h, self._targets(targets, h.shape[0]), self._spec, lr,
+                                                    weight_decay)
         return losses, grad_h.astype(out_dtype, copy=False)
 
     def forward(self, H: np.ndarray, targets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -230,23 +235,29 @@ class FactoredOutput:
         order for sparse targets; q = ||o||^2 (m,); s = sum(o) (m,). All in the state dtype.
         """
         h, _ = self._hidden(H)
-        A, q, s, _ = self._engine.forward(h, self._targets(targets, h.shape[0]), keep_projections=False)
+        with self._engine.lock:  # ignore_index of the arrays' configuration (see load_state_dict)
+            A, q, s, _ = self._engine.forward(h, self._targets(targets, h.shape[0]), keep_projections=False)
         return A, q, s
 
     def backward_step(self, H: np.ndarray, targets: Any, dA: np.ndarray, dq: np.ndarray, ds: np.ndarray, lr: float,
                       weight_decay: float = 0.0) -> np.ndarray:
         """Exact SGD step for any loss of (A, q, s) whose partial derivatives the caller computed.
 
-        ``dA``, ``dq``, ``ds`` are dL/dA, dL/dq, dL/ds with the shapes :meth:`forward` returns (entries of ignored
-        class rows are not used). Returns grad_H = dL/dH at the weights before the step, in H's dtype.
+        ``dA``, ``dq``, ``ds`` are dL/dA, dL/dq, dL/ds with the shapes :meth:`forward` returns. Rows whose class
+        label is ``ignore_index`` take no gradient and no update: their dA, dq and ds are not used (their grad_H
+        row is 0). Returns grad_H = dL/dH at the weights before the step, in H's dtype.
         """
         lr, weight_decay = check_lr(lr, weight_decay)
         h, out_dtype = self._hidden(H)
         m = h.shape[0]
-        t = self._targets(targets, m)
-        dA_arr = self._derivative(dA, "dA", (m,) if t.is_class else (t.indices.size,))
-        record = Recorded(h, t, dA_arr, self._derivative(dq, "dq", (m,)), self._derivative(ds, "ds", (m,)), None, None)
-        grad_h = self._engine.step([record], lr, weight_decay)
+        with self._engine.lock:  # ignore_index of the arrays' configuration (see load_state_dict)
+            t = self._targets(targets, m)
+            dA_arr = self._derivative(dA, "dA", (m,) if t.is_class else (t.indices.size,))
+            dq_arr, ds_arr = self._derivative(dq, "dq", (m,)), self._derivative(ds, "ds", (m,))
+            if t.active is not None:  # ignored rows: alpha = beta = 0 (docs/algorithm.md §1.3); new arrays
+                keep, zero = t.active.view(bool), dq_arr.dtype.type(0)
+                dq_arr, ds_arr = np.where(keep, dq_arr, zero), np.where(keep, ds_arr, zero)
+            grad_h = self._engine.step([Recorded(h, t, dA_arr, dq_arr, ds_arr, None, None)], lr, weight_decay)
         return grad_h.astype(out_dtype, copy=False)
 
     def _derivative(self, x: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -277,9 +288,11 @@ class FactoredOutput:
         exact log-probabilities. Ranking by the output is not ranking by the probability for these losses.
         """
         h, _ = self._hidden(H)
-        if by == "probability":
-            kind, eps = self._distribution(kind, eps)
-        return self._engine.topk(h, int(k), by, kind, eps)
+        k = check_int(k, "k")
+        with self._engine.lock:  # the default eps of the arrays' configuration (see load_state_dict)
+            if by == "probability":
+                kind, eps = self._distribution(kind, eps)
+            return self._engine.topk(h, k, by, kind, eps)
 
     def log_prob(self, H: np.ndarray, targets: Any, kind: str | None = None, *,
                  eps: float | None = None) -> np.ndarray:
@@ -289,9 +302,10 @@ class FactoredOutput:
         layer's). The normaliser (q + D eps, or D + s + q/2) comes from Q and w_bar, never from the D outputs.
         Shaped like A of :meth:`forward` (0 on ignored rows), in the state dtype.
         """
-        kind, eps = self._distribution(kind, eps)
         h, _ = self._hidden(H)
-        return self._engine.log_prob(h, self._targets(targets, h.shape[0]), kind, eps)
+        with self._engine.lock:  # loss, eps and ignore_index of the arrays' configuration (see load_state_dict)
+            kind, eps = self._distribution(kind, eps)
+            return self._engine.log_prob(h, self._targets(targets, h.shape[0]), kind, eps)
 
     def _distribution(self, kind: str | None, eps: float | None) -> tuple[str, float]:
         """``kind`` and ``eps`` with the layer's defaults (its loss, its eps), checked."""
@@ -323,7 +337,8 @@ class FactoredOutput:
         """The layer's settings (loss, its options, ignore_index, stabilisation policy) as a JSON-able dict."""
         policy = self._engine.policy()
         policy["sigma_range"] = list(policy["sigma_range"])
-        return {"loss": self._loss, "loss_options": self._loss_options, "ignore_index": self.ignore_index, **policy}
+        return {"loss": self._loss, "loss_options": dict(self._loss_options), "ignore_index": self.ignore_index,
+                **policy}
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the complete state (arrays and configuration); :meth:`load_state_dict` resumes bit-exactly.
@@ -340,9 +355,11 @@ class FactoredOutput:
         U U^-1 = I, Q = W^T W and w_bar = W^T 1 (one O(D d) pass over V, see :func:`check_state`) are checked first;
         on any error the layer is unchanged.
         """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = [k for k in (*STATE_ARRAYS, "config") if k not in state]
         if missing:
-            raise KeyError(f"state is missing {missing}")
+            raise ValueError(f"state is missing {missing}")
         settings = _checked_config(state["config"], self.state_dtype)
         arrays = self._engine.arrays
         new = {}
@@ -428,7 +445,10 @@ class FactoredOutput:
                         state[k] = data[k]
                 except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
                     raise ValueError(f"{name!r} is damaged: {err}") from err
-        return _from_state_dict(state, copy=False)
+        try:
+            return _from_state_dict(state, copy=False)
+        except TypeError as err:  # a wrong dtype or type inside the file: the file is what is wrong
+            raise ValueError(f"{name!r} is not a valid FactoredOutput file: {err}") from err
 
 
 def _from_state_dict(state: dict[str, Any], copy: bool = True) -> FactoredOutput:
