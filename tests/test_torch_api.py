@@ -226,6 +226,10 @@ def test_dense_views_logits_topk_log_prob():
         assert max_rel(top_p.values, log_p) < 1e-12, kind
     with pytest.raises(ValueError, match="by must"):
         head.topk(x, 3, by="p")
+    for k in (2.5, True):
+        with pytest.raises(TypeError, match="k must"):
+            head.topk(x, k)
+    assert torch.equal(head.topk(x, torch.tensor(4).item()).indices, top.indices)
     assert make_head(bias=False).dense_bias() is None
 
 
@@ -466,6 +470,143 @@ def test_backward_after_the_weights_changed_is_refused():
     opt.step()
     with pytest.raises(RuntimeError, match="between this forward pass and its backward"):
         loss_b.backward()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_input_gradients_alone_record_nothing(fused):
+    """torch.autograd.grad(loss, x) and backward(inputs=[x]) leave every weight's gradient alone (an adversarial
+    step, a gradient penalty): the head records nothing there, and its next step applies only the backward()'s
+    gradient, as dense SGD applies only what reached weight.grad."""
+    rng = np.random.default_rng(4)
+    h = torch.from_numpy(rng.standard_normal((5, D_IN)))
+    y = torch.tensor([1, 4, 4, 0, 7])
+    heads = [make_head(), make_head()]
+    opts = [stt.FactoredSGD(x, lr=0.3, weight_decay=0.1) for x in heads]
+
+    def loss(head, x):
+        if fused:
+            return stt.linear_spherical_loss(x, head, y, reduction="sum")
+        out = head(x, y)
+        return (out.q / 2 - out.A).sum()
+
+    x = h.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(heads[0], x), x)
+    loss(heads[0], x).backward(inputs=[x])
+    assert heads[0].pending_updates == 0 and x.grad is not None
+    loss(heads[0], (h + 0.1 * g.sign()).requires_grad_(True)).backward()
+    loss(heads[1], (h + 0.1 * g.sign()).requires_grad_(True)).backward()
+    for o in opts:
+        o.step()
+    assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_second_backward_through_a_freed_graph_is_refused(fused):
+    """As for any autograd graph: a second backward without retain_graph raises instead of recording the update
+    twice; with retain_graph=True it records it twice, as dense SGD accumulates the gradient twice."""
+    head = make_head()
+    x = torch.randn(3, D_IN, dtype=torch.float64)  # a leaf that needs no gradient: nothing else in the graph
+    y = torch.tensor([0, 1, 2])
+
+    def loss():
+        if fused:
+            return stt.linear_spherical_loss(x, head, y)
+        out = head(x, y)
+        return out.q.sum() - out.A.sum()
+
+    opt = stt.FactoredSGD(head, lr=0.3)  # kept: a head that no optimizer trains warns
+    L = loss()
+    L.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        L.backward()
+    assert head.pending_updates == 1
+    L = loss()
+    L.backward(retain_graph=True)
+    L.backward()
+    assert head.pending_updates == 3
+    opt.zero_grad()
+
+
+def test_refresh_or_stabilize_between_backward_and_step_keep_the_gradients():
+    """refresh() and stabilize() leave W as it is: gradients recorded before them are applied by the next step,
+    which recomputes what they kept of the old factorisation."""
+    rng = np.random.default_rng(5)
+    heads = [make_head(check_every=1000, refresh_every=0) for _ in range(3)]
+    opts = [stt.FactoredSGD(x, lr=0.5, weight_decay=0.1) for x in heads]
+    for head, opt in zip(heads, opts):
+        train(head, opt, np.random.default_rng(6), 4)  # the same steps: U moves away from I
+    h = torch.from_numpy(rng.standard_normal((6, D_IN)))
+    y = torch.tensor([3, 3, 8, 0, 11, 2])
+    for head, opt in zip(heads, opts):
+        opt.zero_grad()
+        stt.linear_spherical_loss(h, head, y).backward()
+    heads[1].refresh()
+    w_before = heads[2].dense_weight()
+    heads[2].set_stabilization(sigma_range=(0.9999, 1.0001))
+    assert heads[2].stabilize()["values_corrected"] > 0  # U and V change, W does not
+    assert max_rel(heads[2].dense_weight(), w_before) < 1e-12
+    for opt in opts:
+        opt.step()
+    ref = heads[0].dense_weight()
+    for head in heads[1:]:
+        assert max_rel(head.dense_weight(), ref) < 1e-12
+
+
+def test_weights_replaced_between_backward_and_step_void_the_gradients():
+    """load_state_dict or a dtype move between backward() and step(): the recorded gradients are in terms of the
+    old weights, which dense SGD would still apply to the new ones; the head refuses until zero_grad()."""
+    head, other = make_head(), make_head(seed=1)
+    opt = stt.FactoredSGD(head, lr=0.3)
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    stt.linear_spherical_loss(h, head, y).backward()
+    head.load_state_dict(other.state_dict())
+    snap = state_snapshot(head)
+    with pytest.raises(RuntimeError, match="load_state_dict replaced the weights.*zero_grad"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="load_state_dict replaced the weights"):
+        stt.linear_spherical_loss(h, head, y).backward()
+    assert_state_equal(head, snap)
+    opt.zero_grad()
+    stt.linear_spherical_loss(h, head, y).backward()
+    opt.step()
+    opt.zero_grad()
+    head.load_state_dict(other.state_dict())  # nothing recorded: nothing to refuse
+    stt.linear_spherical_loss(h, head, y).backward()
+    head.float()
+    opt = stt.FactoredSGD(head, lr=0.3)
+    with pytest.raises(RuntimeError, match="a device or dtype move replaced the weights"):
+        opt.step()
+
+
+def test_a_refused_group_leaves_every_head_unchanged():
+    heads = [make_head(), make_head(seed=1)]
+    opt = stt.FactoredSGD([{"params": heads[0]}, {"params": heads[1], "weight_decay": 10.0}], lr=0.3)
+    h = torch.randn(3, D_IN, dtype=torch.float64)
+    for head in heads:
+        stt.linear_spherical_loss(h, head, torch.tensor([0, 1, 2])).backward()
+    snaps = [state_snapshot(head) for head in heads]
+    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+        opt.step()
+    for head, snap in zip(heads, snaps):
+        assert_state_equal(head, snap)
+    opt.param_groups[1]["weight_decay"] = 0.1
+    opt.step()  # the retry applies both
+    assert not torch.equal(heads[0].V, snaps[0]["V"]) and not torch.equal(heads[1].V, snaps[1]["V"])
+
+
+def test_stabilization_options_are_saved_as_python_numbers():
+    head = make_head(check_every=np.int64(10), sigma_range=(np.float32(0.25), 4), inverse_tol=np.float64(1e-3))
+    saved = head.get_extra_state()["stabilization"]
+    assert saved == {"check_every": 10, "sigma_range": (0.25, 4.0), "inverse_tol": 1e-3}
+    assert all(type(v) in (int, float, tuple) for v in saved.values())
+    buffer = io.BytesIO()
+    torch.save(head.state_dict(), buffer)
+    buffer.seek(0)
+    make_head().load_state_dict(torch.load(buffer, weights_only=True))
+    for bad in (2.0, "4", True):
+        with pytest.raises(TypeError, match="in_features"):
+            stt.FactoredLinear(bad, 3)
 
 
 def test_param_groups_and_unsupported_options():

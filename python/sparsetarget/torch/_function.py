@@ -51,29 +51,49 @@ class FactoredHeadFunction(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, anchor: torch.Tensor,  # type: ignore[override]
                 call: HeadCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         A, q, s, projections = call.engine.forward(call.H, call.target.csr)
-        save_call(ctx, h, call, projections)
+        save_call(ctx, h, anchor, call, projections)
         return A, q, s
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gA: torch.Tensor | None, gq: torch.Tensor | None,
                  gs: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
+        graph_alive(ctx)
         call: HeadCall = ctx.call
         m, like = call.H.shape[0], call.H
         dA = upstream_derivative(gA, call.target.entries, like)
         return exact_backward(ctx, dA, upstream_derivative(gq, m, like), upstream_derivative(gs, m, like)), None, None
 
 
-def save_call(ctx: Any, h: torch.Tensor, call: HeadCall, projections: Any, H_copy: Any = None) -> None:
+def save_call(ctx: Any, h: torch.Tensor, anchor: torch.Tensor, call: HeadCall, projections: Any,
+              H_copy: Any = None) -> None:
     """What a backward of this forward needs: the call (H copied when it shares memory with h: the pending update
     must not see later in-place changes of h; ``H_copy``: that copy when the engine made it) and the
-    projections."""
+    projections. The anchor is saved as autograd saves tensors, so that autograd refuses a second backward through
+    a freed graph (see :func:`graph_alive`)."""
+    ctx.save_for_backward(anchor)
     if not call.owned:
         call = call._replace(H=call.H.clone() if H_copy is None else torch.from_numpy(H_copy))
     ctx.call = call
     ctx.projections = projections
     ctx.h_dtype = h.dtype
     ctx.in_features = h.shape[1]
+
+
+def graph_alive(ctx: Any) -> None:
+    """Raise, as autograd does for its own nodes, when this backward runs through a graph already freed by an
+    earlier backward without ``retain_graph=True`` (the update would otherwise be recorded twice)."""
+    ctx.saved_tensors  # noqa: B018 (the access is the check)
+
+
+def records_update(ctx: Any) -> bool:
+    """True when this backward pass accumulates the head's gradient: the head trains and autograd runs the gradient
+    accumulation of its anchor, as ``backward()`` does for every weight. ``torch.autograd.grad(loss, inputs)`` and
+    ``backward(inputs=...)`` without the head leave the weights' gradients alone, and so record nothing."""
+    if not ctx.needs_input_grad[1]:
+        return False
+    accumulate = ctx.next_functions[1][0]  # the anchor's AccumulateGrad node
+    return accumulate is not None and torch._C._will_engine_execute_node(accumulate)
 
 
 def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> torch.Tensor | None:
@@ -90,7 +110,7 @@ def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> t
             grad_h = torch.from_numpy(grad_H.copy())  # the same copy in fewer calls
         else:
             grad_h = torch.as_tensor(grad_H)[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
-    if ctx.needs_input_grad[1]:
+    if records_update(ctx):
         call.record(Recorded(call.H, call.target.csr, dA, dq, ds, ctx.projections, grad_H))
     return grad_h
 
@@ -110,7 +130,7 @@ class FactoredLossFunction(torch.autograd.Function):
             call.H, csr, spec, with_grad, with_grad and not call.owned)
         dtype = call.H.dtype
         if with_grad:
-            save_call(ctx, h, call, projections, H_copy)
+            save_call(ctx, h, anchor, call, projections, H_copy)
             ctx.partials = (rows_from_entries(dA, csr), dq, ds, grad_H)
             ctx.reduction = reduction
         if reduction == "none":  # ignored rows have loss 0
@@ -122,6 +142,7 @@ class FactoredLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        graph_alive(ctx)
         dA, dq, ds, grad_H = ctx.partials
         if ctx.reduction == "none":
             w: Any = grad.detach().reshape(-1).to(torch.float64).numpy().astype(dq.dtype)

@@ -36,7 +36,7 @@ from .._engine import (
     rows_from_entries,
 )
 from .._targets import CSRTargets
-from ._function import HeadCall, upstream_derivative
+from ._function import HeadCall, graph_alive, records_update, upstream_derivative
 
 
 def group_size(group: Any) -> int:
@@ -273,6 +273,7 @@ class VocabParallelHeadFunction(torch.autograd.Function):
         packed[local.entries + m:] = _as_tensor(s)
         shard.all_reduce(packed)
         A = _as_tensor(rows_from_entries(_engine_array(packed[:local.entries], csr), csr))
+        ctx.save_for_backward(anchor)  # autograd then refuses a second backward through the freed graph
         ctx.call = call._replace(H=call.H if call.owned else call.H.clone())
         ctx.local = local
         ctx.shard = shard
@@ -285,6 +286,7 @@ class VocabParallelHeadFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, gA: torch.Tensor | None, gq: torch.Tensor | None,
                  gs: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None]:
+        graph_alive(ctx)
         call: HeadCall = ctx.call
         local: LocalTargets = ctx.local
         call.check_current()
@@ -300,7 +302,7 @@ class VocabParallelHeadFunction(torch.autograd.Function):
             grad_H_local = _as_tensor(call.engine.grad_hidden(H, local.csr, dA_local, dq, ds, ctx.projections))
             grad_H = ctx.shard.all_reduce(grad_H_local.clone())
             grad_h = grad_H[:, :ctx.in_features].to(ctx.h_dtype, copy=True)
-        if ctx.needs_input_grad[1]:
+        if records_update(ctx):
             # the block's own partial dL/dH: the step recovers the block's W_r^T z from it (docs/algorithm.md 4.2)
             call.record(Recorded(H, local.csr, dA_local, dq, ds, ctx.projections, grad_H_local))
         return grad_h, None, None, None

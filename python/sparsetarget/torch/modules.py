@@ -21,6 +21,7 @@ from .._engine import (
     Recorded,
     check_device,
     check_distribution,
+    check_int,
     engine_for,
     initial_small_state,
     log_prob_of_entries,
@@ -123,7 +124,10 @@ class FactoredLinear(nn.Module):
 
     Only plain SGD with L2 weight decay keeps W in factored form (:class:`FactoredSGD`); momentum, Adam and other
     per-coordinate optimisers would need the dense D x d matrix and are refused. ``head.requires_grad_(False)``
-    freezes the layer: gradients still flow to the input, nothing is recorded for the weights.
+    freezes the layer: gradients still flow to the input, nothing is recorded for the weights. The weights are not
+    parameters, so a parent module's ``zero_grad()`` and ``requires_grad_()`` do not reach them: call the head's (or
+    its ``FactoredSGD``'s ``zero_grad()``). ``torch.autograd.grad(loss, inputs)`` records nothing for the head, as
+    it leaves dense weights' gradients alone.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
@@ -134,7 +138,7 @@ class FactoredLinear(nn.Module):
                  check_every: int | None = None, refresh_every: int | None = None,
                  min_rcond: float | None = None, vocab_parallel_group: Any = None) -> None:
         super().__init__()
-        if int(in_features) < 1 or int(out_features) < 1:
+        if check_int(in_features, "in_features") < 1 or check_int(out_features, "out_features") < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         dtype = _float_dtype(dtype, "dtype")
         state_dtype = _float_dtype(state_dtype if state_dtype is not None else dtype, "state_dtype")
@@ -172,6 +176,7 @@ class FactoredLinear(nn.Module):
         self._view_key: list[int] | None = None
         self._pending: list[Recorded] = []
         self._stale = False  # pending updates were applied and not yet cleared by zero_grad()
+        self._voided: str | None = None  # what replaced the weights under recorded gradients (until zero_grad())
         self._version = 0  # bumped whenever the weights change
         self._owners: weakref.WeakSet[Any] = weakref.WeakSet()
         self._warned_unowned = False
@@ -328,6 +333,8 @@ class FactoredLinear(nn.Module):
         return super().requires_grad_(requires_grad)
 
     def _record(self, update: Recorded) -> None:
+        if self._voided:
+            raise RuntimeError(self._void_message())
         if self._stale:
             raise RuntimeError("FactoredLinear: the gradients of the previous optimizer step were not cleared. Dense "
                                "SGD would apply them again, but the weights they were computed at are gone, so the "
@@ -356,13 +363,16 @@ class FactoredLinear(nn.Module):
 
     def _discard_pending(self) -> None:
         self._pending.clear()
-        self.__dict__["_stale"] = False  # plain values: nn.Module.__setattr__'s checks cost more than the rest here
+        # plain values: nn.Module.__setattr__'s checks cost more than the rest here
+        self.__dict__.update(_stale=False, _voided=None)
 
     def _apply_pending(self, lr: float, weight_decay: float, process_group: Any = None) -> None:
         """One exact SGD step W <- (1 - lr wd) W - lr dL/dW with the gradients of all recorded backward passes
         (their sum, as for accumulated dense gradients). With ``process_group``, the recorded updates of every rank
         of the group, gathered and averaged (:func:`distributed.gather_update`), on every rank alike: a collective
         call. On error the weights and the pending list are unchanged."""
+        if self._voided:
+            raise RuntimeError(self._void_message())
         if self._stale and not self._pending:
             raise RuntimeError("FactoredLinear: optimizer step() called again without zero_grad(): dense SGD would "
                                "apply the same gradients twice, which the factored layer cannot reproduce")
@@ -378,11 +388,25 @@ class FactoredLinear(nn.Module):
         self._pending.clear()
         self.__dict__.update(_stale=True, _version=self._version + 1)
 
-    def _changed(self) -> None:
-        """The weights changed outside an optimizer step: recorded gradients and forward passes are void."""
-        self._pending = []
-        self._stale = False
+    def _changed(self, what: str | None = None) -> None:
+        """The factorisation changed outside an optimizer step: forward passes before it are void. ``what`` None
+        (refresh, stabilize: W is the same): recorded gradients stay valid, and the step recomputes what they kept
+        of the old factorisation. Otherwise the weights were replaced (by ``what``): recorded gradients are void,
+        and the next backward or step raises until zero_grad() discards them."""
+        if what is None:
+            self._pending = [update._replace(projections=None, grad_H=None) for update in self._pending]
+        else:
+            if self._pending:
+                self._voided = what
+            self._pending = []
+            self._stale = False
         self._version += 1
+
+    def _void_message(self) -> str:
+        return (f"FactoredLinear: {self._voided} replaced the weights after backward() recorded gradients at the old "
+                "ones. Dense SGD would apply those gradients to the new weights, but the factored layer keeps them "
+                "in terms of the old weights and cannot: call zero_grad() to discard them (before the change, or "
+                "now) and run the forward and backward again")
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FactoredLinear:
@@ -399,19 +423,21 @@ class FactoredLinear(nn.Module):
                 t = t.to(torch.float64)
             self.__dict__[name] = t.contiguous()
         if [t.data_ptr() for t in self._state_tensors()] != before:
-            self._changed()
+            self._changed("a device or dtype move")
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # For pickling and deepcopy: the core view is rebuilt on first use; recorded gradients and the optimizers
         # that own this head do not travel with a copy.
         state = dict(self.__dict__)
-        state.update(_view=None, _view_key=None, _pending=[], _stale=False, _owners=None, _warned_unowned=False)
+        state.update(_view=None, _view_key=None, _pending=[], _stale=False, _voided=None, _owners=None,
+                     _warned_unowned=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._owners = weakref.WeakSet()
+        self.__dict__.setdefault("_voided", None)
 
     def get_extra_state(self) -> dict[str, Any]:
         """Configuration saved with the state tensors in ``state_dict``."""
@@ -528,7 +554,7 @@ class FactoredLinear(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k not in ours}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._changed()
+        self._changed("load_state_dict")
 
     def extra_repr(self) -> str:
         shard = "" if self._shard is None else f", vocab_rows={list(self.vocab_rows)}"
@@ -544,7 +570,10 @@ class FactoredLinear(nn.Module):
             raise TypeError(f"unknown stabilization options {sorted(unknown)}; expected {list(STABILIZATION_DEFAULTS)}")
         given = {k: v for k, v in options.items() if v is not None}
         self._engine().set_stabilization(**given)  # checks them all first
-        self._stabilization.update(given)
+        # kept as plain Python numbers (saved by get_extra_state: torch.load(weights_only=True) refuses NumPy scalars)
+        self._stabilization.update({k: tuple(map(float, v)) if k == "sigma_range" else
+                                    int(v) if k in ("check_every", "refresh_every") else float(v)
+                                    for k, v in given.items()})
 
     def refresh(self) -> None:
         """Recompute U^-1, Q = W^T W and w_bar = W^T 1 from V, U, omega (O(D d^2); removes accumulated drift)."""
@@ -620,12 +649,13 @@ class FactoredLinear(nn.Module):
         p ~ 1 + o + o^2/2) and returns exact log-probabilities, as :meth:`log_prob` would give. A vocab-parallel
         head ranks its own rows and merges the candidates of every rank (a collective call)."""
         H, lead = self._inference_input(input)
+        k = check_int(k, "k")
         if self._shard is None:
-            values, indices = self._engine().topk(H, int(k), by, kind, eps)
+            values, indices = self._engine().topk(H, k, by, kind, eps)
         else:
             if by == "probability":
                 kind, eps = check_distribution(kind, eps)
-            values, indices = self._shard.topk(self._engine(), H, int(k), by, kind, eps)
+            values, indices = self._shard.topk(self._engine(), H, k, by, kind, eps)
         return torch.return_types.topk((values.reshape(*lead, -1), indices.reshape(*lead, -1)))
 
     def synchronize(self) -> None:

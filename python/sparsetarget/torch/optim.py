@@ -106,11 +106,7 @@ class FactoredSGD(torch.optim.Optimizer):
                 raise ValueError(_EMPTY.format(what=" (an empty parameter list: was it head.parameters()?)"))
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
-        super().__init__(groups, defaults)
-        if process_group is not None:
-            for head in self.heads():
-                broadcast_state(head._state_tensors(), process_group)
-                head._changed()
+        super().__init__(groups, defaults)  # add_param_group broadcasts the heads' state over process_group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group ``{"params": head(s) or module(s), "lr": ..., "weight_decay": ...}`` (heads, not tensors)."""
@@ -119,12 +115,21 @@ class FactoredSGD(torch.optim.Optimizer):
         for name in ("lr", "weight_decay"):
             if name in group:
                 group[name] = check_scalar(group[name], name)
+        group_of_ranks = getattr(self, "process_group", None)
+        if group_of_ranks is not None and any(h._shard is not None and h._shard.group is group_of_ranks for h in heads):
+            raise ValueError("FactoredSGD's process_group is the vocab-parallel group of a head: its ranks hold "
+                             "different rows of W, which data parallelism would overwrite with the first rank's; give "
+                             "FactoredSGD the data-parallel group (another group of ranks), or none")
         # torch.optim keeps tensors: each head is represented by its V tensor.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
         for head in heads:
             self._head_of[id(head.V)] = head
             head._owners.add(self)
+        if group_of_ranks is not None:  # data parallel: every rank starts from the first rank's weights
+            for head in heads:
+                broadcast_state(head._state_tensors(), group_of_ranks)
+                head._changed("the broadcast of the first rank's weights")
 
     def _head(self, V: torch.Tensor) -> FactoredLinear:
         head = self._head_of.get(id(V))
@@ -156,10 +161,12 @@ class FactoredSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, weight_decay = check_lr(group["lr"], group["weight_decay"])
-            for V in group["params"]:
-                self._head(V)._apply_pending(lr, weight_decay, self.process_group)
+        # every group's options and heads checked before any head moves: a refused group changes nothing
+        steps = [(check_lr(group["lr"], group["weight_decay"]), [self._head(V) for V in group["params"]])
+                 for group in self.param_groups]
+        for (lr, weight_decay), heads in steps:
+            for head in heads:
+                head._apply_pending(lr, weight_decay, self.process_group)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
