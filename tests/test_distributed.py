@@ -321,6 +321,16 @@ def vocab_parallel_job(rank: int, world: int, checkpoint: str) -> None:
     shifted["_extra_state"] = {**state["_extra_state"], "vocab_rows": [start + 1, stop + 1]}
     with pytest.raises(RuntimeError, match="holds the rows"):
         head.load_state_dict(shifted)
+    # data parallel over the head's own vocab-parallel group would overwrite every block with the first rank's
+    with pytest.raises(ValueError, match="vocab-parallel group"):
+        stt.FactoredSGD(head, lr=0.1, process_group=dist.group.WORLD)
+    # heads drawn differently on each rank start from the first rank's weights, given at first or added later
+    torch.manual_seed(rank)
+    first, later = stt.FactoredLinear(D_HID, 7, dtype=F64), stt.FactoredLinear(D_HID, 7, dtype=F64)
+    assert not torch.equal(gathered(later.V)[0], gathered(later.V)[1])
+    opt = stt.FactoredSGD(first, lr=0.1, process_group=dist.group.WORLD)
+    opt.add_param_group({"params": later})
+    assert_same_on_all_ranks([first.V, first.Q, later.V, later.Q], "heads of a data-parallel FactoredSGD")
 
 
 def two_dimensional_job(rank: int, world: int, checkpoint: str) -> None:
