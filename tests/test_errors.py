@@ -126,6 +126,7 @@ def test_overflowing_step_refused(layer):
         (dict(sigma_range=(2.0, 0.5)), ValueError, "sigma_range"),
         (dict(check_every=-1), ValueError, "check_every"),
         (dict(check_every=2**63), ValueError, "check_every"),
+        (dict(check_every=np.uint64(2**63)), ValueError, "check_every"),
         (dict(refresh_every=2**64), ValueError, "refresh_every"),
         (dict(ignore_index=True), TypeError, "ignore_index"),
         (dict(ignore_index=2.0), TypeError, "ignore_index"),

@@ -226,10 +226,11 @@ def test_dense_views_logits_topk_log_prob():
         assert max_rel(top_p.values, log_p) < 1e-12, kind
     with pytest.raises(ValueError, match="by must"):
         head.topk(x, 3, by="p")
-    for k in (2.5, True):
+    for k in (2.5, True, torch.tensor(True)):
         with pytest.raises(TypeError, match="k must"):
             head.topk(x, k)
-    assert torch.equal(head.topk(x, torch.tensor(4).item()).indices, top.indices)
+    assert torch.equal(head.topk(x, torch.tensor(4)).indices, top.indices)
+    assert torch.equal(head.topk(x, np.int32(4)).indices, top.indices)
     assert make_head(bias=False).dense_bias() is None
 
 
@@ -498,6 +499,10 @@ def test_input_gradients_alone_record_nothing(fused):
     for o in opts:
         o.step()
     assert torch.equal(heads[0].dense_weight(), heads[1].dense_weight())
+    # listed among the inputs (e.g. a generator's parameters), the head records as a listed parameter accumulates
+    opts[0].zero_grad()
+    loss(heads[0], x).backward(inputs=[x, heads[0].grad_anchor])
+    assert heads[0].pending_updates == 1
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -527,24 +532,29 @@ def test_second_backward_through_a_freed_graph_is_refused(fused):
     opt.zero_grad()
 
 
-def test_refresh_or_stabilize_between_backward_and_step_keep_the_gradients():
+def test_refresh_or_stabilize_between_backward_and_step_keep_the_gradients(device):
     """refresh() and stabilize() leave W as it is: gradients recorded before them are applied by the next step,
-    which recomputes what they kept of the old factorisation."""
+    which recomputes what they kept of the old factorisation (with one more recorded after the refresh)."""
     rng = np.random.default_rng(5)
-    heads = [make_head(check_every=1000, refresh_every=0) for _ in range(3)]
+    heads = [make_head(check_every=1000, refresh_every=0, device=device) for _ in range(3)]
     opts = [stt.FactoredSGD(x, lr=0.5, weight_decay=0.1) for x in heads]
-    for head, opt in zip(heads, opts):
-        train(head, opt, np.random.default_rng(6), 4)  # the same steps: U moves away from I
-    h = torch.from_numpy(rng.standard_normal((6, D_IN)))
-    y = torch.tensor([3, 3, 8, 0, 11, 2])
+    batches = [(torch.from_numpy(rng.standard_normal((6, D_IN))).to(device), torch.tensor([3, 3, 8, 0, 11, 2],
+                device=device)) for _ in range(6)]
+    for h, y in batches[:4]:  # the same steps for all three: U moves away from I
+        for head, opt in zip(heads, opts):
+            opt.zero_grad()
+            stt.linear_spherical_loss(h, head, y).backward()
+            opt.step()
     for head, opt in zip(heads, opts):
         opt.zero_grad()
-        stt.linear_spherical_loss(h, head, y).backward()
+        stt.linear_spherical_loss(batches[4][0], head, batches[4][1]).backward()
     heads[1].refresh()
     w_before = heads[2].dense_weight()
     heads[2].set_stabilization(sigma_range=(0.9999, 1.0001))
     assert heads[2].stabilize()["values_corrected"] > 0  # U and V change, W does not
     assert max_rel(heads[2].dense_weight(), w_before) < 1e-12
+    for head in heads:  # one more backward after the change: kept and new updates in one step
+        stt.linear_spherical_loss(batches[5][0], head, batches[5][1]).backward()
     for opt in opts:
         opt.step()
     ref = heads[0].dense_weight()
@@ -574,9 +584,13 @@ def test_weights_replaced_between_backward_and_step_void_the_gradients():
     head.load_state_dict(other.state_dict())  # nothing recorded: nothing to refuse
     stt.linear_spherical_loss(h, head, y).backward()
     head.float()
-    opt = stt.FactoredSGD(head, lr=0.3)
+    first = make_head(seed=2)
+    opt = stt.FactoredSGD([first, head], lr=0.3)
+    stt.linear_spherical_loss(h, first, y).backward()
+    snap = state_snapshot(first)
     with pytest.raises(RuntimeError, match="a device or dtype move replaced the weights"):
         opt.step()
+    assert_state_equal(first, snap)  # checked before any head stepped
 
 
 def test_a_refused_group_leaves_every_head_unchanged():
@@ -705,6 +719,9 @@ def test_bad_input_raises_and_keeps_state():
         (lambda: head(h, (torch.tensor([0, 1, 1, 2, 2]), torch.tensor([0, 1]), torch.tensor([1.0, float("inf")]))),
          ValueError, "NaN or inf"),
         (lambda: head(h, y, ignore_index=1.5), TypeError, "ignore_index"),
+        (lambda: head(h, y, ignore_index=True), TypeError, "ignore_index"),
+        (lambda: stt.linear_spherical_loss(h, head, y, ignore_index=True), TypeError, "ignore_index"),
+        (lambda: stt.LinearSphericalLoss(ignore_index=False), TypeError, "ignore_index"),
         (lambda: stt.linear_spherical_loss(h, head, y, loss="softmax"), ValueError, "loss must be one of"),
         (lambda: stt.linear_spherical_loss(h, head, y, eps=0.1, loss="taylor_softmax"), TypeError, "options"),
         (lambda: stt.linear_spherical_loss(h, head, y, reduction="avg"), ValueError, "reduction"),

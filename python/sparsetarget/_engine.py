@@ -21,6 +21,7 @@ import ctypes
 import functools
 import importlib
 import math
+import operator
 import os
 import threading
 from types import ModuleType
@@ -100,10 +101,17 @@ def check_scalar(x: Any, name: str) -> float:
 
 
 def check_int(x: Any, name: str) -> int:
-    """``x`` as an int: Python and NumPy integers only (not bool, float or str); raises TypeError naming ``name``."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+    """``x`` as an int: Python and NumPy integers and one-element integer tensors (not bool, float or str); raises
+    TypeError naming ``name``."""
+    if type(x) is int:
+        return x
+    dtype = getattr(x, "dtype", None)
+    if isinstance(x, (bool, np.bool_)) or str(dtype) in ("bool", "torch.bool"):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    return int(x)
+    try:
+        return operator.index(x)  # int, NumPy integers, integer tensors of one element
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
 
 
 def check_lr(lr: Any, weight_decay: Any) -> tuple[float, float]:
@@ -179,22 +187,24 @@ def stabilization_updates(
             raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
         updates["inverse_tol"] = float(inverse_tol)
     if check_every is not None:
-        if check_int(check_every, "check_every") < 1:
+        check_every = check_int(check_every, "check_every")
+        if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}: without monitoring nothing looks at U, "
                              "whose condition then grows unchecked and silently costs every digit of the results; "
                              "use a larger value to monitor less often")
         if check_every > _INT64_MAX:
             raise ValueError(f"check_every must be at most 2**63 - 1 (the core counts steps in int64), got "
                              f"{check_every}")
-        updates["check_every"] = int(check_every)
+        updates["check_every"] = check_every
     if refresh_every is not None:
-        if check_int(refresh_every, "refresh_every") < -1:
+        refresh_every = check_int(refresh_every, "refresh_every")
+        if refresh_every < -1:
             raise ValueError(f"refresh_every must be -1 (automatic), 0 (never) or a number of steps, got "
                              f"{refresh_every}")
         if refresh_every > _INT64_MAX:
             raise ValueError(f"refresh_every must be at most 2**63 - 1 (the core counts steps in int64), got "
                              f"{refresh_every}")
-        updates["refresh_every"] = int(refresh_every)
+        updates["refresh_every"] = refresh_every
     if min_rcond is not None:
         check_scalar(min_rcond, "min_rcond")
         if not (0 <= float(min_rcond) < 1):
@@ -806,9 +816,9 @@ class CudaEngine(Engine):
         return self._on_stream().grad_hidden(H, targets.indptr, targets.indices, dA, dq, ds, projections)
 
     def _backward_step(self, r: Recorded, lr: float, weight_decay: float) -> Any:
-        if r.projections is None:
-            raise ValueError("internal error: the CUDA engine steps on recorded projections")
         core = self._on_stream()
+        if r.projections is None:  # updates kept across a refresh() or stabilize(): projections of today's U
+            r = r._replace(projections=core.forward(r.H, r.targets.indptr, r.targets.indices, True)[3], grad_H=None)
         core.tf32 = bool(self._torch.backends.cuda.matmul.allow_tf32)
         return core.backward_step(r.H, r.targets.indptr, r.targets.indices, r.dA, r.dq, r.ds, float(lr),
                                   float(weight_decay), r.projections, r.grad_H)

@@ -93,7 +93,12 @@ def records_update(ctx: Any) -> bool:
     if not ctx.needs_input_grad[1]:
         return False
     accumulate = ctx.next_functions[1][0]  # the anchor's AccumulateGrad node
-    return accumulate is not None and torch._C._will_engine_execute_node(accumulate)
+    if accumulate is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(accumulate))
+    except RuntimeError:  # no graph task of the autograd engine to ask (another executor): record, as backward()
+        return True
 
 
 def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> torch.Tensor | None:

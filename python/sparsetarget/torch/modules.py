@@ -272,8 +272,7 @@ class FactoredLinear(nn.Module):
               engine: Engine | None = None) -> tuple[torch.Tensor, HeadCall]:
         """The input rows h (m, in_features) and what the autograd Function of one forward pass needs (``engine``:
         this head's, when the caller has it already)."""
-        if not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = check_int(ignore_index, "ignore_index")
         h, lead = self._input(input)
         target_info = convert_target(target, lead, self.out_features, ignore_index, self.U.dtype, self.V.device)
         return h, self._head_call(h, target_info, engine or self._engine())
@@ -371,11 +370,7 @@ class FactoredLinear(nn.Module):
         (their sum, as for accumulated dense gradients). With ``process_group``, the recorded updates of every rank
         of the group, gathered and averaged (:func:`distributed.gather_update`), on every rank alike: a collective
         call. On error the weights and the pending list are unchanged."""
-        if self._voided:
-            raise RuntimeError(self._void_message())
-        if self._stale and not self._pending:
-            raise RuntimeError("FactoredLinear: optimizer step() called again without zero_grad(): dense SGD would "
-                               "apply the same gradients twice, which the factored layer cannot reproduce")
+        self._check_step()
         if process_group is None:
             if not self._pending:
                 return
@@ -387,6 +382,22 @@ class FactoredLinear(nn.Module):
             self._engine().step([update], lr, weight_decay)
         self._pending.clear()
         self.__dict__.update(_stale=True, _version=self._version + 1)
+
+    def _check_step(self) -> None:
+        """Raise where a step of this head cannot be applied (recorded gradients voided, or already applied and not
+        cleared); an optimizer checks every head so before stepping any."""
+        if self._voided:
+            raise RuntimeError(self._void_message())
+        if self._stale and not self._pending:
+            raise RuntimeError("FactoredLinear: optimizer step() called again without zero_grad(): dense SGD would "
+                               "apply the same gradients twice, which the factored layer cannot reproduce")
+
+    @property
+    def grad_anchor(self) -> torch.Tensor:
+        """A scalar leaf standing for the head's weights in autograd, where they are not parameters: a plain
+        ``backward()`` records the head's gradient; ``backward(inputs=[...])`` records it when the list holds this
+        tensor (as it accumulates a parameter's gradient only when listed)."""
+        return self._anchor
 
     def _changed(self, what: str | None = None) -> None:
         """The factorisation changed outside an optimizer step: forward passes before it are void. ``what`` None
@@ -708,7 +719,7 @@ class LinearSphericalLoss(nn.Module):
         self.loss = loss
         self.loss_options = dict(loss_options)
         self.reduction = reduction
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int(ignore_index, "ignore_index")
 
     def forward(self, input: torch.Tensor, head: FactoredLinear, target: Any) -> torch.Tensor:
         """The loss of ``head`` on ``input`` and ``target`` (see :func:`linear_spherical_loss`)."""

@@ -116,10 +116,11 @@ class FactoredSGD(torch.optim.Optimizer):
             if name in group:
                 group[name] = check_scalar(group[name], name)
         group_of_ranks = getattr(self, "process_group", None)
-        if group_of_ranks is not None and any(h._shard is not None and h._shard.group is group_of_ranks for h in heads):
-            raise ValueError("FactoredSGD's process_group is the vocab-parallel group of a head: its ranks hold "
-                             "different rows of W, which data parallelism would overwrite with the first rank's; give "
-                             "FactoredSGD the data-parallel group (another group of ranks), or none")
+        if group_of_ranks is not None and any(_shares_ranks(h, group_of_ranks) for h in heads):
+            raise ValueError("FactoredSGD's process_group shares ranks with a head's vocab-parallel group: those ranks "
+                             "hold different rows of W, which data parallelism would overwrite with the first rank's; "
+                             "give FactoredSGD the data-parallel group (each of its ranks in another vocab-parallel "
+                             "group), or none")
         # torch.optim keeps tensors: each head is represented by its V tensor.
         group["params"] = [head.V for head in heads]
         super().add_param_group(group)
@@ -164,6 +165,9 @@ class FactoredSGD(torch.optim.Optimizer):
         # every group's options and heads checked before any head moves: a refused group changes nothing
         steps = [(check_lr(group["lr"], group["weight_decay"]), [self._head(V) for V in group["params"]])
                  for group in self.param_groups]
+        for _, heads in steps:
+            for head in heads:
+                head._check_step()
         for (lr, weight_decay), heads in steps:
             for head in heads:
                 head._apply_pending(lr, weight_decay, self.process_group)
@@ -175,6 +179,18 @@ class FactoredSGD(torch.optim.Optimizer):
         nothing.)"""
         for head in self.heads():  # all found before any is cleared: a moved head raises with nothing changed
             head._discard_pending()
+
+
+def _shares_ranks(head: FactoredLinear, group: Any) -> bool:
+    """True when ``group`` holds another rank of ``head``'s vocab-parallel group besides this one."""
+    if head._shard is None:
+        return False
+    if head._shard.group is group:
+        return True
+    ranks = getattr(torch.distributed, "get_process_group_ranks", None)
+    if ranks is None:
+        return False
+    return len(set(ranks(head._shard.group)) & set(ranks(group))) > 1
 
 
 def _step_of(opt: FactoredSGD, closure: Callable[[], float] | None = None) -> float | None:
