@@ -369,8 +369,7 @@ class FactoredLinear(nn.Module):
         """One exact SGD step W <- (1 - lr wd) W - lr dL/dW with the gradients of all recorded backward passes
         (their sum, as for accumulated dense gradients). With ``process_group``, the recorded updates of every rank
         of the group, gathered and averaged (:func:`distributed.gather_update`), on every rank alike: a collective
-        call. On error the weights and the pending list are unchanged."""
-        self._check_step()
+        call. On error the weights and the pending list are unchanged. The caller has run :meth:`_check_step`."""
         if process_group is None:
             if not self._pending:
                 return
@@ -385,7 +384,7 @@ class FactoredLinear(nn.Module):
 
     def _check_step(self) -> None:
         """Raise where a step of this head cannot be applied (recorded gradients voided, or already applied and not
-        cleared); an optimizer checks every head so before stepping any."""
+        cleared); an optimizer checks every head so before :meth:`_apply_pending` steps any."""
         if self._voided:
             raise RuntimeError(self._void_message())
         if self._stale and not self._pending:
