@@ -144,58 +144,38 @@ def test_float64_weights_float32_state():
     assert max(errs.values()) > 1e-12  # it really ran in float32
 
 
+@pytest.mark.parametrize("kind", ["csr", "class_ignore"])
 @pytest.mark.parametrize("m", [1, 6, 31])
-def test_generic_family_custom_derivatives(m):
-    """A loss of (A, q, s) computed by the caller: L = sum_k y_k A_k^3 / 3 + q^2 / 50 + sin(s)."""
+def test_generic_family_custom_derivatives(m, kind):
+    """A loss of (A, q, s) computed by the caller: L = sum_k y_k A_k^3 / 3 + q^2 / 50 + sin(s). With class labels,
+    the ignore_index rows' dA, dq, ds are not used (here non-zero, NaN in dA): those rows get no gradient and move
+    nothing, as dense SGD with the rows masked out."""
     rng = np.random.default_rng(7)
     W0 = rng.uniform(-1, 1, (D, d)) / np.sqrt(d)
     layer = st.FactoredOutput(W0)
     dense = DenseSGD(W0)
-    for _ in range(STEPS):
+    for step in range(STEPS):
         H = rng.standard_normal((m, d)) / np.sqrt(d)
-        targets = make_targets("csr", m, D, rng)
-        Y, _ = dense_targets(targets, m, D)
+        targets = make_targets(kind, m, D, rng)  # class_ignore: rows 0, 3, 6, ... ignored (m = 1: the only row)
+        if kind == "class_ignore" and step == STEPS - 1 and m > 2:
+            targets[1] = targets[2] = int(rng.integers(0, D))  # a class twice among the rows that count
+        Y, mask = dense_targets(targets, m, D)
 
         def custom(O, Y=Y):
             q, s = (O**2).sum(1), O.sum(1)
             L = (Y * O**3).sum(1) / 3 + q**2 / 50 + np.sin(s)
             return L, Y * O**2 + (2 * q / 50)[:, None] * 2 * O + np.cos(s)[:, None]
 
-        _, g_ref = dense.step_with(H, custom, 0.05, 0.02)
-        A, q, s = layer.forward(H, targets)
-        y = np.asarray(targets.data)
-        g = layer.backward_step(H, targets, y * A**2, 2 * q / 50, np.cos(s), 0.05, 0.02)
-        assert rel_err(g, g_ref) < 1e-10
-    assert rel_err(layer.dense_weight(), dense.W) < 1e-10
-
-
-@pytest.mark.parametrize("m", [1, 7, 31])
-def test_generic_family_ignored_rows_take_nothing(m):
-    """backward_step with class labels, some ignore_index: the ignored rows' dA, dq, ds are not used (here they are
-    non-zero, NaN in dA), so those rows get no gradient and move nothing, as dense SGD with the rows masked out."""
-    rng = np.random.default_rng(11)
-    W0 = rng.uniform(-1, 1, (D, d)) / np.sqrt(d)
-    layer = st.FactoredOutput(W0)
-    dense = DenseSGD(W0)
-    for step in range(STEPS):
-        H = rng.standard_normal((m, d)) / np.sqrt(d)
-        labels = make_targets("class_ignore", m, D, rng)  # rows 0, 3, 6, ... ignored (m = 1: the only row)
-        if step == STEPS - 1 and m > 1:
-            labels[1] = labels[2] = int(rng.integers(0, D))  # a class twice among the rows that count
-        Y, mask = dense_targets(labels, m, D)
-
-        def custom(O, Y=Y):
-            q, s = (O**2).sum(1), O.sum(1)
-            A = (Y * O).sum(1)
-            dO = Y * (A**2)[:, None] + (4 * q / 50)[:, None] * O + np.cos(s)[:, None]
-            return A**3 / 3 + q**2 / 50 + np.sin(s), dO
-
         _, g_ref = dense.step_with(H, custom, 0.05, 0.02, mask)
-        A, q, s = layer.forward(H, labels)
-        ignored = labels == -100
-        dA = np.where(ignored, np.nan, A**2)
-        g = layer.backward_step(H, labels, dA, 2 * q / 50, np.cos(s), 0.05, 0.02)
-        assert np.all(g[ignored] == 0)
+        A, q, s = layer.forward(H, targets)
+        if kind == "csr":
+            dA = np.asarray(targets.data) * A**2
+        else:
+            ignored = targets == -100
+            dA = np.where(ignored, np.nan, A**2)
+        g = layer.backward_step(H, targets, dA, 2 * q / 50, np.cos(s), 0.05, 0.02)
+        if kind == "class_ignore":
+            assert np.all(g[ignored] == 0)
         assert rel_err(g, g_ref) < 1e-10
     assert rel_err(layer.dense_weight(), dense.W) < 1e-10
 
