@@ -493,6 +493,7 @@ def test_input_gradients_alone_record_nothing(fused):
     x = h.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(heads[0], x), x)
     loss(heads[0], x).backward(inputs=[x])
+    torch.autograd.grad(loss(heads[0], x), [x, heads[0].grad_anchor], allow_unused=True)  # returns, accumulates none
     assert heads[0].pending_updates == 0 and x.grad is not None
     loss(heads[0], (h + 0.1 * g.sign()).requires_grad_(True)).backward()
     loss(heads[1], (h + 0.1 * g.sign()).requires_grad_(True)).backward()

@@ -816,9 +816,7 @@ class CudaEngine(Engine):
         return self._on_stream().grad_hidden(H, targets.indptr, targets.indices, dA, dq, ds, projections)
 
     def _backward_step(self, r: Recorded, lr: float, weight_decay: float) -> Any:
-        core = self._on_stream()
-        if r.projections is None:  # updates kept across a refresh() or stabilize(): projections of today's U
-            r = r._replace(projections=core.forward(r.H, r.targets.indptr, r.targets.indices, True)[3], grad_H=None)
+        core = self._on_stream()  # without projections (updates kept across a refresh), the core computes them
         core.tf32 = bool(self._torch.backends.cuda.matmul.allow_tf32)
         return core.backward_step(r.H, r.targets.indptr, r.targets.indices, r.dA, r.dq, r.ds, float(lr),
                                   float(weight_decay), r.projections, r.grad_H)

@@ -97,8 +97,11 @@ def records_update(ctx: Any) -> bool:
         return False
     try:
         return bool(torch._C._will_engine_execute_node(accumulate))
-    except RuntimeError:  # no graph task of the autograd engine to ask (another executor): record, as backward()
-        return True
+    except RuntimeError:
+        # inside torch.autograd.grad(..., inputs) listing the anchor: gradients are returned, none is accumulated,
+        # so nothing is recorded; with no graph task of the engine to ask (another executor): record, as backward()
+        current = getattr(torch._C, "_current_graph_task_id", None)
+        return current is not None and current() == -1
 
 
 def exact_backward(ctx: Any, dA: Any, dq: Any, ds: Any, grad_H: Any = None) -> torch.Tensor | None:

@@ -184,6 +184,8 @@ def _device_class_target(target: torch.Tensor, lead_shape: tuple[int, ...], m: i
     point at index 0 with A and dL/dA masked to 0); a label outside [0, D) is reported by the backend."""
     if target.device != device:
         raise ValueError(f"target is on {target.device}, expected {device} like the head")
+    if not -2**63 <= ignore_index < 2**63:  # as class_csr on the CPU: a comparison would silently match nothing
+        raise ValueError(f"ignore_index must fit in int64 like the labels, got {ignore_index}")
     labels = target.detach().reshape(-1)
     valid = labels != ignore_index
     indices = torch.where(valid, labels, labels.new_zeros(())).to(torch.int64).contiguous()
