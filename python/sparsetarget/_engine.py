@@ -81,15 +81,19 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
     return dt
 
 
+def _is_boolean(x: Any) -> bool:
+    """True for Python, NumPy and torch booleans (scalars or arrays), which int() and float() would take as 0 or 1."""
+    return isinstance(x, (bool, np.bool_)) or str(getattr(x, "dtype", None)) in ("bool", "torch.bool")
+
+
 def check_scalar(x: Any, name: str) -> float:
     """``x`` as a finite float >= 0; raises TypeError or ValueError naming ``name`` otherwise. Strings and booleans
     are refused (``float("0.1")`` and ``float(True)`` would accept them)."""
     if type(x) is float or type(x) is int:  # the common case (e.g. an optimizer's lr on every step)
         value = float(x)
     else:
-        dtype = getattr(x, "dtype", None)
-        if (isinstance(x, (str, bytes, bytearray, bool, np.bool_)) or getattr(dtype, "kind", "") in ("S", "U", "O", "b")
-                or str(dtype) == "torch.bool"):
+        kind = getattr(getattr(x, "dtype", None), "kind", "")
+        if isinstance(x, (str, bytes, bytearray)) or kind in ("S", "U", "O") or _is_boolean(x):
             raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
         try:
             value = float(x)
@@ -105,8 +109,7 @@ def check_int(x: Any, name: str) -> int:
     TypeError naming ``name``."""
     if type(x) is int:
         return x
-    dtype = getattr(x, "dtype", None)
-    if isinstance(x, (bool, np.bool_)) or str(dtype) in ("bool", "torch.bool"):
+    if _is_boolean(x):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     try:
         return operator.index(x)  # int, NumPy integers, integer tensors of one element

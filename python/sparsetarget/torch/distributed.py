@@ -36,7 +36,7 @@ from .._engine import (
     rows_from_entries,
 )
 from .._targets import CSRTargets
-from ._function import HeadCall, graph_alive, records_update, upstream_derivative
+from ._function import HeadCall, graph_alive, records_update, save_call, upstream_derivative
 
 
 def group_size(group: Any) -> int:
@@ -273,13 +273,9 @@ class VocabParallelHeadFunction(torch.autograd.Function):
         packed[local.entries + m:] = _as_tensor(s)
         shard.all_reduce(packed)
         A = _as_tensor(rows_from_entries(_engine_array(packed[:local.entries], csr), csr))
-        ctx.save_for_backward(anchor)  # autograd then refuses a second backward through the freed graph
-        ctx.call = call._replace(H=call.H if call.owned else call.H.clone())
+        save_call(ctx, h, anchor, call, projections)
         ctx.local = local
         ctx.shard = shard
-        ctx.projections = projections
-        ctx.h_dtype = h.dtype
-        ctx.in_features = h.shape[1]
         return A.clone(), packed[local.entries:local.entries + m].clone(), packed[local.entries + m:].clone()
 
     @staticmethod

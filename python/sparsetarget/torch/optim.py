@@ -187,9 +187,7 @@ def _shares_ranks(head: FactoredLinear, group: Any) -> bool:
         return False
     if head._shard.group is group:
         return True
-    ranks = getattr(torch.distributed, "get_process_group_ranks", None)
-    if ranks is None:
-        return False
+    ranks = torch.distributed.get_process_group_ranks
     return len(set(ranks(head._shard.group)) & set(ranks(group))) > 1
 
 
